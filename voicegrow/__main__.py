@@ -1,0 +1,3 @@
+from voicegrow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,288 @@
+"""One typed, validated settings object, read once at start-up.
+
+Every setting comes from an environment variable of the same name (upper case), or from an optional
+``.env`` file; the process environment wins over the file. A bad value raises :class:`ConfigError`
+with one line naming the variable, the value and what is allowed, so that a typo in a compose file
+fails the container at once instead of surfacing as a strange runtime error hours later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "Settings", "load_settings", "read_env_file"]
+
+
+class ConfigError(ValueError):
+    """A setting has a value that is not allowed; the message is one line meant for an operator."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    kind: type
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    secret: bool = False
+
+
+def _field(default: Any, kind: type, *, choices: tuple[str, ...] | None = None,
+           low: float | None = None, high: float | None = None, secret: bool = False) -> Any:
+    return dataclasses.field(
+        default=default,
+        metadata={"spec": _Spec(kind, choices, low, high, secret)},
+    )
+
+
+def _port(default: int) -> Any:
+    return _field(default, int, low=1, high=65535)
+
+
+def _positive(default: float, kind: type = float) -> Any:
+    return _field(default, kind, low=0.001 if kind is float else 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Effective configuration. Field names are the environment variable names in lower case."""
+
+    # -- server
+    server_host: str = _field("0.0.0.0", str)
+    ws_port: int = _port(4399)
+    http_port: int = _port(8000)
+    debug: bool = _field(False, bool)
+    log_level: str = _field("INFO", str, choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    log_format: str = _field("json", str, choices=("json", "text"))
+    workers: int = _field(1, int, low=1, high=64)
+    data_dir: str = _field("./data", str)
+    admin_token: str = _field("", str, secret=True)
+    shutdown_grace_s: float = _field(10.0, float, low=0, high=600)
+    handshake_timeout_s: float = _field(10.0, float, low=0.1, high=600)
+    ws_ping_interval_s: float = _field(0.0, float, low=0, high=3600)  # 0: no library keepalive pings
+    ws_ping_timeout_s: float = _field(120.0, float, low=1, high=3600)
+    write_queue_frames: int = _field(256, int, low=8, high=100_000)
+    slow_reader_timeout_s: float = _field(10.0, float, low=0.1, high=3600)
+    max_frame_bytes: int = _field(256 * 1024, int, low=1024, high=16 * 1024 * 1024)
+    protocol_detect_ms: int = _field(1500, int, low=10, high=60_000)
+
+    # -- limits (hostile input)
+    max_sessions: int = _field(500, int, low=1, high=100_000)
+    max_sessions_per_ip: int = _field(50, int, low=1, high=100_000)
+    max_connects_per_ip_per_min: int = _field(120, int, low=1, high=1_000_000)
+    max_audio_rate: float = _field(2.0, float, low=1.0, high=100.0)  # × real time
+    max_pending_turns: int = _field(2, int, low=1, high=100)
+    max_llm_input_chars: int = _field(2000, int, low=10, high=1_000_000)
+
+    # -- device auth (native protocol)
+    device_auth: str = _field("off", str, choices=("off", "token", "hmac"))
+    device_credentials_file: str = _field("", str)
+
+    # -- ASR
+    asr_model_size: str = _field("small", str)
+    asr_model_path: str = _field("", str)
+    asr_device: str = _field("cpu", str, choices=("cpu", "cuda", "auto"))
+    asr_compute_type: str = _field(
+        "int8", str, choices=("int8", "int8_float16", "int8_float32", "float16", "float32", "default"))
+    asr_language: str = _field("zh", str)
+    asr_timeout: float = _field(30.0, float, low=0.1, high=3600)
+    asr_workers: int = _field(1, int, low=1, high=64)
+    asr_cpu_threads: int = _field(0, int, low=0, high=256)  # 0: let CTranslate2 decide
+    asr_beam_size: int = _field(1, int, low=1, high=10)
+    asr_engine: str = _field("fast", str, choices=("fast", "stock"))
+    asr_speculative: bool = _field(True, bool)
+
+    # -- VAD
+    vad_aggressiveness: int = _field(2, int, low=0, high=3)
+    vad_frame_ms: int = _field(30, int, choices=("10", "20", "30"))
+    vad_preroll_ms: int = _field(300, int, low=0, high=5000)
+    vad_silence_ms: int = _field(500, int, low=60, high=10_000)
+    vad_min_speech_ms: int = _field(250, int, low=0, high=10_000)
+    vad_max_utterance_s: float = _field(15.0, float, low=1, high=120)
+    barge_in_min_ms: int = _field(300, int, low=0, high=10_000)
+
+    # -- TTS
+    tts_base_url: str = _field("", str)
+    tts_api_key: str = _field("", str, secret=True)
+    tts_secret_key: str = _field("", str, secret=True)
+    tts_model: str = _field("tts-1", str)
+    tts_voice_zh: str = _field("zh-CN-Neural2-C", str)
+    tts_voice_en: str = _field("en-US-Neural2-C", str)
+    tts_speaking_rate: float = _field(0.9, float, low=0.25, high=4.0)
+    tts_pitch: float = _field(0.0, float, low=-20.0, high=20.0)
+    tts_timeout: float = _field(30.0, float, low=0.1, high=3600)
+    tts_output_rate: int = _field(24000, int, low=8000, high=48000)
+    tts_lead_ms: int = _field(200, int, low=0, high=5000)
+
+    # -- LLM
+    llm_base_url: str = _field("", str)
+    llm_api_key: str = _field("", str, secret=True)
+    llm_secret_key: str = _field("", str, secret=True)
+    llm_model: str = _field("gemini-2.0-flash-exp", str)
+    llm_max_tokens: int = _field(300, int, low=1, high=100_000)
+    llm_temperature: float = _field(0.7, float, low=0.0, high=2.0)
+    llm_timeout: float = _field(30.0, float, low=0.1, high=3600)
+    llm_system_prompt: str = _field("", str)
+    llm_history_turns: int = _field(8, int, low=0, high=1000)
+    llm_history_chars: int = _field(4000, int, low=0, high=1_000_000)
+
+    # -- persistence
+    mysql_host: str = _field("", str)
+    mysql_port: int = _port(3306)
+    mysql_database: str = _field("voicegrow", str)
+    mysql_user: str = _field("voicegrow", str)
+    mysql_password: str = _field("", str, secret=True)
+    redis_host: str = _field("", str)
+    redis_port: int = _port(6379)
+    redis_password: str = _field("", str, secret=True)
+    redis_db: int = _field(0, int, low=0, high=1024)
+    session_ttl_s: int = _field(86400, int, low=1, high=365 * 86400)
+    minio_endpoint: str = _field("", str)
+    minio_access_key: str = _field("", str, secret=True)
+    minio_secret_key: str = _field("", str, secret=True)
+    minio_bucket: str = _field("voicegrow", str)
+    minio_secure: bool = _field(False, bool)
+    presigned_url_ttl_s: int = _field(900, int, low=1, high=7 * 86400)
+    replica_id: str = _field("", str)
+
+    # -- open-xiaoai speakers
+    xiaoai_token: str = _field("", str, secret=True)
+    xiaoai_allowlist: str = _field("", str)  # comma separated serials or IP addresses
+    xiaoai_record_watchdog_s: float = _field(3.0, float, low=0.5, high=600)
+    xiaoai_request_timeout_s: float = _field(10.0, float, low=0.1, high=600)
+    xiaoai_silence_builtin: bool = _field(True, bool)
+    xiaoai_silence_commands: str = _field("", str)  # ';;'-separated fixed shell commands
+
+    # -- HTTP API
+    http_max_body_bytes: int = _field(64 * 1024, int, low=1024, high=64 * 1024 * 1024)
+    cors_origins: str = _field("", str)
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as a plain dict, with every secret that is set replaced by ``***``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["spec"].secret and value:
+                value = "***"
+            out[f.name.upper()] = value
+        return out
+
+    @property
+    def llm_configured(self) -> bool:
+        return bool(self.llm_base_url)
+
+    @property
+    def tts_configured(self) -> bool:
+        return bool(self.tts_base_url)
+
+
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Parse a ``.env`` file: ``KEY=value`` lines, ``#`` comments, optional ``export`` and quotes."""
+    values: dict[str, str] = {}
+    for number, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"{path}:{number}: expected KEY=value, got {raw!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def _convert(name: str, raw: str, spec: _Spec) -> Any:
+    env = name.upper()
+    if spec.kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"{env}={raw!r} is not allowed: expected true or false")
+    if spec.kind is str:
+        value: Any = raw.strip()
+        if env == "LOG_LEVEL":
+            value = value.upper()
+        if spec.choices and value not in spec.choices:
+            raise ConfigError(f"{env}={raw!r} is not allowed: expected one of {', '.join(spec.choices)}")
+        return value
+    try:
+        value = spec.kind(raw.strip())
+    except ValueError:
+        kind = "an integer" if spec.kind is int else "a number"
+        raise ConfigError(f"{env}={raw!r} is not allowed: expected {kind}{_range_text(spec)}") from None
+    if spec.kind is float and value != value:  # NaN
+        raise ConfigError(f"{env}={raw!r} is not allowed: expected a number{_range_text(spec)}")
+    if spec.choices and str(value) not in spec.choices:
+        raise ConfigError(f"{env}={raw!r} is not allowed: expected one of {', '.join(spec.choices)}")
+    if (spec.low is not None and value < spec.low) or (spec.high is not None and value > spec.high):
+        raise ConfigError(f"{env}={raw!r} is not allowed: expected{_range_text(spec)}")
+    return value
+
+
+def _range_text(spec: _Spec) -> str:
+    if spec.low is None and spec.high is None:
+        return ""
+    fmt = (lambda v: f"{v:g}") if spec.kind is float else (lambda v: str(int(v)))
+    return f" from {fmt(spec.low)} to {fmt(spec.high)}"
+
+
+_ASR_SIZES = ("tiny", "tiny.en", "base", "base.en", "small", "small.en", "medium", "medium.en",
+              "large", "large-v1", "large-v2", "large-v3", "large-v3-turbo", "turbo",
+              "distil-small.en", "distil-medium.en", "distil-large-v2", "distil-large-v3")
+
+
+def _check_cross_field(s: Settings) -> None:
+    if s.asr_model_size not in _ASR_SIZES and not s.asr_model_path:
+        raise ConfigError(
+            f"ASR_MODEL_SIZE={s.asr_model_size!r} is not allowed: expected one of {', '.join(_ASR_SIZES)}"
+            " (or set ASR_MODEL_PATH to a CTranslate2 model directory)")
+    if s.asr_language != "auto" and not (2 <= len(s.asr_language) <= 3 and s.asr_language.isalpha()):
+        raise ConfigError(
+            f"ASR_LANGUAGE={s.asr_language!r} is not allowed: expected a language code such as zh or en, or auto")
+    for name in ("llm_base_url", "tts_base_url"):
+        url = getattr(s, name)
+        if url and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{name.upper()}={url!r} is not allowed: expected an http:// or https:// URL")
+    if s.ws_port == s.http_port:
+        raise ConfigError(f"HTTP_PORT={s.http_port} is not allowed: it must differ from WS_PORT")
+    if s.device_auth != "off" and not s.device_credentials_file:
+        raise ConfigError(
+            f"DEVICE_AUTH={s.device_auth!r} is not allowed without DEVICE_CREDENTIALS_FILE: "
+            "expected a path to the device credentials file")
+
+
+def load_settings(environ: Mapping[str, str] | None = None,
+                  env_file: str | os.PathLike[str] | None = ".env") -> Settings:
+    """Build the settings from ``environ`` (default: the process environment) over ``env_file``."""
+    source: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        source.update(read_env_file(env_file))
+    source.update(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = source.get(f.name.upper())
+        if raw is not None:
+            values[f.name] = _convert(f.name, raw, f.metadata["spec"])
+    settings = Settings(**values)
+    _check_cross_field(settings)
+    return settings
+
+
+def replace(settings: Settings, **changes: Any) -> Settings:
+    """A copy of ``settings`` with some fields changed (tests and embedded servers use it)."""
+    return dataclasses.replace(settings, **changes)
+
