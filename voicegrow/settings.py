@@ -229,7 +229,8 @@ def _convert(name: str, raw: str, spec: _Spec) -> Any:
     if spec.choices and str(value) not in spec.choices:
         raise ConfigError(f"{env}={raw!r} is not allowed: expected one of {', '.join(spec.choices)}")
     if (spec.low is not None and value < spec.low) or (spec.high is not None and value > spec.high):
-        raise ConfigError(f"{env}={raw!r} is not allowed: expected{_range_text(spec)}")
+        kind = "an integer" if spec.kind is int else "a number"
+        raise ConfigError(f"{env}={raw!r} is not allowed: expected {kind}{_range_text(spec)}")
     return value
 
 
