@@ -43,11 +43,7 @@ def _field(default: Any, kind: type, *, choices: tuple[str, ...] | None = None,
 
 
 def _port(default: int) -> Any:
-    return _field(default, int, low=1, high=65535)
-
-
-def _positive(default: float, kind: type = float) -> Any:
-    return _field(default, kind, low=0.001 if kind is float else 1)
+    return _field(default, int, low=0, high=65535)  # 0: any free port (tests, embedded servers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +254,7 @@ def _check_cross_field(s: Settings) -> None:
         url = getattr(s, name)
         if url and not url.startswith(("http://", "https://")):
             raise ConfigError(f"{name.upper()}={url!r} is not allowed: expected an http:// or https:// URL")
-    if s.ws_port == s.http_port:
+    if s.ws_port and s.ws_port == s.http_port:
         raise ConfigError(f"HTTP_PORT={s.http_port} is not allowed: it must differ from WS_PORT")
     if s.device_auth != "off" and not s.device_credentials_file:
         raise ConfigError(

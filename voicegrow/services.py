@@ -1,0 +1,85 @@
+"""The process-wide services every session shares: ASR, LLM, TTS, persistence, metrics, registry.
+
+Built once per server from the settings; sessions receive this bundle instead of reaching for
+globals, so two servers can live in one process (the tests do that) without sharing state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import trio
+
+from voicegrow.metrics import Metrics
+from voicegrow.settings import Settings
+from voicegrow.streaming.registry import SessionRegistry
+
+__all__ = ["Services", "open_services"]
+
+
+@dataclasses.dataclass
+class Services:
+    settings: Settings
+    metrics: Metrics
+    registry: SessionRegistry
+    http: httpx.AsyncClient
+    asr: Any  # voicegrow.asr.AsrService
+    llm: Any  # voicegrow.llm.LlmClient | OfflineResponder
+    tts: Any  # voicegrow.tts.TtsEngine
+    persistence: Any  # voicegrow.storage.persistence.Persistence
+    started_monotonic: float = dataclasses.field(default_factory=time.monotonic)
+    accepting: bool = True
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started_monotonic
+
+    async def component_health(self) -> dict[str, dict[str, Any]]:
+        """Health of every dependency, probed concurrently, each bounded by a short deadline."""
+        components: dict[str, dict[str, Any]] = {"asr": self.asr.health()}
+
+        async def probe(name: str, check: Any) -> None:
+            started = time.monotonic()
+            with trio.move_on_after(3.0) as scope:
+                try:
+                    result = dict(await check())
+                except Exception as exc:  # a health probe reports, it never raises
+                    result = {"status": "down", "detail": f"{type(exc).__name__}: {exc}"}
+            if scope.cancelled_caught:
+                result = {"status": "down", "detail": "health probe timed out after 3 s"}
+            result.setdefault("latency_ms", round((time.monotonic() - started) * 1000, 1))
+            components[name] = result
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(probe, "llm", self.llm.health)
+            nursery.start_soon(probe, "tts", self.tts.health)
+        components.update(self.persistence.health())
+        return components
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings, *, metrics: Metrics | None = None) -> AsyncIterator[Services]:
+    """Build the services for one server; the HTTP client is closed when the block exits."""
+    from voicegrow.asr import build_asr_service
+    from voicegrow.llm import build_llm
+    from voicegrow.storage.persistence import Persistence
+    from voicegrow.tts import build_tts
+
+    metrics = metrics or Metrics()
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0)) as http:
+        yield Services(
+            settings=settings,
+            metrics=metrics,
+            registry=SessionRegistry(),
+            http=http,
+            asr=build_asr_service(settings, metrics=metrics),
+            llm=build_llm(settings, http_client=http),
+            tts=build_tts(settings, http_client=http),
+            persistence=Persistence.from_settings(settings, metrics=metrics),
+        )

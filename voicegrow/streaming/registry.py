@@ -1,0 +1,89 @@
+"""The live-session registry: what ``GET /api/v1/sessions`` lists and what shutdown walks.
+
+A session is added when its connection is accepted and removed only after its whole task tree has
+exited, so an empty registry means no task of any session is left running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import trio
+
+__all__ = ["SessionInfo", "SessionRegistry"]
+
+
+@dataclasses.dataclass
+class SessionInfo:
+    session_id: str
+    remote_addr: str
+    protocol: str = "detecting"
+    device_id: str = ""
+    since: float = dataclasses.field(default_factory=time.time)
+    turns: int = 0
+    #: Cancels the session's task tree; set by the connection handler.
+    cancel_scope: trio.CancelScope | None = None
+    #: Asks the session to say goodbye (close frame) before it is cancelled.
+    request_close: Callable[[int, str], None] | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "device_id": self.device_id,
+            "remote_addr": self.remote_addr,
+            "protocol": self.protocol,
+            "since": self.since,
+            "turns": self.turns,
+        }
+
+
+class SessionRegistry:
+    """Sessions by id, with a way to wait until all of them are gone."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, SessionInfo] = {}
+        self._changed = trio.Event()
+
+    def add(self, info: SessionInfo) -> None:
+        self._sessions[info.session_id] = info
+        self._notify()
+
+    def remove(self, session_id: str) -> None:
+        if self._sessions.pop(session_id, None) is not None:
+            self._notify()
+
+    def get(self, session_id: str) -> SessionInfo | None:
+        return self._sessions.get(session_id)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[SessionInfo]:
+        return iter(list(self._sessions.values()))
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._sessions
+
+    def count_by_protocol(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for info in self._sessions.values():
+            counts[info.protocol] = counts.get(info.protocol, 0) + 1
+        return counts
+
+    def count_from(self, remote_host: str) -> int:
+        return sum(1 for info in self._sessions.values() if info.remote_addr.rsplit(":", 1)[0] == remote_host)
+
+    async def wait_empty(self) -> None:
+        while self._sessions:
+            await self._changed.wait()
+
+    async def wait_until(self, predicate: Callable[["SessionRegistry"], bool]) -> None:
+        while not predicate(self):
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()

@@ -1,0 +1,282 @@
+"""One turn: an utterance in, a spoken reply out, as one task tree.
+
+ASR → LLM token stream → sentence splitter → TTS per sentence → paced audio, each stage a task joined
+by bounded channels, so the first sentence is synthesized and playing while the LLM is still writing
+the rest. The whole tree lives in one cancel scope: a barge-in or a disconnect cancels it and nothing
+of this turn is sent afterwards. Whatever happens, the turn ends with a record of what was heard,
+what was actually played, and when each stage finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import numpy as np
+import trio
+
+from voicegrow.audio import StreamResampler
+from voicegrow.language import detect_language
+from voicegrow.llm import ConversationHistory, LlmError, apology
+from voicegrow.sentences import SentenceSplitter
+from voicegrow.services import Services
+from voicegrow.streaming.pacer import AudioPacer
+
+__all__ = ["DeviceLink", "Utterance", "Turn", "TIMING_ORDER"]
+
+log = logging.getLogger(__name__)
+
+#: Timing marks in the order they happen; ``turn_timings`` reports them in ms since speech start.
+TIMING_ORDER = ("speech_start", "speech_end", "asr_done", "llm_first_token", "first_sentence",
+                "tts_first_audio", "first_audio_sent", "last_audio_sent")
+
+
+class DeviceLink(Protocol):
+    """What a turn needs from the connection, whatever the wire protocol."""
+
+    protocol: str
+    output_rate: int
+    chunk_ms: int
+
+    async def send_event(self, event: str, data: dict[str, Any], turn_id: int) -> None: ...
+
+    async def send_audio(self, pcm: bytes, turn_id: int) -> None: ...
+
+    async def interrupt(self, turn_id: int) -> None: ...
+
+
+@dataclasses.dataclass
+class Utterance:
+    audio: bytes  # 16 kHz mono s16le, pre-roll included
+    speech_start: float  # trio clock
+    speech_end: float  # trio clock
+    forced: bool = False
+
+
+TranscriptSource = Callable[[], Awaitable[Any]]
+
+
+class Turn:
+    """Runs one utterance to its reply. Create, then ``await run()`` inside the turn's cancel scope."""
+
+    def __init__(self, *, services: Services, link: DeviceLink, turn_id: int, utterance: Utterance,
+                 history: ConversationHistory, session_id: str, device_id: str,
+                 transcribe: TranscriptSource) -> None:
+        self.services = services
+        self.link = link
+        self.turn_id = turn_id
+        self.utterance = utterance
+        self.history = history
+        self.session_id = session_id
+        self.device_id = device_id
+        self._transcribe = transcribe
+        self.record_id = uuid.uuid4().hex
+        self.started_wall = time.time()
+        self.marks: dict[str, float] = {"speech_start": utterance.speech_start,
+                                         "speech_end": utterance.speech_end}
+        self.transcript = ""
+        self.language = ""
+        self.reply_text = ""
+        self.played_sentences: list[str] = []
+        self.reply_audio = bytearray()
+        self.outcome = "interrupted"  # until proven otherwise
+        self.error: str | None = None
+        self.playing = False  # between tts_start and tts_stop
+        self.interrupted = False
+        self.done = trio.Event()
+
+    # -- the stages -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._run_stages()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._finish()
+            self.done.set()
+
+    async def _run_stages(self) -> None:
+        settings = self.services.settings
+        try:
+            transcript = await self._transcribe()
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            self.outcome, self.error = "failed", f"asr: {type(exc).__name__}: {exc}"
+            log.warning("ASR failed for turn %s: %s", self.turn_id, self.error)
+            return
+        self._mark("asr_done")
+        self.transcript = transcript.text.strip()
+        self.language = transcript.language or detect_language(self.transcript or "")
+        if self.language not in ("zh", "en"):
+            self.language = detect_language(self.transcript) if self.transcript else "en"
+        await self.link.send_event("asr_final", {"text": self.transcript, "lang": self.language,
+                                                 "dropped": transcript.dropped}, self.turn_id)
+        if not self.transcript:
+            self.outcome = "empty"
+            return
+        user_text = self.transcript[: settings.max_llm_input_chars]
+        messages = self.history.messages(settings.llm_system_prompt or None, user_text)
+
+        sentences_tx, sentences_rx = trio.open_memory_channel[str](16)
+        audio_tx, audio_rx = trio.open_memory_channel[tuple[str, bytes | None]](256)
+        self.outcome = "completed"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._llm_stage, messages, sentences_tx)
+            nursery.start_soon(self._tts_stage, sentences_rx, audio_tx)
+            nursery.start_soon(self._playback_stage, audio_rx)
+
+    async def _llm_stage(self, messages: list[dict[str, str]], sentences: trio.MemorySendChannel[str]) -> None:
+        splitter = SentenceSplitter()
+        metrics = self.services.metrics
+        async with sentences:
+            try:
+                async for delta in self.services.llm.stream(messages):
+                    if not delta:
+                        continue
+                    if "llm_first_token" not in self.marks:
+                        self._mark("llm_first_token")
+                    self.reply_text += delta
+                    await self.link.send_event("llm_text", {"text": delta}, self.turn_id)
+                    for sentence in splitter.feed(delta):
+                        await self._emit_sentence(sentence, sentences)
+                for sentence in splitter.flush():
+                    await self._emit_sentence(sentence, sentences)
+                metrics.llm_requests.labels("success").inc()
+            except LlmError as exc:
+                metrics.llm_requests.labels(exc.reason).inc()
+                self.outcome, self.error = "failed", f"llm: {exc.reason}: {exc}"
+                log.warning("LLM failed for turn %s (%s): %s", self.turn_id, exc.reason, exc)
+                for sentence in splitter.flush():  # what was already said stays said
+                    await self._emit_sentence(sentence, sentences)
+                spoken = apology(self.language)
+                await self.link.send_event("error_spoken", {"reason": exc.reason, "text": spoken}, self.turn_id)
+                await self._emit_sentence(spoken, sentences)
+
+    async def _emit_sentence(self, sentence: str, sentences: trio.MemorySendChannel[str]) -> None:
+        if "first_sentence" not in self.marks:
+            self._mark("first_sentence")
+        await sentences.send(sentence)
+
+    async def _tts_stage(self, sentences: trio.MemoryReceiveChannel[str],
+                         audio: trio.MemorySendChannel[tuple[str, bytes | None]]) -> None:
+        tts = self.services.tts
+        out_rate = self.link.output_rate
+        async with audio, sentences:
+            async for sentence in sentences:
+                resampler = StreamResampler(tts.output_rate, out_rate) if tts.output_rate != out_rate else None
+                try:
+                    async for chunk in tts.synthesize(sentence, self.language):
+                        if not chunk:
+                            continue
+                        if "tts_first_audio" not in self.marks:
+                            self._mark("tts_first_audio")
+                        if resampler is not None:
+                            chunk = _pcm_bytes(resampler.process(np.frombuffer(chunk, dtype="<i2")))
+                        await audio.send((sentence, chunk))
+                    if resampler is not None:
+                        await audio.send((sentence, _pcm_bytes(resampler.flush())))
+                    self.services.metrics.tts_requests.labels("success").inc()
+                except trio.Cancelled:
+                    raise
+                except Exception as exc:
+                    reason = getattr(exc, "reason", type(exc).__name__)
+                    self.services.metrics.tts_requests.labels(
+                        "timeout" if reason == "timeout" else "error").inc()
+                    self.outcome, self.error = "failed", f"tts: {reason}: {exc}"
+                    log.warning("TTS failed for turn %s on %r: %s", self.turn_id, sentence[:40], exc)
+                await audio.send((sentence, None))  # sentence boundary
+
+    async def _playback_stage(self, audio: trio.MemoryReceiveChannel[tuple[str, bytes | None]]) -> None:
+        link = self.link
+
+        async def send(chunk: bytes) -> None:
+            if "first_audio_sent" not in self.marks:
+                self._mark("first_audio_sent")
+            await link.send_audio(chunk, self.turn_id)
+            self.reply_audio += chunk
+
+        pacer = AudioPacer(send, sample_rate=link.output_rate,
+                           lead_s=self.services.settings.tts_lead_ms / 1000, chunk_ms=link.chunk_ms)
+        started = False
+        async with audio:
+            async for sentence, chunk in audio:
+                if not started:
+                    self.playing = started = True
+                    await link.send_event("tts_start", {"sample_rate": link.output_rate}, self.turn_id)
+                if chunk is None:
+                    await pacer.flush()
+                    await link.send_event("tts_sentence", {"text": sentence}, self.turn_id)
+                    self.played_sentences.append(sentence)
+                    continue
+                await pacer.feed(chunk)
+        await pacer.flush()
+        if pacer.last_sent_at is not None:
+            self.marks["last_audio_sent"] = pacer.last_sent_at
+        await pacer.wait_played()  # "stop" only once the last word has been heard
+        if started:
+            await link.send_event("tts_stop", {"reason": "done"}, self.turn_id)
+        self.playing = False
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def _mark(self, name: str) -> None:
+        self.marks[name] = trio.current_time()
+
+    def timings_ms(self) -> dict[str, float]:
+        """Milliseconds since speech start for every mark reached, in the order they happen."""
+        origin = self.marks["speech_start"]
+        return {name: round((self.marks[name] - origin) * 1000, 1) for name in TIMING_ORDER if name in self.marks}
+
+    def spoken_reply(self) -> str:
+        """What the user actually heard: the whole reply, or after a barge-in the sentences played."""
+        return self.reply_text if self.outcome == "completed" else "".join(self.played_sentences)
+
+    async def _finish(self) -> None:
+        """Runs shielded: record the turn, keep the history honest, tell the device the timings."""
+        services = self.services
+        metrics = services.metrics
+        metrics.turns.labels(self.outcome).inc()
+        end = self.marks["speech_end"]
+        stage_marks = {"asr": "asr_done", "llm_first_token": "llm_first_token", "first_sentence": "first_sentence",
+                       "tts_first_audio": "tts_first_audio", "response": "first_audio_sent"}
+        for stage, mark in stage_marks.items():
+            if mark in self.marks:
+                metrics.stage_latency.labels(stage).observe(max(0.0, self.marks[mark] - end))
+        if self.outcome != "empty":
+            metrics.stage_latency.labels("turn").observe(max(0.0, trio.current_time() - end))
+        spoken = self.spoken_reply()
+        if self.transcript and (spoken or self.outcome == "completed"):
+            self.history.add_turn(self.transcript, spoken)
+        timings = self.timings_ms()
+        with trio.move_on_after(2.0):
+            try:
+                await self.link.send_event("turn_timings", {**timings, "outcome": self.outcome}, self.turn_id)
+            except Exception:  # the device may be gone; the record below still matters
+                pass
+        log.info("turn %s %s: heard %r, replied %r", self.turn_id, self.outcome, self.transcript[:80],
+                 spoken[:80], extra={"turn": self.turn_id, "timings_ms": timings, "outcome": self.outcome})
+        if self.outcome == "empty" and not self.transcript:
+            return
+        from voicegrow.storage.records import TurnRecord
+
+        record = TurnRecord(
+            turn_id=self.record_id, session_id=self.session_id, device_id=self.device_id,
+            started_at=self.started_wall, transcript=self.transcript, reply_text=spoken,
+            language=self.language, timings_ms=timings, outcome=self.outcome, error=self.error)
+        with trio.move_on_after(5.0):
+            try:
+                await services.persistence.submit_turn(record, self.utterance.audio, 16000,
+                                                       bytes(self.reply_audio), self.link.output_rate)
+                if self.transcript:
+                    await services.persistence.save_history(self.device_id, self.history.to_messages())
+            except Exception:
+                log.exception("could not hand turn %s to persistence", self.turn_id)
+
+
+def _pcm_bytes(samples: np.ndarray) -> bytes:
+    return np.asarray(samples, dtype="<i2").tobytes()

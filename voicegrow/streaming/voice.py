@@ -1,0 +1,200 @@
+"""The protocol-agnostic heart of a speaker session: microphone audio in, turns out.
+
+A protocol driver (native or open-xiaoai) owns the socket; it hands this object the device's PCM and
+its control intents (abort, wake, end of speech) and gives it a :class:`~voicegrow.streaming.turn.
+DeviceLink` to answer through. Here live the VAD, speculative transcription, barge-in and the one
+running turn; all of them are tasks of the session's nursery, so the session's end ends them all.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import trio
+
+from voicegrow.audio import StreamResampler
+from voicegrow.llm import ConversationHistory
+from voicegrow.services import Services
+from voicegrow.streaming.registry import SessionInfo
+from voicegrow.streaming.turn import DeviceLink, Turn, Utterance
+from voicegrow.streaming.vad import (SpeechPaused, SpeechResumed, SpeechStarted, UtteranceDropped,
+                                     UtteranceEnded, VadSegmenter)
+
+__all__ = ["VoiceSession"]
+
+log = logging.getLogger(__name__)
+
+VAD_RATE = 16000
+
+
+class _Speculation:
+    """A transcription started at the first silence after speech, before the hangover has ended.
+
+    If the utterance ends without more speech, its audio is the paused audio plus silence, so this
+    result is the turn's transcript and the hangover no longer adds to the ASR time.
+    """
+
+    def __init__(self, audio: bytes) -> None:
+        self.audio_len = len(audio)
+        self.audio = audio
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    async def run(self, services: Services, language: str | None) -> None:
+        with self.scope:
+            try:
+                self.result = await services.asr.transcribe(self.audio, language=language)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:
+                self.error = exc
+        self.done.set()
+
+    async def wait(self) -> Any:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        if self.result is None:
+            raise trio.TooSlowError("speculative transcription was cancelled")
+        return self.result
+
+
+class VoiceSession:
+    def __init__(self, services: Services, link: DeviceLink, info: SessionInfo, *, input_rate: int,
+                 history: ConversationHistory | None = None) -> None:
+        s = services.settings
+        self.services = services
+        self.link = link
+        self.info = info
+        self.input_rate = input_rate
+        self.history = history or ConversationHistory(max_turns=s.llm_history_turns, max_chars=s.llm_history_chars)
+        self.vad = VadSegmenter(sample_rate=VAD_RATE, frame_ms=s.vad_frame_ms, aggressiveness=s.vad_aggressiveness,
+                                preroll_ms=s.vad_preroll_ms, silence_ms=s.vad_silence_ms,
+                                min_speech_ms=s.vad_min_speech_ms, max_utterance_s=s.vad_max_utterance_s)
+        self._resampler = StreamResampler(input_rate, VAD_RATE) if input_rate != VAD_RATE else None
+        self._stream_pos_s = 0.0  # seconds of audio fed to the VAD
+        self._speech_start_at: float | None = None
+        self._nursery: trio.Nursery | None = None
+        self._turn: Turn | None = None
+        self._turn_scope: trio.CancelScope | None = None
+        self._turn_ids = 0
+        self._speculation: _Speculation | None = None
+        self.language = None if s.asr_language == "auto" else s.asr_language
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the session's nursery for turns and speculative ASR until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- input from the driver --------------------------------------------------------------------
+
+    async def feed_audio(self, pcm: bytes) -> None:
+        """Microphone PCM s16le mono at ``input_rate``; runs the VAD and acts on what it sees."""
+        now = trio.current_time()
+        if self._resampler is not None:
+            samples = self._resampler.process(np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2"))
+            pcm = np.asarray(samples, dtype="<i2").tobytes()
+        self._stream_pos_s += len(pcm) / 2 / VAD_RATE
+        for event in self.vad.feed(pcm):
+            await self._on_vad_event(event, now)
+        self._check_barge_in()
+
+    async def end_of_speech(self) -> None:
+        """The device says the user stopped talking (push-to-talk release): end the utterance now."""
+        now = trio.current_time()
+        for event in self.vad.flush():
+            await self._on_vad_event(event, now)
+
+    async def abort(self, reason: str = "abort") -> None:
+        """The device asked to stop the reply."""
+        await self._interrupt(reason)
+
+    async def wake(self) -> None:
+        """A wake word: stop talking and listen."""
+        await self._interrupt("wake")
+
+    # -- VAD events ---------------------------------------------------------------------------------
+
+    def _wall(self, stream_pos_s: float, now: float) -> float:
+        """Map a VAD stream position to the trio clock, assuming the chunk just fed arrived ``now``."""
+        return now - (self._stream_pos_s - stream_pos_s)
+
+    async def _on_vad_event(self, event: object, now: float) -> None:
+        if isinstance(event, SpeechStarted):
+            self._speech_start_at = self._wall(event.at_s, now)
+        elif isinstance(event, SpeechPaused):
+            self._cancel_speculation()
+            if self.services.settings.asr_speculative and self._nursery is not None:
+                spec = self._speculation = _Speculation(event.audio)
+                self._nursery.start_soon(spec.run, self.services, self.language)
+        elif isinstance(event, SpeechResumed):
+            self._cancel_speculation()
+        elif isinstance(event, UtteranceDropped):
+            self._cancel_speculation()
+        elif isinstance(event, UtteranceEnded):
+            spec, self._speculation = self._speculation, None
+            if spec is not None and not event.forced and spec.audio_len == event.paused_audio_len:
+                source = spec.wait
+            else:
+                if spec is not None:
+                    spec.scope.cancel()
+                audio = event.audio
+
+                async def source() -> Any:
+                    return await self.services.asr.transcribe(audio, language=self.language)
+            utterance = Utterance(audio=event.audio, speech_start=self._wall(event.start_s, now),
+                                  speech_end=self._wall(event.end_s, now), forced=event.forced)
+            await self._start_turn(utterance, source)
+
+    def _cancel_speculation(self) -> None:
+        if self._speculation is not None:
+            self._speculation.scope.cancel()
+            self._speculation = None
+
+    # -- turns and barge-in ---------------------------------------------------------------------
+
+    def _check_barge_in(self) -> None:
+        turn = self._turn
+        if turn is None or turn.done.is_set() or turn.interrupted:
+            return
+        if self.vad.current_speech_ms >= self.services.settings.barge_in_min_ms:
+            log.info("barge-in: user speech while turn %s was %s", turn.turn_id,
+                     "playing" if turn.playing else "thinking")
+            assert self._nursery is not None
+            self._nursery.start_soon(self._interrupt, "barge_in")
+
+    async def _interrupt(self, reason: str) -> None:
+        turn, scope = self._turn, self._turn_scope
+        if turn is None or scope is None or turn.done.is_set() or turn.interrupted:
+            return
+        turn.interrupted = True
+        was_playing = turn.playing
+        scope.cancel()
+        await self.link.interrupt(turn.turn_id)
+        if was_playing:
+            await self.link.send_event("tts_stop", {"reason": "aborted", "cause": reason}, turn.turn_id)
+        await turn.done.wait()
+
+    async def _start_turn(self, utterance: Utterance, transcribe: Any) -> None:
+        assert self._nursery is not None
+        if self._turn is not None and not self._turn.done.is_set():
+            await self._interrupt("new_utterance")
+        self._turn_ids += 1
+        self.info.turns += 1
+        turn = Turn(services=self.services, link=self.link, turn_id=self._turn_ids, utterance=utterance,
+                    history=self.history, session_id=self.info.session_id,
+                    device_id=self.info.device_id or self.info.session_id, transcribe=transcribe)
+        scope = trio.CancelScope()
+        self._turn, self._turn_scope = turn, scope
+
+        async def run_turn() -> None:
+            with scope:
+                await turn.run()
+
+        self._nursery.start_soon(run_turn)
