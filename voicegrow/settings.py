@@ -94,6 +94,7 @@ class Settings:
     asr_beam_size: int = _field(1, int, low=1, high=10)
     asr_engine: str = _field("fast", str, choices=("fast", "stock"))
     asr_speculative: bool = _field(True, bool)
+    asr_preload: bool = _field(True, bool)  # load the model at start-up, not on the first utterance
 
     # -- VAD
     vad_aggressiveness: int = _field(2, int, low=0, high=3)

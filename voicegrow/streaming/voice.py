@@ -22,7 +22,7 @@ from voicegrow.streaming.turn import DeviceLink, Turn, Utterance
 from voicegrow.streaming.vad import (SpeechPaused, SpeechResumed, SpeechStarted, UtteranceDropped,
                                      UtteranceEnded, VadSegmenter)
 
-__all__ = ["VoiceSession"]
+__all__ = ["VoiceSession", "begin_device_session"]
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +198,27 @@ class VoiceSession:
                 await turn.run()
 
         self._nursery.start_soon(run_turn)
+
+
+async def begin_device_session(services: Services, info: SessionInfo) -> ConversationHistory:
+    """Record the session once the device is known, and restore its conversation so far.
+
+    The device may have reconnected, to this replica or another one: the history comes from the
+    shared session state, so the conversation simply goes on.
+    """
+    from voicegrow.storage.records import SessionRecord
+
+    s = services.settings
+    history = ConversationHistory(max_turns=s.llm_history_turns, max_chars=s.llm_history_chars)
+    persistence = services.persistence
+    try:
+        await persistence.session_started(SessionRecord(
+            session_id=info.session_id, device_id=info.device_id, protocol=info.protocol,
+            remote_addr=info.remote_addr, started_at=info.since))
+        await persistence.device_seen(info.device_id, {"protocol": info.protocol, "remote_addr": info.remote_addr})
+        await persistence.claim_device(info.device_id, info.session_id)
+        with trio.move_on_after(2.0):
+            history.load_messages(await persistence.load_history(info.device_id))
+    except Exception:
+        log.exception("could not restore the conversation of %s", info.device_id)
+    return history

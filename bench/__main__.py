@@ -1,0 +1,27 @@
+"""``python -m bench COMMAND``: latency, load, asr, soak."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "latency": "bench.latency",
+    "load": "bench.load",
+    "asr": "bench.asr",
+    "soak": "bench.soak",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m bench {" + ",".join(COMMANDS) + "} [options]   (see bench/README.md)",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

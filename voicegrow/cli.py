@@ -1,0 +1,67 @@
+"""The ``voicegrow`` command: ``serve``, ``config``, ``talk``, ``version``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from voicegrow import __version__
+from voicegrow.settings import ConfigError, load_settings
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voicegrow", description="Streaming voice-assistant server.")
+    parser.add_argument("--env-file", default=".env", help="optional KEY=value file read under the environment")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("serve", help="run the WebSocket server and the HTTP API")
+    config = sub.add_parser("config", help="print the effective settings, secrets masked")
+    config.add_argument("--json", action="store_true", help="one JSON object instead of KEY=value lines")
+    sub.add_parser("talk", help="talk to a server with a WAV file (see: voicegrow talk -h)", add_help=False)
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "talk":
+        from voicegrow.talk import main as talk_main
+
+        return talk_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "version":
+        print(__version__)
+        return 0
+    if args.command not in ("serve", "config"):
+        parser.print_help()
+        return 2
+    try:
+        settings = load_settings(env_file=args.env_file)
+    except ConfigError as exc:
+        print(f"voicegrow: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        masked = settings.masked()
+        if args.json:
+            print(json.dumps(masked, indent=2, ensure_ascii=False))
+        else:
+            for key, value in masked.items():
+                print(f"{key}={value}")
+        return 0
+
+    import trio
+
+    from voicegrow.app import serve
+    from voicegrow.logsetup import configure_logging
+
+    configure_logging("DEBUG" if settings.debug else settings.log_level, settings.log_format)
+    return trio.run(serve, settings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""The native-protocol session driver: one reader, one writer, one voice session per connection.
+
+Wire details (framing, error codes) live in :mod:`voicegrow.protocol`; this module only moves decoded
+frames between the socket and the :class:`~voicegrow.streaming.voice.VoiceSession`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from voicegrow import __version__
+from voicegrow.protocol import native as wire
+from voicegrow.protocol.errors import ErrorCode, ProtocolError
+from voicegrow.services import Services
+from voicegrow.streaming.outbox import Outbox, SlowReader
+from voicegrow.streaming.registry import SessionInfo
+from voicegrow.streaming.voice import VoiceSession, begin_device_session
+
+__all__ = ["NativeSession", "NativeLink"]
+
+log = logging.getLogger(__name__)
+
+
+class NativeLink:
+    """The :class:`~voicegrow.streaming.turn.DeviceLink` of a native-protocol device."""
+
+    protocol = "native"
+    chunk_ms = 40
+
+    def __init__(self, outbox: Outbox, output_rate: int) -> None:
+        self._outbox = outbox
+        self.output_rate = output_rate
+        self._seq = 0
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    async def send_event(self, event: str, data: dict[str, Any], turn_id: int) -> None:
+        await self._outbox.put(wire.encode(wire.Control(event=event, data=data, turn_id=turn_id,
+                                                        seq=self._next_seq())))
+
+    async def send_audio(self, pcm: bytes, turn_id: int) -> None:
+        frame = wire.Audio(pcm=pcm, turn_id=turn_id, seq=self._next_seq(), timestamp_ms=_now_ms())
+        await self._outbox.put_audio(wire.encode(frame), turn_id)
+
+    async def interrupt(self, turn_id: int) -> None:
+        self._outbox.drop_audio_through(turn_id)
+
+
+def _now_ms() -> int:
+    return int(trio.current_time() * 1000) & 0xFFFFFFFF
+
+
+class NativeSession:
+    """Drives one native-protocol connection from hello to close."""
+
+    def __init__(self, services: Services, ws: WebSocketConnection, info: SessionInfo,
+                 first_message: bytes | str | None, handshake_deadline: float) -> None:
+        self.services = services
+        self.ws = ws
+        self.info = info
+        self._first = first_message
+        self._handshake_deadline = handshake_deadline
+        settings = services.settings
+        self.outbox = Outbox(ws.send_message, size=settings.write_queue_frames,
+                             slow_reader_timeout_s=settings.slow_reader_timeout_s)
+        self.decoder = wire.FrameDecoder(max_payload=settings.max_frame_bytes)
+        self.state = wire.ServerConnectionState()
+        self._nursery: trio.Nursery | None = None
+        self._closing = False
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.info.request_close = self._request_close
+                nursery.start_soon(self._writer)
+                hello = await self._handshake()
+                if hello is None:
+                    nursery.cancel_scope.cancel()
+                    return
+                await self._serve(hello, nursery)
+        except SlowReader as exc:
+            log.warning("closing slow reader: %s", exc)
+            self.services.metrics.limit_hits.labels("slow_reader").inc()
+            with trio.move_on_after(1.0) as _:
+                await self.ws.aclose(1008, "slow reader")
+
+    async def _writer(self) -> None:
+        try:
+            await self.outbox.run()
+        except ConnectionClosed:
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+
+    async def _next_frame(self) -> wire.Frame:
+        if self._first is not None:
+            message, self._first = self._first, None
+        else:
+            message = await self.ws.get_message()
+        if isinstance(message, str):
+            raise ProtocolError(ErrorCode.BAD_PAYLOAD, "text messages are not part of the native protocol")
+        frame = self.decoder.decode_message(message)
+        self.state.receive(frame)
+        return frame
+
+    async def _handshake(self) -> wire.Hello | None:
+        try:
+            with trio.fail_at(self._handshake_deadline):
+                frame = await self._next_frame()
+        except trio.TooSlowError:
+            log.info("no hello before the handshake deadline; closing")
+            await self._fail(ProtocolError(ErrorCode.HANDSHAKE_TIMEOUT, "no hello before the handshake deadline"))
+            return None
+        except ProtocolError as exc:
+            await self._fail(exc)
+            return None
+        except ConnectionClosed:
+            return None
+        assert isinstance(frame, wire.Hello)  # the state machine admits nothing else first
+        return frame
+
+    async def _serve(self, hello: wire.Hello, nursery: trio.Nursery) -> None:
+        services = self.services
+        info = self.info
+        info.device_id = hello.device_id or info.session_id
+        info.protocol = "native"
+        from voicegrow.logsetup import device_id_var
+
+        device_id_var.set(info.device_id)
+        history = await begin_device_session(services, info)
+        await self.outbox.put(wire.encode(wire.HelloAck(
+            session_id=info.session_id, audio_in=hello.audio_in, audio_out=hello.audio_out,
+            server=f"voicegrow/{__version__}")))
+        link = NativeLink(self.outbox, output_rate=hello.audio_out.sample_rate)
+        voice = VoiceSession(services, link, info, input_rate=hello.audio_in.sample_rate, history=history)
+        await nursery.start(voice.run)
+        log.info("native session established", extra={"remote": info.remote_addr})
+        frames_received = services.metrics.audio_frames_received.labels("native")
+        while True:
+            try:
+                frame = await self._next_frame()
+            except ProtocolError as exc:
+                await self._fail(exc)
+                nursery.cancel_scope.cancel()
+                return
+            except ConnectionClosed:
+                nursery.cancel_scope.cancel()
+                return
+            if isinstance(frame, wire.Audio):
+                frames_received.inc()
+                await voice.feed_audio(frame.pcm)
+            elif isinstance(frame, wire.Control):
+                await self._on_control(frame, voice)
+            elif isinstance(frame, wire.Ping):
+                await self.outbox.put(wire.encode(wire.Pong(nonce=frame.nonce)))
+            elif isinstance(frame, wire.Close):
+                await self._close(1000, "bye")
+                nursery.cancel_scope.cancel()
+                return
+
+    async def _on_control(self, frame: wire.Control, voice: VoiceSession) -> None:
+        if frame.event == "abort":
+            await voice.abort("device_abort")
+        elif frame.event == "listen_stop":
+            await voice.end_of_speech()
+        elif frame.event == "listen_start":
+            await voice.wake()
+        else:
+            log.debug("ignoring control event %r", frame.event)
+
+    async def _fail(self, exc: ProtocolError) -> None:
+        """Answer a protocol error with an error frame, then close with the matching code."""
+        log.info("protocol error %s: %s", exc.code.name, exc.reason)
+        self.services.metrics.protocol_errors.labels(exc.code.name.lower()).inc()
+        with trio.move_on_after(2.0):
+            try:
+                await self.outbox.put(wire.encode(wire.Error(code=int(exc.code), reason=exc.reason)))
+                await self.outbox.drain()
+            except (ConnectionClosed, SlowReader):
+                pass
+        await self._close(exc.ws_close_code, exc.reason)
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        with trio.move_on_after(2.0):
+            try:
+                await self.outbox.drain()
+                await self.ws.aclose(code, reason[:120])
+            except ConnectionClosed:
+                pass
+
+    def _request_close(self, code: int, reason: str) -> None:
+        """Shutdown asks us to leave: a close frame, then the WebSocket close."""
+        nursery = self._nursery
+        if nursery is None or self._closing:
+            return
+
+        async def goodbye() -> None:
+            self.outbox.put_nowait(wire.encode(wire.Close(code=code, reason=reason)))
+            await self._close(code, reason)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(goodbye)
+

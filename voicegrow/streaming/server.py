@@ -1,0 +1,198 @@
+"""The WebSocket listener on ``WS_PORT``: admission, protocol detection, one task tree per speaker.
+
+Each accepted connection gets its own cancel scope inside the server's handler nursery; the session
+is in the registry from accept until its last task has exited. Shutdown stops the listener first,
+then asks every session to say goodbye, waits up to the grace period, and cancels what is left.
+
+Protocol detection: a native client speaks first (its hello). An open-xiaoai speaker says nothing
+after connecting, so silence for ``PROTOCOL_DETECT_MS`` — or a first message that is JSON text —
+means open-xiaoai, and the server starts that conversation itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import logging
+import time
+import uuid
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
+
+from voicegrow.logsetup import session_id_var
+from voicegrow.services import Services
+from voicegrow.streaming.registry import SessionInfo
+
+__all__ = ["VoiceServer", "detect_protocol"]
+
+log = logging.getLogger(__name__)
+
+_NATIVE_MAGIC_PREFIX = b"VG"
+
+
+def detect_protocol(first_message: bytes | str | None) -> str:
+    """``native`` or ``xiaoai`` from the first message a client sent within the detection window."""
+    if first_message is None:
+        return "xiaoai"
+    if isinstance(first_message, str):
+        return "xiaoai"
+    if first_message[:1] == b"{":
+        return "xiaoai"  # an open-xiaoai Stream frame is JSON in a binary message
+    return "native"  # a garbage first frame is answered by the native decoder's error frame
+
+
+class _ConnectRateLimiter:
+    """Connection attempts per source address in a sliding minute."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._attempts: dict[str, collections.deque[float]] = {}
+
+    def allow(self, host: str, now: float) -> bool:
+        attempts = self._attempts.setdefault(host, collections.deque())
+        while attempts and now - attempts[0] > 60.0:
+            attempts.popleft()
+        if len(attempts) >= self.per_minute:
+            return False
+        attempts.append(now)
+        if len(self._attempts) > 10_000:  # forget idle hosts so a scan cannot grow this map forever
+            for stale in [h for h, q in self._attempts.items() if not q or now - q[-1] > 60.0]:
+                del self._attempts[stale]
+        return True
+
+
+class VoiceServer:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        s = services.settings
+        self._rate_limiter = _ConnectRateLimiter(s.max_connects_per_ip_per_min)
+        self._listen_scope = trio.CancelScope()
+        self._handlers: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until :meth:`stop_accepting`; then keep running until every session has ended."""
+        s = self.services.settings
+        listeners = await trio.open_tcp_listeners(s.ws_port, host=s.server_host or None)
+        port = listeners[0].socket.getsockname()[1]
+        # Room for an open-xiaoai audio frame as JSON (3-4 bytes per sample byte) over our frame limit.
+        max_message = max(4 * s.max_frame_bytes, 1 << 20)
+        async with trio.open_nursery() as handlers:
+            self._handlers = handlers
+            server = WebSocketServer(self._handle, listeners, handler_nursery=handlers,
+                                     max_message_size=max_message, message_queue_size=8,
+                                     connect_timeout=s.handshake_timeout_s, disconnect_timeout=2.0)
+            with self._listen_scope:
+                await handlers.start(server.run)
+                task_status.started(port)
+                await trio.sleep_forever()
+
+    def stop_accepting(self) -> None:
+        self.services.accepting = False
+        self._listen_scope.cancel()
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Say goodbye to every session, wait up to ``grace_s`` for them to end, then cancel the rest."""
+        self.stop_accepting()
+        for info in self.services.registry:
+            if info.request_close is not None:
+                info.request_close(1001, "server shutting down")
+        with trio.move_on_after(grace_s):
+            await self.services.registry.wait_empty()
+        for info in self.services.registry:
+            if info.cancel_scope is not None:
+                info.cancel_scope.cancel()
+        with trio.move_on_after(2.0):
+            await self.services.registry.wait_empty()
+
+    # -- one connection ---------------------------------------------------------------------------
+
+    def _admission_refusal(self, host: str) -> tuple[int, str, str] | None:
+        s = self.services.settings
+        registry = self.services.registry
+        if not self.services.accepting:
+            return 503, "shutting_down", "server is shutting down"
+        if not self._rate_limiter.allow(host, time.monotonic()):
+            return 429, "connect_rate", "too many connection attempts from this address"
+        if len(registry) >= s.max_sessions:
+            return 503, "max_sessions", "server is full"
+        if registry.count_from(host) >= s.max_sessions_per_ip:
+            return 429, "max_sessions_per_ip", "too many sessions from this address"
+        return None
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        metrics = self.services.metrics
+        remote = request.remote
+        host = str(getattr(remote, "address", remote))
+        remote_addr = f"{host}:{getattr(remote, 'port', '')}"
+        refusal = self._admission_refusal(host)
+        if refusal is not None:
+            status, limit, reason = refusal
+            metrics.limit_hits.labels(limit).inc()
+            metrics.connections.labels("unknown", "refused").inc()
+            log.info("refused connection from %s: %s", remote_addr, reason)
+            await request.reject(status, extra_headers=[(b"content-type", b"application/json")],
+                                 body=f'{{"error":"{limit}","reason":"{reason}"}}'.encode())
+            return
+        connected_at = trio.current_time()
+        ws = await request.accept()
+        info = SessionInfo(session_id=uuid.uuid4().hex[:16], remote_addr=remote_addr)
+        session_id_var.set(info.session_id)
+        registry = self.services.registry
+        registry.add(info)
+        outcome = "closed"
+        try:
+            with trio.CancelScope() as scope:
+                info.cancel_scope = scope
+                await self._serve(ws, info, request, connected_at)
+        except Exception:
+            outcome = "error"
+            log.exception("session crashed")  # contained: other sessions are untouched
+        finally:
+            registry.remove(info.session_id)
+            metrics.connections.labels(info.protocol, outcome).inc()
+            with trio.move_on_after(1.0) as cleanup:
+                cleanup.shield = True
+                await self._record_end(info, outcome)
+                if not ws.closed:
+                    await ws.aclose(1011 if outcome == "error" else 1000)
+            log.info("session ended", extra={"protocol": info.protocol, "turns": info.turns})
+
+    async def _serve(self, ws: WebSocketConnection, info: SessionInfo, request: WebSocketRequest,
+                     connected_at: float) -> None:
+        s = self.services.settings
+        first: bytes | str | None = None
+        with trio.move_on_after(s.protocol_detect_ms / 1000):
+            try:
+                first = await ws.get_message()
+            except ConnectionClosed:
+                return
+        protocol = detect_protocol(first)
+        handshake_deadline = connected_at + s.handshake_timeout_s
+        if protocol == "xiaoai":
+            xiaoai = _xiaoai_driver()
+            if xiaoai is not None:
+                info.protocol = "xiaoai"
+                await xiaoai(self.services, ws, info, first, handshake_deadline, request).run()
+                return
+        from voicegrow.streaming.native import NativeSession
+
+        info.protocol = "native"
+        await NativeSession(self.services, ws, info, first, handshake_deadline).run()
+
+    async def _record_end(self, info: SessionInfo, outcome: str) -> None:
+        try:
+            await self.services.persistence.session_ended(info.session_id, time.time(), outcome)
+            if info.device_id:
+                await self.services.persistence.release_device(info.device_id, info.session_id)
+        except Exception:
+            log.exception("could not record the session end")
+
+
+def _xiaoai_driver() -> Any:
+    if importlib.util.find_spec("voicegrow.streaming.xiaoai") is None:
+        return None
+    from voicegrow.streaming.xiaoai import XiaoaiSession
+
+    return XiaoaiSession
