@@ -16,7 +16,7 @@ from voicegrow import __version__
 from voicegrow.protocol import native as wire
 from voicegrow.protocol.errors import ErrorCode, ProtocolError
 from voicegrow.services import Services
-from voicegrow.streaming.outbox import Outbox, SlowReader
+from voicegrow.streaming.outbox import Outbox
 from voicegrow.streaming.registry import SessionInfo
 from voicegrow.streaming.voice import VoiceSession, begin_device_session
 
@@ -68,28 +68,34 @@ class NativeSession:
         self._handshake_deadline = handshake_deadline
         settings = services.settings
         self.outbox = Outbox(ws.send_message, size=settings.write_queue_frames,
-                             slow_reader_timeout_s=settings.slow_reader_timeout_s)
+                             slow_reader_timeout_s=settings.slow_reader_timeout_s, on_stall=self._on_stall)
+        self._stalled = False
         self.decoder = wire.FrameDecoder(max_payload=settings.max_frame_bytes)
         self.state = wire.ServerConnectionState()
         self._nursery: trio.Nursery | None = None
         self._closing = False
 
     async def run(self) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self.info.request_close = self._request_close
-                nursery.start_soon(self._writer)
-                hello = await self._handshake()
-                if hello is None:
-                    nursery.cancel_scope.cancel()
-                    return
-                await self._serve(hello, nursery)
-        except SlowReader as exc:
-            log.warning("closing slow reader: %s", exc)
-            self.services.metrics.limit_hits.labels("slow_reader").inc()
-            with trio.move_on_after(1.0) as _:
-                await self.ws.aclose(1008, "slow reader")
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.info.request_close = self._request_close
+            nursery.start_soon(self._writer)
+            hello = await self._handshake()
+            if hello is None:
+                nursery.cancel_scope.cancel()
+                return
+            await self._serve(hello, nursery)
+        if self._stalled:
+            with trio.move_on_after(1.0):
+                await self.ws.aclose(1008, "slow reader: write queue full")
+
+    def _on_stall(self) -> None:
+        """The device stopped reading: end the session rather than buffer without bound."""
+        log.warning("closing slow reader: write queue full for %.0f s", self.services.settings.slow_reader_timeout_s)
+        self.services.metrics.limit_hits.labels("slow_reader").inc()
+        self._stalled = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     async def _writer(self) -> None:
         try:
@@ -182,7 +188,7 @@ class NativeSession:
             try:
                 await self.outbox.put(wire.encode(wire.Error(code=int(exc.code), reason=exc.reason)))
                 await self.outbox.drain()
-            except (ConnectionClosed, SlowReader):
+            except ConnectionClosed:
                 pass
         await self._close(exc.ws_close_code, exc.reason)
 

@@ -30,8 +30,13 @@ class _Item:
 
 class Outbox:
     def __init__(self, send: Callable[[bytes | str], Awaitable[None]], *, size: int,
-                 slow_reader_timeout_s: float) -> None:
+                 slow_reader_timeout_s: float, on_stall: Callable[[], None] | None = None) -> None:
+        """``on_stall`` is called when the queue stayed full too long; it should cancel the session.
+
+        Without it, the stalled producer raises :class:`SlowReader`.
+        """
         self._send = send
+        self._on_stall = on_stall
         self._tx, self._rx = trio.open_memory_channel[_Item](size)
         self._slow_reader_timeout_s = slow_reader_timeout_s
         self._dropped_through = -math.inf  # audio of turns <= this id is dropped
@@ -68,7 +73,10 @@ class Outbox:
         with trio.move_on_after(self._slow_reader_timeout_s):
             await self._tx.send(item)
             return
-        raise SlowReader(f"write queue full for {self._slow_reader_timeout_s:g} s")
+        if self._on_stall is None:
+            raise SlowReader(f"write queue full for {self._slow_reader_timeout_s:g} s")
+        self._on_stall()
+        await trio.sleep_forever()  # the session is being cancelled around us
 
     async def drain(self) -> None:
         """Wait until everything queued so far has been handed to the socket."""

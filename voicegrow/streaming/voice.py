@@ -195,7 +195,10 @@ class VoiceSession:
 
         async def run_turn() -> None:
             with scope:
-                await turn.run()
+                try:
+                    await turn.run()
+                except Exception:  # a bug in one turn must not end the session
+                    log.exception("turn %s crashed", turn.turn_id)
 
         self._nursery.start_soon(run_turn)
 
