@@ -1,0 +1,465 @@
+"""The language model: a streaming OpenAI-compatible client, an offline stand-in, and chat history.
+
+Answers are spoken, so the first words matter more than the last: the client hands out text deltas
+as soon as they arrive, and a caller that is cancelled (barge-in, hang-up) closes the HTTP response at
+once. The stream parsing is sans-IO (:class:`SseDecoder`, :class:`ChatStreamDecoder`) so that every
+way a server can split, pad or break a stream is tested without a socket.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal, Protocol, TypedDict
+
+import httpx
+import trio
+
+from voicegrow.aiauth import AiServiceError, ServiceTimeouts, open_signed_stream, service_url, timed_get
+
+if TYPE_CHECKING:
+    from voicegrow.settings import Settings
+
+__all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
+    "ChatMessage",
+    "ChatStreamDecoder",
+    "ConversationHistory",
+    "LanguageModel",
+    "LlmClient",
+    "LlmError",
+    "OfflineResponder",
+    "SseDecoder",
+    "SseEvent",
+    "apology",
+    "build_llm",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a friendly voice assistant on a home smart speaker, talking with children and families. "
+    "Answer briefly: one to three short sentences. Your words are spoken aloud, so use plain text only: "
+    "no markdown, no emoji, no lists, no links, no code. Answer in the language the user spoke "
+    "(if the user speaks Chinese, answer in simplified Chinese). Be warm, simple and safe for children; "
+    "if you do not know something, say so in one sentence."
+)
+
+
+class ChatMessage(TypedDict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class LlmError(AiServiceError):
+    """The language model could not answer. ``reason``: timeout, http_4xx, http_5xx, bad_stream, connect.
+
+    An ``error`` object inside an otherwise well-formed stream is reported as ``bad_stream`` with the
+    server's message as ``detail``.
+    """
+
+
+class LanguageModel(Protocol):
+    """What the turn pipeline needs from :class:`LlmClient` and :class:`OfflineResponder`."""
+
+    name: str
+
+    def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]: ...
+
+    async def health(self) -> dict[str, object]: ...
+
+
+# -- history -----------------------------------------------------------------------------------------
+
+
+class ConversationHistory:
+    """The last exchanges of one session, bounded by turns and characters (oldest dropped first).
+
+    Bounds keep the prompt (and so the time to first token) from growing through a long session.
+    """
+
+    def __init__(self, max_turns: int, max_chars: int) -> None:
+        self.max_turns = max_turns
+        self.max_chars = max_chars
+        self._turns: deque[tuple[str, str]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    @property
+    def turns(self) -> list[tuple[str, str]]:
+        """(user, assistant) pairs, oldest first."""
+        return list(self._turns)
+
+    @property
+    def chars(self) -> int:
+        return sum(len(user) + len(assistant) for user, assistant in self._turns)
+
+    def append(self, user_text: str, assistant_text: str) -> None:
+        self._turns.append((user_text, assistant_text))
+        self._enforce_bounds()
+
+    def replace_last_assistant(self, text: str) -> None:
+        """Keep only what was actually played of the last answer (barge-in).
+
+        If nothing was played the whole exchange is dropped: the user never heard an answer, and
+        several APIs reject an empty assistant message.
+        """
+        if not self._turns:
+            return
+        user_text, _ = self._turns.pop()
+        if text.strip():
+            self._turns.append((user_text, text))
+
+    def clear(self) -> None:
+        self._turns.clear()
+
+    def messages(self, system_prompt: str, user_text: str) -> list[ChatMessage]:
+        """The request for a new user utterance: system prompt (if any), history, then the utterance."""
+        out: list[ChatMessage] = []
+        if system_prompt:
+            out.append({"role": "system", "content": system_prompt})
+        for user, assistant in self._turns:
+            out.append({"role": "user", "content": user})
+            out.append({"role": "assistant", "content": assistant})
+        out.append({"role": "user", "content": user_text})
+        return out
+
+    def _enforce_bounds(self) -> None:
+        total = self.chars
+        while self._turns and (len(self._turns) > self.max_turns or total > self.max_chars):
+            user, assistant = self._turns.popleft()
+            total -= len(user) + len(assistant)
+
+
+# -- server-sent events (sans-IO) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    data: str
+    event: str = "message"
+
+
+class SseDecoder:
+    """Bytes in, :class:`SseEvent` out, following the WHATWG event-stream rules.
+
+    Chunks may split anywhere, even inside a UTF-8 character or between ``\\r`` and ``\\n``.
+    Comments (``:`` keepalives) and ``id``/``retry``/unknown fields are ignored.
+    """
+
+    def __init__(self) -> None:
+        self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+        self._data: list[str] = []
+        self._event = ""
+        self._started = False
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        text = self._text.decode(chunk)
+        if not self._started and text:
+            self._started = True
+            text = text.removeprefix("\ufeff")
+        self._pending += text
+        return self._drain(final=False)
+
+    def close(self) -> list[SseEvent]:
+        """End of the body: a last event without its blank line still counts."""
+        self._pending += self._text.decode(b"", final=True)
+        events = self._drain(final=True)
+        if self._pending:
+            events += self._line(self._pending)
+            self._pending = ""
+        events += self._line("")
+        return events
+
+    def _drain(self, final: bool) -> list[SseEvent]:
+        events: list[SseEvent] = []
+        while True:
+            match = re.search(r"\r\n|\r|\n", self._pending)
+            if match is None:
+                break
+            if match.group() == "\r" and match.end() == len(self._pending) and not final:
+                break  # maybe the first half of \r\n
+            line, self._pending = self._pending[: match.start()], self._pending[match.end():]
+            events += self._line(line)
+        return events
+
+    def _line(self, line: str) -> list[SseEvent]:
+        if not line:
+            if not self._data:
+                self._event = ""
+                return []
+            event = SseEvent("\n".join(self._data), self._event or "message")
+            self._data, self._event = [], ""
+            return [event]
+        if line.startswith(":"):
+            return []
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "data":
+            self._data.append(value)
+        elif field == "event":
+            self._event = value
+        return []
+
+
+class ChatStreamDecoder:
+    """Bytes of a chat-completions answer in, text deltas out; raises :class:`LlmError`.
+
+    Accepts the event stream we ask for and, from servers that ignore ``stream: true``, a plain JSON
+    completion (sniffed by its leading ``{``). A stream must end with ``[DONE]`` or a
+    ``finish_reason``: a body that just stops is a truncated answer, not a short one.
+    """
+
+    def __init__(self) -> None:
+        self.done = False
+        self.finish_reason: str | None = None
+        self._sse = SseDecoder()
+        self._mode: Literal["unknown", "sse", "json"] = "unknown"
+        self._json_body = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        if self.done:
+            return []
+        if self._mode == "unknown":
+            head = (self._json_body + chunk).lstrip()
+            if not head:
+                self._json_body += chunk
+                return []
+            self._mode = "json" if head.startswith(b"{") else "sse"
+            chunk, self._json_body = self._json_body + chunk, b""
+        if self._mode == "json":
+            self._json_body += chunk
+            return []
+        return self._texts(self._sse.feed(chunk))
+
+    def finish(self) -> list[str]:
+        """The body ended: the last deltas, or :class:`LlmError` if the answer was cut off."""
+        if self.done:
+            return []
+        if self._mode == "json":
+            self.done = True
+            return self._texts_from_object(_load_json(self._json_body.decode("utf-8", "replace")))
+        texts = self._texts(self._sse.close())
+        if not self.done and self.finish_reason is None:
+            raise LlmError("bad_stream", "the stream ended before [DONE]")
+        self.done = True
+        return texts
+
+    def _texts(self, events: list[SseEvent]) -> list[str]:
+        texts: list[str] = []
+        for event in events:
+            if self.done:
+                break
+            if event.event == "error":
+                raise LlmError("bad_stream", f"error event: {event.data[:300]}")
+            for payload in _payloads(event.data):
+                if payload == "[DONE]":
+                    self.done = True
+                    break
+                texts += self._texts_from_object(_load_json(payload))
+        return texts
+
+    def _texts_from_object(self, obj: object) -> list[str]:
+        if not isinstance(obj, dict):
+            raise LlmError("bad_stream", f"expected a JSON object, got {type(obj).__name__}")
+        if obj.get("error"):
+            raise LlmError("bad_stream", f"server error in stream: {_error_message(obj['error'])}")
+        choices = obj.get("choices")
+        if not choices:
+            return []  # e.g. a usage-only chunk
+        if not isinstance(choices, list) or not isinstance(choices[0], dict):
+            raise LlmError("bad_stream", "choices is not a list of objects")
+        choice = choices[0]
+        if choice.get("finish_reason"):
+            self.finish_reason = str(choice["finish_reason"])
+        part = choice.get("delta") or choice.get("message") or {}
+        content = part.get("content") if isinstance(part, dict) else None
+        if content is None:
+            return []
+        if not isinstance(content, str):
+            raise LlmError("bad_stream", f"content is {type(content).__name__}, not text")
+        return [content] if content else []
+
+
+def _payloads(data: str) -> list[str]:
+    """One event's data; several JSON lines if a server forgot the blank lines between events."""
+    data = data.strip()
+    if "\n" in data:
+        try:
+            json.loads(data)
+        except ValueError:
+            return [line.strip() for line in data.split("\n") if line.strip()]
+    return [data] if data else []
+
+
+def _load_json(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise LlmError("bad_stream", f"not JSON: {text[:120]!r}") from None
+
+
+def _error_message(error: object) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("code") or error)[:300]
+    return str(error)[:300]
+
+
+# -- the remote client ----------------------------------------------------------------------------------
+
+
+class LlmClient:
+    """Streams chat completions from an OpenAI-compatible server (DESIGN §4).
+
+    Deadlines: ``connect_timeout_s`` for the connection; ``timeout_s`` from the call to the first
+    token and to the end of the answer; ``idle_timeout_s`` between tokens (keepalive comments do not
+    count as tokens). Iterate with ``contextlib.aclosing`` if you may stop early.
+    """
+
+    name = "remote"
+
+    def __init__(self, base_url: str, api_key: str, secret_key: str, model: str, max_tokens: int,
+                 temperature: float, timeout_s: float, *, http_client: httpx.AsyncClient | None = None,
+                 connect_timeout_s: float = 5.0, idle_timeout_s: float = 10.0) -> None:
+        self.base_url = base_url
+        self.api_key = api_key
+        self.secret_key = secret_key
+        self.model = model
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.timeouts = ServiceTimeouts.from_total(timeout_s, connect_timeout_s)
+        self.idle_timeout_s = min(idle_timeout_s, timeout_s)
+        self._owns_client = http_client is None
+        self.http_client = http_client or httpx.AsyncClient()
+        self.url = service_url(base_url, "/v1/chat/completions")
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_client:
+            await self.http_client.aclose()
+
+    def request_body(self, messages: Sequence[ChatMessage]) -> bytes:
+        payload = {"model": self.model, "messages": list(messages), "max_tokens": self.max_tokens,
+                   "temperature": self.temperature, "stream": True}
+        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        """Text deltas of the answer, in order, as they arrive; :class:`LlmError` on any failure."""
+        decoder = ChatStreamDecoder()
+        async with open_signed_stream(self.http_client, self.url, self.request_body(messages),
+                                      api_key=self.api_key, secret_key=self.secret_key,
+                                      timeouts=self.timeouts, error=LlmError) as body:
+            token_deadline = float("inf")
+            while not decoder.done:
+                chunk = await body.read(token_deadline)
+                texts = decoder.feed(chunk) if chunk else decoder.finish()
+                for text in texts:
+                    yield text
+                if texts:
+                    # Measured from when the caller asks again, so a slow consumer is not blamed
+                    # on the server.
+                    token_deadline = trio.current_time() + self.idle_timeout_s
+
+    async def health(self) -> dict[str, object]:
+        result = await timed_get(self.http_client, service_url(self.base_url, "/v1/models"),
+                                 api_key=self.api_key, secret_key=self.secret_key,
+                                 timeout_s=min(3.0, self.timeouts.total_s))
+        result["model"] = self.model
+        return result
+
+
+# -- the offline stand-in ---------------------------------------------------------------------------
+
+
+def _detect_language(text: str) -> str:
+    """zh if the text has any CJK ideograph, else en (stand-in until voicegrow.language lands)."""
+    return "zh" if re.search(r"[\u3400-\u9fff\uf900-\ufaff]", text) else "en"
+
+
+_TIME_QUESTION_EN = re.compile(
+    r"\b(what time|what's the time|the time|time is it|what day|which day|what date|what's the date|"
+    r"the date|today's date|day of the week|day is it|day is today)\b", re.IGNORECASE)
+_TIME_QUESTION_ZH = re.compile(r"几点|什么时间|时间是|日期|星期几|礼拜几|周几|几号|几月|哪天|哪一天")
+_WEEKDAYS_ZH = "一二三四五六日"
+
+
+def apology(lang: str) -> str:
+    """What to say when the language model fails, in the user's language."""
+    if lang.startswith("zh"):
+        return "抱歉，我现在无法回答，请稍后再试。"
+    return "Sorry, I can't answer right now. Please try again in a moment."
+
+
+class OfflineResponder:
+    """Answers without any language model, so a fresh install still talks back.
+
+    It tells the time and date when asked, and otherwise repeats what it heard and says that no
+    language model is configured — proof that ASR and TTS work, and a hint at what to set up.
+    """
+
+    name = "offline"
+
+    def __init__(self, clock: Callable[[], datetime] = datetime.now) -> None:
+        self.clock = clock
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        user_text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        for delta in _deltas(self.answer(user_text)):
+            await trio.sleep(0)
+            yield delta
+
+    def answer(self, user_text: str) -> str:
+        text = user_text.strip()
+        lang = _detect_language(text)
+        asked_time = (_TIME_QUESTION_ZH if lang == "zh" else _TIME_QUESTION_EN).search(text)
+        if asked_time:
+            return _time_answer(self.clock(), lang)
+        heard = text.rstrip("。！？!?.，, ")
+        if lang == "zh":
+            if not heard:
+                return "我没有听清楚。还没有配置语言模型，我现在只能告诉你时间。"
+            return f"我听到你说：{heard}。还没有配置语言模型，我现在只能告诉你时间。"
+        if not heard:
+            return "I didn't catch that. No language model is configured, so I can only tell you the time."
+        return f"I heard: {heard}. No language model is configured, so I can only tell you the time."
+
+    async def health(self) -> dict[str, object]:
+        return {"status": "embedded", "detail": "no LLM_BASE_URL: built-in offline responder"}
+
+
+def _time_answer(now: datetime, lang: str) -> str:
+    if lang == "zh":
+        period = "上午" if now.hour < 12 else "下午"
+        if now.hour < 6:
+            period = "凌晨"
+        elif now.hour >= 18:
+            period = "晚上"
+        hour12 = now.hour % 12 or 12
+        return (f"现在是{period}{hour12}点{now.minute:02d}分，"
+                f"今天是{now.year}年{now.month}月{now.day}日，星期{_WEEKDAYS_ZH[now.weekday()]}。")
+    hour12 = now.hour % 12 or 12
+    suffix = "AM" if now.hour < 12 else "PM"
+    return f"It's {hour12}:{now.minute:02d} {suffix} on {now:%A}, {now:%B} {now.day}, {now.year}."
+
+
+def _deltas(text: str) -> list[str]:
+    """Pieces the size a real model streams: words in English, two or three characters in Chinese."""
+    return re.findall(r"[\u3400-\u9fff\uf900-\ufaff]{1,3}\s*|[^\u3400-\u9fff\uf900-\ufaff\s]+\s*", text)
+
+
+def build_llm(settings: Settings, http_client: httpx.AsyncClient | None = None) -> LlmClient | OfflineResponder:
+    """The remote client when ``LLM_BASE_URL`` is set, else the offline responder."""
+    if not settings.llm_base_url:
+        log.info("no LLM_BASE_URL: answering with the built-in offline responder")
+        return OfflineResponder()
+    return LlmClient(settings.llm_base_url, settings.llm_api_key, settings.llm_secret_key,
+                     settings.llm_model, settings.llm_max_tokens, settings.llm_temperature,
+                     settings.llm_timeout, http_client=http_client)
