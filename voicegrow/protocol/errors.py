@@ -1,0 +1,76 @@
+"""Error codes of the native protocol and the one exception its codec raises.
+
+The codes travel in ERROR frames, so a device can act on them (re-negotiate the audio format, fetch a
+new token, back off); each also maps to the WebSocket close code the server closes with afterwards, so
+that a client which never parsed the ERROR frame still learns what class of failure it was.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["ErrorCode", "ProtocolError"]
+
+
+class ErrorCode(enum.IntEnum):
+    """Wire error codes (u16). 1–99: the peer broke the protocol; 100 and up: the server's condition."""
+
+    BAD_MAGIC = 1
+    UNSUPPORTED_VERSION = 2
+    UNKNOWN_FRAME_TYPE = 3
+    TRUNCATED = 4
+    OVERSIZED = 5
+    TRAILING_DATA = 6
+    BAD_PAYLOAD = 7
+    BAD_AUDIO = 8
+    UNEXPECTED_FRAME = 9
+    AUTH_REQUIRED = 10
+    AUTH_FAILED = 11
+    UNSUPPORTED_AUDIO_FORMAT = 12
+
+    INTERNAL_ERROR = 100
+    SERVER_BUSY = 101
+    RATE_LIMITED = 102
+    HANDSHAKE_TIMEOUT = 103
+
+    @property
+    def ws_close_code(self) -> int:
+        """The WebSocket close code (RFC 6455 §7.4) that goes with this error."""
+        return _WS_CLOSE_CODES[self]
+
+
+_WS_CLOSE_CODES: dict[ErrorCode, int] = {
+    ErrorCode.BAD_MAGIC: 1002,
+    ErrorCode.UNSUPPORTED_VERSION: 1002,
+    ErrorCode.UNKNOWN_FRAME_TYPE: 1002,
+    ErrorCode.TRUNCATED: 1002,
+    ErrorCode.TRAILING_DATA: 1002,
+    ErrorCode.UNEXPECTED_FRAME: 1002,
+    ErrorCode.BAD_PAYLOAD: 1007,
+    ErrorCode.BAD_AUDIO: 1007,
+    ErrorCode.OVERSIZED: 1009,
+    ErrorCode.AUTH_REQUIRED: 4401,
+    ErrorCode.AUTH_FAILED: 4403,
+    ErrorCode.UNSUPPORTED_AUDIO_FORMAT: 1003,
+    ErrorCode.INTERNAL_ERROR: 1011,
+    ErrorCode.SERVER_BUSY: 1013,
+    ErrorCode.RATE_LIMITED: 1008,
+    ErrorCode.HANDSHAKE_TIMEOUT: 1008,
+}
+
+
+class ProtocolError(Exception):
+    """A frame (or the order of frames) breaks the native protocol.
+
+    The codec raises nothing else for bad input, so a connection handler needs exactly one ``except``
+    to answer with an ERROR frame carrying ``code`` and close with ``ws_close_code``.
+    """
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(f"{code.name}: {reason}")
+        self.code = code
+        self.reason = reason
+
+    @property
+    def ws_close_code(self) -> int:
+        return self.code.ws_close_code
