@@ -1,0 +1,184 @@
+"""TTS engines: the remote client against the in-process fake, the PCM/WAV decoder, and piper."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator
+
+import httpx
+import numpy as np
+import pytest
+
+from bench.fake_ai import FakeAi, FakeAiConfig, run_fake_ai, tone, wav_header
+from voicegrow.settings import load_settings
+from voicegrow.tts import PcmStreamDecoder, PiperTts, RemoteTts, TtsError, build_tts
+
+PCM = bytes(range(256)) * 3  # 768 bytes: 384 samples
+
+
+def decode(body: bytes, cuts: list[int]) -> tuple[bytes, int | None, list[bytes]]:
+    decoder = PcmStreamDecoder()
+    pieces = []
+    start = 0
+    for cut in sorted(cuts) + [len(body)]:
+        pieces.append(decoder.feed(body[start:cut]))
+        start = cut
+    pieces.append(decoder.close())
+    return b"".join(pieces), decoder.sample_rate, pieces
+
+
+def test_raw_pcm_passes_through_in_whole_samples_at_every_split() -> None:
+    for cut in range(len(PCM) + 1):
+        audio, rate, pieces = decode(PCM, [cut, cut // 3])
+        assert audio == PCM and rate == 24000, f"split at {cut}"
+        assert all(len(piece) % 2 == 0 for piece in pieces)
+
+
+def test_wav_header_is_stripped_and_its_rate_used_at_every_split() -> None:
+    body = wav_header(len(PCM), 22050) + PCM
+    for cut in range(len(body) + 1):
+        audio, rate, pieces = decode(body, [cut])
+        assert (audio, rate) == (PCM, 22050), f"split at {cut}"
+        assert all(len(piece) % 2 == 0 for piece in pieces)
+
+
+def test_streaming_wav_with_extra_chunks_and_unknown_sizes() -> None:
+    fmt = struct.pack("<HHIIHH", 1, 1, 16000, 32000, 2, 16)
+    body = (b"RIFF" + b"\xff\xff\xff\xff" + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
+            + b"LIST" + struct.pack("<I", 3) + b"abc\x00" + b"data" + b"\xff\xff\xff\xff" + PCM)
+    assert decode(body, [50])[:2] == (PCM, 16000)
+
+
+def test_odd_trailing_byte_is_dropped_at_the_end() -> None:
+    assert decode(PCM + b"\x01", [1, 5])[0] == PCM
+
+
+@pytest.mark.parametrize("body", [
+    b"RIFF\x00\x00\x00\x00AVI LIST",
+    wav_header(4, 24000)[:20] + struct.pack("<HHIIHH", 1, 2, 24000, 96000, 4, 16) + b"data\x04\x00\x00\x00",
+    wav_header(4, 24000)[:20] + struct.pack("<HHIIHH", 3, 1, 24000, 96000, 4, 32) + b"data\x04\x00\x00\x00",
+    b"RIFF\x24\x00\x00\x00WAVEdata\x04\x00\x00\x00abcd",
+    b"RIFF\x24\x00\x00\x00WAVEfmt ",
+])
+def test_unusable_wav_is_bad_audio(body: bytes) -> None:
+    with pytest.raises(TtsError) as caught:
+        decode(body, [])
+    assert caught.value.reason == "bad_audio"
+
+
+# -- RemoteTts against the fake -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeAi]:
+    config = FakeAiConfig(tts_first_chunk_ms=0, tts_speedup=1000, api_key="key", secret_key="sec")
+    async with run_fake_ai(config) as server:
+        yield server
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient() as client:
+        yield client
+
+
+def remote(url: str, http: httpx.AsyncClient, timeout_s: float = 5.0) -> RemoteTts:
+    return RemoteTts(url, "key", "sec", "tts-1", "zh-voice", "en-voice", 0.9, -2.0, timeout_s, http_client=http)
+
+
+async def speak(engine: RemoteTts, text: str, lang: str) -> list[bytes]:
+    return [chunk async for chunk in engine.synthesize(text, lang)]
+
+
+async def test_pcm_length_follows_the_text_and_the_request_is_signed(fake: FakeAi, http: httpx.AsyncClient) -> None:
+    text = "Hello there, little one."
+    chunks = await speak(remote(fake.url, http), text, "en")
+    assert b"".join(chunks) == tone(round(len(text) * 0.060 * 24000), 24000)
+    assert len(chunks) > 1  # streamed, not one blob
+    [request] = fake.requests
+    assert request["auth_error"] is None
+    assert request["body"] == {"model": "tts-1", "input": text, "voice": "en-voice", "speed": 0.9,
+                               "response_format": "pcm", "pitch": -2.0}
+
+
+async def test_voice_follows_the_language(fake: FakeAi, http: httpx.AsyncClient) -> None:
+    await speak(remote(fake.url, http), "你好，小朋友。", "zh")
+    assert fake.requests[-1]["body"]["voice"] == "zh-voice"
+
+
+async def test_odd_sized_network_chunks_yield_whole_samples(fake: FakeAi, http: httpx.AsyncClient) -> None:
+    fake.config.tts_chunk_bytes = 1001
+    chunks = await speak(remote(fake.url, http), "Odd chunks.", "en")
+    assert all(len(chunk) % 2 == 0 for chunk in chunks)
+    assert b"".join(chunks) == tone(round(11 * 0.060 * 24000), 24000)
+
+
+async def test_wav_answer_sets_the_output_rate(fake: FakeAi, http: httpx.AsyncClient) -> None:
+    fake.config.tts_answer_format, fake.config.tts_wav_rate = "wav", 22050
+    fake.config.tts_chunk_bytes = 7  # the header arrives in pieces too
+    engine = remote(fake.url, http)
+    chunks = await speak(engine, "Wave.", "en")
+    assert engine.output_rate == 22050
+    assert b"".join(chunks) == tone(round(5 * 0.060 * 22050), 22050)
+
+
+async def test_empty_text_makes_no_request(fake: FakeAi, http: httpx.AsyncClient) -> None:
+    assert await speak(remote(fake.url, http), "  ", "en") == []
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(("mode", "reason"), [("http_500", "http_5xx"), ("timeout", "timeout")])
+async def test_failures_raise_tts_error(fake: FakeAi, http: httpx.AsyncClient, mode: str, reason: str) -> None:
+    fake.config.tts_mode = mode
+    with pytest.raises(TtsError) as caught:
+        await speak(remote(fake.url, http, timeout_s=0.2), "Fail.", "en")
+    assert caught.value.reason == reason
+
+
+async def test_wrong_key_is_http_4xx(fake: FakeAi, http: httpx.AsyncClient) -> None:
+    engine = RemoteTts(fake.url, "other", "sec", "m", "z", "e", 1.0, 0.0, 5.0, http_client=http)
+    with pytest.raises(TtsError) as caught:
+        await speak(engine, "Hi.", "en")
+    assert (caught.value.reason, caught.value.status) == ("http_4xx", 401)
+
+
+async def test_remote_health(fake: FakeAi, http: httpx.AsyncClient) -> None:
+    health = await remote(fake.url, http).health()
+    assert (health["status"], health["engine"]) == ("ok", "remote")
+
+
+# -- piper and the factory ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_piper_speaks_english() -> None:
+    engine = PiperTts()
+    assert engine.output_rate == 22050
+    chunks = [chunk async for chunk in engine.synthesize("Hello! The sun is a star.", "en")]
+    samples = np.frombuffer(b"".join(chunks), dtype="<i2").astype(np.float64)
+    seconds = len(samples) / engine.output_rate
+    assert len(chunks) == 2  # one chunk per sentence, each handed over as soon as it exists
+    assert 1.0 < seconds < 5.0
+    assert np.sqrt(np.mean(samples ** 2)) > 1000  # clearly not silence
+    assert (await engine.health())["loaded"] is True
+
+
+async def test_piper_does_not_speak_chinese(caplog: pytest.LogCaptureFixture) -> None:
+    engine = PiperTts()
+    assert [chunk async for chunk in engine.synthesize("你好，今天天气很好。", "zh")] == []
+    assert [chunk async for chunk in engine.synthesize("OK，好的。", "en")] == []
+    assert [chunk async for chunk in engine.synthesize(" ... ", "en")] == []
+    assert "cannot speak Chinese" in caplog.text
+    health = await engine.health()
+    assert health["status"] == "ok" and "Chinese" in health["detail"]
+
+
+async def test_build_tts_picks_by_base_url() -> None:
+    assert isinstance(build_tts(load_settings({}, env_file=None)), PiperTts)
+    settings = load_settings({"TTS_BASE_URL": "http://gw:9/v1", "TTS_VOICE_ZH": "zv", "TTS_SPEAKING_RATE": "1.2"},
+                             env_file=None)
+    async with httpx.AsyncClient() as http:
+        engine = build_tts(settings, http_client=http)
+        assert isinstance(engine, RemoteTts)
+        assert (engine.url, engine.voice_for("zh"), engine.speaking_rate, engine.output_rate) == (
+            "http://gw:9/v1/audio/speech", "zv", 1.2, 24000)
