@@ -252,12 +252,7 @@ class FakeAi:
     async def _chat(self, body: dict[str, Any], out: _Responder) -> None:
         cfg = self.config
         mode = cfg.llm_mode
-        if mode == "http_500":
-            await out.error(500, "injected failure", "server_error")
-            return
-        if mode == "timeout":
-            await _wait_for_disconnect(out.stream)
-            await out.abort()
+        if await _injected_failure(mode, out):
             return
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -294,12 +289,7 @@ class FakeAi:
 
     async def _speech(self, body: dict[str, Any], out: _Responder) -> None:
         cfg = self.config
-        if cfg.tts_mode == "http_500":
-            await out.error(500, "injected failure", "server_error")
-            return
-        if cfg.tts_mode == "timeout":
-            await _wait_for_disconnect(out.stream)
-            await out.abort()
+        if await _injected_failure(cfg.tts_mode, out):
             return
         text = body.get("input")
         if not isinstance(text, str) or not text.strip():
@@ -322,13 +312,20 @@ class FakeAi:
         await out.end()
 
 
-async def _wait_for_disconnect(stream: trio.abc.Stream) -> None:
-    """Hold a request unanswered until the client gives up (the 'timeout' failure)."""
-    try:
-        while await stream.receive_some(65536):
+async def _injected_failure(mode: str, out: _Responder) -> bool:
+    """Fail the way ``mode`` says, if it says so: a 500, or no answer until the client gives up."""
+    if mode == "http_500":
+        await out.error(500, "injected failure", "server_error")
+        return True
+    if mode == "timeout":
+        try:
+            while await out.stream.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+        await out.abort()
+        return True
+    return False
 
 
 def _last_user_text(messages: Sequence[Any]) -> str:

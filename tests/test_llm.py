@@ -249,7 +249,7 @@ async def test_client_without_http_client_owns_and_closes_one(fake: FakeAi) -> N
         assert await collect(client) == ["Own ", "client."]
     finally:
         await client.aclose()
-    assert client.http_client.is_closed
+    assert client.service.http_client.is_closed
 
 
 # -- history ----------------------------------------------------------------------------------------------
@@ -357,6 +357,6 @@ async def test_build_llm_picks_by_base_url() -> None:
     async with httpx.AsyncClient() as http:
         client = build_llm(settings, http_client=http)
         assert isinstance(client, LlmClient)
-        assert (client.url, client.api_key, client.model, client.timeouts.total_s) == (
+        assert (client.url, client.service.api_key, client.model, client.service.timeout_s) == (
             "http://gw:9/v1/chat/completions", "k", "m", 7.0)
-        assert client.http_client is http
+        assert client.service.http_client is http

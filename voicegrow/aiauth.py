@@ -15,21 +15,18 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
 import trio
 
 __all__ = [
+    "AiService",
     "AiServiceError",
     "BodyReader",
-    "ServiceTimeouts",
     "auth_headers",
-    "open_signed_stream",
     "service_url",
     "signature",
-    "timed_get",
     "verify_signature",
 ]
 
@@ -111,22 +108,6 @@ class AiServiceError(Exception):
         self.status = status
 
 
-@dataclass(frozen=True)
-class ServiceTimeouts:
-    """Connect bounds the TCP/TLS set-up; ``total`` bounds everything from the call to the last byte."""
-
-    connect_s: float
-    total_s: float
-
-    @classmethod
-    def from_total(cls, total_s: float, connect_s: float = 5.0) -> ServiceTimeouts:
-        return cls(connect_s=min(connect_s, total_s), total_s=total_s)
-
-    def httpx_timeout(self) -> httpx.Timeout:
-        # A backstop only: the deadlines that matter are trio's, set around each await.
-        return httpx.Timeout(self.total_s, connect=self.connect_s)
-
-
 class BodyReader:
     """Reads a streamed response body chunk by chunk, each read bounded by a trio deadline."""
 
@@ -157,74 +138,107 @@ class BodyReader:
 
 
 def _status_reason(status: int) -> str:
-    return "http_4xx" if 400 <= status < 500 else "http_5xx"
+    """An unfollowed redirect counts with 4xx: both mean the configuration must change, not the server."""
+    return "http_5xx" if status >= 500 else "http_4xx"
 
 
-@asynccontextmanager
-async def open_signed_stream(client: httpx.AsyncClient, url: str, body: bytes, *, api_key: str,
-                             secret_key: str, timeouts: ServiceTimeouts,
-                             error: type[AiServiceError]) -> AsyncIterator[BodyReader]:
-    """POST ``body`` (JSON) signed, and hand over a reader of the streamed answer.
+class AiService:
+    """One configured service (the LLM or the TTS): where it is, its keys, and how long to wait.
 
-    A non-2xx answer raises ``error`` with ``http_4xx``/``http_5xx`` and the start of the body as
-    detail. Leaving the block closes the response at once, also on cancellation, so a barge-in does
-    not leave a generation running on a pooled connection.
+    ``connect_timeout_s`` bounds the connection set-up; ``timeout_s`` everything from the call to the
+    last byte. The HTTP client is shared when given (one pool per process) and owned otherwise.
     """
-    deadline = trio.current_time() + timeouts.total_s
-    headers = {"Content-Type": "application/json", "Accept": "text/event-stream, */*"}
-    headers.update(auth_headers("POST", url, body, api_key, secret_key))
-    request = client.build_request("POST", url, content=body, headers=headers,
-                                   timeout=timeouts.httpx_timeout())
-    response: httpx.Response | None = None
-    with trio.move_on_at(deadline):
-        try:
-            response = await client.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise error("connect", f"{url}: {exc!r}") from exc
-        except httpx.TimeoutException as exc:
-            raise error("timeout", f"{url}: {exc!r}") from exc
-        except httpx.TransportError as exc:
-            raise error("connect", f"{url}: {exc!r}") from exc
-    if response is None:
-        raise error("timeout", f"{url}: no response headers within {timeouts.total_s:g} s")
-    try:
-        if response.status_code >= 300:
-            reader = BodyReader(response, min(deadline, trio.current_time() + 2.0), error)
-            detail = b""
+
+    def __init__(self, base_url: str, api_key: str, secret_key: str, timeout_s: float, *,
+                 connect_timeout_s: float = 5.0, http_client: httpx.AsyncClient | None = None) -> None:
+        self.base_url = base_url
+        self.api_key = api_key
+        self.secret_key = secret_key
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = min(connect_timeout_s, timeout_s)
+        self._owns_client = http_client is None
+        self.http_client = http_client or httpx.AsyncClient()
+
+    def url(self, path: str) -> str:
+        return service_url(self.base_url, path)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_client:
+            await self.http_client.aclose()
+
+    @asynccontextmanager
+    async def post_stream(self, path: str, body: bytes,
+                          error: type[AiServiceError]) -> AsyncIterator[BodyReader]:
+        """POST ``body`` (JSON) signed, and hand over a reader of the streamed answer.
+
+        A non-2xx answer raises ``error`` with ``http_4xx``/``http_5xx`` and the start of the body as
+        detail. Leaving the block closes the response at once, also on cancellation, so a barge-in
+        does not leave a generation running on a pooled connection.
+        """
+        url = self.url(path)
+        deadline = trio.current_time() + self.timeout_s
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream, */*"}
+        headers.update(auth_headers("POST", url, body, self.api_key, self.secret_key))
+        # httpx's own timeouts are a backstop: the deadlines that matter are trio's, around each await.
+        request = self.http_client.build_request(
+            "POST", url, content=body, headers=headers,
+            timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s))
+        response: httpx.Response | None = None
+        with trio.move_on_at(deadline):
             try:
-                while len(detail) < 500 and (chunk := await reader.read()):
-                    detail += chunk
-            except AiServiceError:
-                pass
-            raise error(_status_reason(response.status_code),
-                        f"{url}: HTTP {response.status_code} {detail[:500].decode('utf-8', 'replace')}",
-                        status=response.status_code)
-        yield BodyReader(response, deadline, error)
-    finally:
-        with trio.CancelScope(shield=True):
-            await response.aclose()
-
-
-async def timed_get(client: httpx.AsyncClient, url: str, *, api_key: str, secret_key: str,
-                    timeout_s: float) -> dict[str, object]:
-    """A health probe: GET ``url`` signed, as ``{"status": "ok"|"down", "latency_ms", "detail"}``."""
-    headers = auth_headers("GET", url, b"", api_key, secret_key)
-    started = trio.current_time()
-    status, detail = "down", ""
-    with trio.move_on_after(timeout_s) as scope:
+                response = await self.http_client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                raise error("connect", f"{url}: {exc!r}") from exc
+            except httpx.TimeoutException as exc:
+                raise error("timeout", f"{url}: {exc!r}") from exc
+            except httpx.TransportError as exc:
+                raise error("connect", f"{url}: {exc!r}") from exc
+        if response is None:
+            raise error("timeout", f"{url}: no response headers within {self.timeout_s:g} s")
         try:
-            response = await client.get(url, headers=headers, timeout=timeout_s)
-        except httpx.HTTPError as exc:
-            detail = f"{type(exc).__name__}: {exc}"
-        else:
-            if response.is_success:
-                status = "ok"
+            if response.status_code >= 300:
+                raise error(_status_reason(response.status_code),
+                            f"{url}: HTTP {response.status_code} {await _error_text(response, error)}",
+                            status=response.status_code)
+            yield BodyReader(response, deadline, error)
+        finally:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def health(self, path: str = "/v1/models", timeout_s: float = 3.0) -> dict[str, object]:
+        """A probe: GET ``path`` signed, as ``{"status": "ok"|"down", "latency_ms", "url"[, "detail"]}``."""
+        url = self.url(path)
+        timeout_s = min(timeout_s, self.timeout_s)
+        headers = auth_headers("GET", url, b"", self.api_key, self.secret_key)
+        started = trio.current_time()
+        status, detail = "down", ""
+        with trio.move_on_after(timeout_s) as scope:
+            try:
+                response = await self.http_client.get(url, headers=headers, timeout=timeout_s)
+            except httpx.HTTPError as exc:
+                detail = f"{type(exc).__name__}: {exc}"
             else:
-                detail = f"HTTP {response.status_code}"
-    if scope.cancelled_caught:
-        detail = f"no answer within {timeout_s:g} s"
-    latency_ms = math.floor((trio.current_time() - started) * 1000)
-    result: dict[str, object] = {"status": status, "latency_ms": latency_ms, "url": url}
-    if detail:
-        result["detail"] = detail
-    return result
+                if response.is_success:
+                    status = "ok"
+                else:
+                    detail = f"HTTP {response.status_code}"
+        if scope.cancelled_caught:
+            detail = f"no answer within {timeout_s:g} s"
+        latency_ms = math.floor((trio.current_time() - started) * 1000)
+        result: dict[str, object] = {"status": status, "latency_ms": latency_ms, "url": url}
+        if detail:
+            result["detail"] = detail
+        return result
+
+
+async def _error_text(response: httpx.Response, error: type[AiServiceError]) -> str:
+    """The start of an error answer's body, for the log; never waits long for it."""
+    reader = BodyReader(response, trio.current_time() + 2.0, error)
+    detail = b""
+    try:
+        while len(detail) < 500 and (chunk := await reader.read()):
+            detail += chunk
+    except AiServiceError:
+        pass
+    return detail[:500].decode("utf-8", "replace")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypedDict
 import httpx
 import trio
 
-from voicegrow.aiauth import AiServiceError, ServiceTimeouts, open_signed_stream, service_url, timed_get
+from voicegrow.aiauth import AiService, AiServiceError
 
 if TYPE_CHECKING:
     from voicegrow.settings import Settings
@@ -325,26 +325,21 @@ class LlmClient:
     """
 
     name = "remote"
+    PATH = "/v1/chat/completions"
 
     def __init__(self, base_url: str, api_key: str, secret_key: str, model: str, max_tokens: int,
                  temperature: float, timeout_s: float, *, http_client: httpx.AsyncClient | None = None,
                  connect_timeout_s: float = 5.0, idle_timeout_s: float = 10.0) -> None:
-        self.base_url = base_url
-        self.api_key = api_key
-        self.secret_key = secret_key
+        self.service = AiService(base_url, api_key, secret_key, timeout_s,
+                                 connect_timeout_s=connect_timeout_s, http_client=http_client)
         self.model = model
         self.max_tokens = max_tokens
         self.temperature = temperature
-        self.timeouts = ServiceTimeouts.from_total(timeout_s, connect_timeout_s)
         self.idle_timeout_s = min(idle_timeout_s, timeout_s)
-        self._owns_client = http_client is None
-        self.http_client = http_client or httpx.AsyncClient()
-        self.url = service_url(base_url, "/v1/chat/completions")
+        self.url = self.service.url(self.PATH)
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this object created it."""
-        if self._owns_client:
-            await self.http_client.aclose()
+        await self.service.aclose()
 
     def request_body(self, messages: Sequence[ChatMessage]) -> bytes:
         payload = {"model": self.model, "messages": list(messages), "max_tokens": self.max_tokens,
@@ -354,9 +349,7 @@ class LlmClient:
     async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
         """Text deltas of the answer, in order, as they arrive; :class:`LlmError` on any failure."""
         decoder = ChatStreamDecoder()
-        async with open_signed_stream(self.http_client, self.url, self.request_body(messages),
-                                      api_key=self.api_key, secret_key=self.secret_key,
-                                      timeouts=self.timeouts, error=LlmError) as body:
+        async with self.service.post_stream(self.PATH, self.request_body(messages), LlmError) as body:
             token_deadline = float("inf")
             while not decoder.done:
                 chunk = await body.read(token_deadline)
@@ -369,9 +362,7 @@ class LlmClient:
                     token_deadline = trio.current_time() + self.idle_timeout_s
 
     async def health(self) -> dict[str, object]:
-        result = await timed_get(self.http_client, service_url(self.base_url, "/v1/models"),
-                                 api_key=self.api_key, secret_key=self.secret_key,
-                                 timeout_s=min(3.0, self.timeouts.total_s))
+        result = await self.service.health()
         result["model"] = self.model
         return result
 

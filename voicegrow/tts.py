@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 import trio
 
-from voicegrow.aiauth import AiServiceError, ServiceTimeouts, open_signed_stream, service_url, timed_get
+from voicegrow.aiauth import AiService, AiServiceError
 
 if TYPE_CHECKING:
     from voicegrow.settings import Settings
@@ -141,28 +141,23 @@ class RemoteTts:
     """
 
     name = "remote"
+    PATH = "/v1/audio/speech"
 
     def __init__(self, base_url: str, api_key: str, secret_key: str, model: str, voice_zh: str,
                  voice_en: str, speaking_rate: float, pitch: float, timeout_s: float, *,
                  http_client: httpx.AsyncClient | None = None, connect_timeout_s: float = 5.0) -> None:
-        self.base_url = base_url
-        self.api_key = api_key
-        self.secret_key = secret_key
+        self.service = AiService(base_url, api_key, secret_key, timeout_s,
+                                 connect_timeout_s=connect_timeout_s, http_client=http_client)
         self.model = model
         self.voice_zh = voice_zh
         self.voice_en = voice_en
         self.speaking_rate = speaking_rate
         self.pitch = pitch
-        self.timeouts = ServiceTimeouts.from_total(timeout_s, connect_timeout_s)
         self.output_rate = PCM_RATE
-        self._owns_client = http_client is None
-        self.http_client = http_client or httpx.AsyncClient()
-        self.url = service_url(base_url, "/v1/audio/speech")
+        self.url = self.service.url(self.PATH)
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this object created it."""
-        if self._owns_client:
-            await self.http_client.aclose()
+        await self.service.aclose()
 
     def voice_for(self, lang: str) -> str:
         return self.voice_zh if lang.startswith("zh") else self.voice_en
@@ -176,9 +171,7 @@ class RemoteTts:
         if not text.strip():
             return
         decoder = PcmStreamDecoder()
-        async with open_signed_stream(self.http_client, self.url, self.request_body(text, lang),
-                                      api_key=self.api_key, secret_key=self.secret_key,
-                                      timeouts=self.timeouts, error=TtsError) as body:
+        async with self.service.post_stream(self.PATH, self.request_body(text, lang), TtsError) as body:
             while True:
                 chunk = await body.read()
                 pcm = decoder.feed(chunk) if chunk else decoder.close()
@@ -190,9 +183,7 @@ class RemoteTts:
                     return
 
     async def health(self) -> dict[str, object]:
-        result = await timed_get(self.http_client, service_url(self.base_url, "/v1/models"),
-                                 api_key=self.api_key, secret_key=self.secret_key,
-                                 timeout_s=min(3.0, self.timeouts.total_s))
+        result = await self.service.health()
         result["engine"] = "remote"
         return result
 
