@@ -154,6 +154,8 @@ async def test_remote_health(fake: FakeAi, http: httpx.AsyncClient) -> None:
 async def test_piper_speaks_english() -> None:
     engine = PiperTts()
     assert engine.output_rate == 22050
+    await engine.preload()
+    assert engine.loaded
     chunks = [chunk async for chunk in engine.synthesize("Hello! The sun is a star.", "en")]
     samples = np.frombuffer(b"".join(chunks), dtype="<i2").astype(np.float64)
     seconds = len(samples) / engine.output_rate

@@ -239,6 +239,10 @@ class PiperTts:
     def loaded(self) -> bool:
         return self.model_path in _VOICES
 
+    async def preload(self) -> None:
+        """Load the voice now (about a second), so that the first answer does not wait for it."""
+        await trio.to_thread.run_sync(_load_voice, self.model_path, limiter=self.limiter)
+
     async def synthesize(self, text: str, lang: str) -> AsyncIterator[bytes]:
         if _CJK.search(text):
             log.warning("piper cannot speak Chinese; sentence not spoken (set TTS_BASE_URL)",
@@ -248,7 +252,8 @@ class PiperTts:
             return
         from piper.config import SynthesisConfig
 
-        voice = await trio.to_thread.run_sync(_load_voice, self.model_path, limiter=self.limiter)
+        await self.preload()
+        voice = _VOICES[self.model_path]
         chunks = iter(voice.synthesize(text, SynthesisConfig(length_scale=self.length_scale)))
         while (chunk := await trio.to_thread.run_sync(next, chunks, None, limiter=self.limiter)) is not None:
             yield chunk.audio_int16_bytes
