@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["SentenceSplitter", "MarkdownStripper", "is_cjk"]
+from voicegrow.language import is_cjk
+
+__all__ = ["SentenceSplitter", "MarkdownStripper"]
 
 # Sentence terminators: CJK ones end a sentence wherever they stand, ASCII ones only before a space,
 # a CJK character or the end of the text.
@@ -44,12 +46,9 @@ _LEADING_OPENERS = "\"'“‘「『（(【[《<"
 _WAIT = None  # a decision needs text that has not arrived yet
 
 
-def is_cjk(char: str) -> bool:
-    """A CJK ideograph, kana, hangul or full-width form: text written without spaces between words."""
-    code = ord(char)
-    return (0x3040 <= code <= 0x30FF or 0x3400 <= code <= 0x4DBF or 0x4E00 <= code <= 0x9FFF
-            or 0xAC00 <= code <= 0xD7AF or 0xF900 <= code <= 0xFAFF or 0xFF00 <= code <= 0xFFEF
-            or 0x20000 <= code <= 0x2FA1F)
+def _no_space_script(char: str) -> bool:
+    """CJK letters and full-width punctuation: text where a sentence may end without a space."""
+    return is_cjk(char) or "\u3000" <= char <= "\u303f" or "\uff00" <= char <= "\uffef"
 
 
 def _normalize(text: str) -> str:
@@ -257,7 +256,7 @@ class SentenceSplitter:
             if char == ",":
                 if i + 1 == len(text):
                     return i + 1 if final else _WAIT
-                return i + 1 if text[i + 1].isspace() or is_cjk(text[i + 1]) else -1
+                return i + 1 if text[i + 1].isspace() or _no_space_script(text[i + 1]) else -1
             return i + 1
         if char not in _ALL_TERMINATORS:
             return -1
@@ -271,7 +270,7 @@ class SentenceSplitter:
         if char in _CJK_TERMINATORS:
             return end
         following = text[end]
-        if not (following.isspace() or is_cjk(following)):
+        if not (following.isspace() or _no_space_script(following)):
             return -1  # 3.14, example.com, "?x=1"
         if char == ".":
             if end - i == 1 and self._is_abbreviation_or_label(i):
