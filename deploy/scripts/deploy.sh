@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# First deployment (or a redeploy) of VoiceGrow. It refuses placeholder secrets, validates the
+# settings with the server's own loader before anything starts, builds the image, starts the stack
+# and waits on the health checks with a deadline, then makes sure the MinIO bucket exists.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+    cat <<EOF
+Usage: $VG_PROG [--local] [--scale] [--check] [--no-build] [--timeout SECONDS] [--env-file FILE]
+
+  (default)         build and start the Docker Compose stack in deploy/ (mysql, redis, minio, voicegrow)
+  --scale           also use docker-compose.scale.yml: nginx (TLS) in front of three replicas;
+                    certificates must be in /etc/voicegrow/certs (fullchain.pem, privkey.pem)
+  --local           no Docker: start 'voicegrow serve' from this checkout's virtualenv against the
+                    services named in the env file, and wait for its health endpoint
+  --check           only validate the env file (secrets and settings); change nothing
+  --no-build        start with the image already built
+  --timeout SECONDS how long to wait for the health checks (default 300)
+  --env-file FILE   settings file (default deploy/.env); the environment wins over it
+  -h, --help        this text
+
+A missing deploy/.env is created from deploy/.env.example (mode 0600) and the script stops so that
+you can set the secrets: MYSQL_PASSWORD, REDIS_PASSWORD, MINIO_ACCESS_KEY, MINIO_SECRET_KEY, ADMIN_TOKEN.
+EOF
+}
+
+check_only=0
+build=1
+timeout=300
+scale_args=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h | --help) usage; exit 0 ;;
+        --local) MODE=local ;;
+        --scale) vg_use_scale; scale_args=(--scale) ;;
+        --check) check_only=1 ;;
+        --no-build) build=0 ;;
+        --timeout) need_arg "$1" "${2-}"; need_count "$1" "$2"; timeout="$2"; shift ;;
+        --env-file) need_arg "$1" "${2-}"; ENV_FILE="$2"; shift ;;
+        *) usage >&2; die "unknown argument: $1" 2 ;;
+    esac
+    shift
+done
+
+ENV_FILE="${ENV_FILE:-$VG_DEPLOY_DIR/.env}"
+if [[ ! -f "$ENV_FILE" && "$MODE" == docker && "$check_only" == 0 ]]; then
+    (umask 077 && cp "$VG_DEPLOY_DIR/.env.example" "$ENV_FILE")
+    die "created $ENV_FILE from .env.example: set its secrets (openssl rand -hex 24), then run $VG_PROG again"
+fi
+vg_load_config
+vg_check_secrets
+
+# Validate with voicegrow.settings itself, so that a typo fails here and not in a restarting container.
+validate_settings_locally() {
+    local python="${VG_PYTHON:-}"
+    if [[ -z "$python" ]]; then
+        python="$VG_REPO_DIR/.venv/bin/python"
+        [[ -x "$python" ]] || python="$(command -v python3 || true)"
+    fi
+    if [[ -z "$python" ]] || ! (cd "$VG_REPO_DIR" && "$python" -c 'import voicegrow.settings' 2>/dev/null); then
+        return 1
+    fi
+    (cd "$VG_REPO_DIR" && "$python" -c 'from voicegrow.settings import load_settings; load_settings(env_file=None)') ||
+        die "the settings in $ENV_FILE are not valid (see above)"
+}
+
+if [[ "$check_only" == 1 ]]; then
+    if validate_settings_locally; then
+        log "settings in ${ENV_FILE} are valid"
+    else
+        log "secrets checked; voicegrow is not importable here, so the settings were not validated"
+    fi
+    exit 0
+fi
+
+if [[ "$MODE" == local ]]; then
+    validate_settings_locally || die "voicegrow is not importable: install it (pip install .) first"
+    vg_local_running && die "a local server is already running (pid file $(vg_local_pidfile)); use update.sh --local"
+    vg_local_start
+    "$VG_SCRIPTS_DIR/healthcheck.sh" --local --wait "$timeout"
+    log "deployed locally: WebSocket on port ${WS_PORT:-4399}, HTTP API on port ${HTTP_PORT:-8000}"
+    exit 0
+fi
+
+vg_need_docker
+if [[ ${#scale_args[@]} -gt 0 ]]; then
+    for cert in /etc/voicegrow/certs/fullchain.pem /etc/voicegrow/certs/privkey.pem; do
+        [[ -r "$cert" ]] || die "$cert is missing: nginx needs a TLS certificate (see docs/operations.md, TLS)"
+    done
+fi
+vg_compose config --quiet || die "the Compose files do not validate with $ENV_FILE"
+if [[ "$build" == 1 ]]; then
+    log "building the server image"
+    vg_compose build voicegrow
+fi
+log "validating the settings inside the image"
+vg_compose run --rm --no-deps -T --entrypoint python voicegrow \
+    -c 'from voicegrow.settings import load_settings; load_settings(env_file=None)' ||
+    die "the settings in $ENV_FILE are not valid (see above)"
+
+log "starting the stack"
+vg_compose up -d --remove-orphans
+"$VG_SCRIPTS_DIR/healthcheck.sh" "${scale_args[@]}" --env-file "$ENV_FILE" --wait "$timeout"
+
+log "making sure bucket '${MINIO_BUCKET:-voicegrow}' exists"
+vg_mc /tmp mb --ignore-existing "minio/${MINIO_BUCKET:-voicegrow}" >&2
+log "deployed: speakers connect to ws://<this host>:${WS_PORT:-4399}, the API is on port ${HTTP_PORT:-8000}"

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Update a running deployment to the checkout's newest code: back up the database first, pull,
+# rebuild, then replace the server one replica at a time, each waited on until healthy. If a new
+# replica does not become healthy, the previous image is put back and the script fails.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+    cat <<EOF
+Usage: $VG_PROG [--local] [--scale] [--no-pull] [--no-backup] [--timeout SECONDS] [--env-file FILE]
+
+  (default)          rebuild the image and recreate the server container(s) of the Compose stack
+  --scale            the stack runs with docker-compose.scale.yml: update voicegrow, voicegrow-2 and
+                     voicegrow-3 one after another (nginx keeps routing to the others meanwhile)
+  --local            no Docker: reinstall the package into the virtualenv and restart the local
+                     server started by deploy.sh --local
+  --no-pull          do not 'git pull --ff-only' first
+  --no-backup        skip the MySQL backup taken before the update
+  --timeout SECONDS  how long each replica may take to become healthy (default 300)
+  --env-file FILE    settings file (default deploy/.env); the environment wins over it
+  -h, --help         this text
+EOF
+}
+
+IMAGE=voicegrow-server:latest
+ROLLBACK_IMAGE=voicegrow-server:rollback
+pull=1
+backup=1
+timeout=300
+scale_args=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h | --help) usage; exit 0 ;;
+        --local) MODE=local ;;
+        --scale) vg_use_scale; scale_args=(--scale) ;;
+        --no-pull) pull=0 ;;
+        --no-backup) backup=0 ;;
+        --timeout) need_arg "$1" "${2-}"; need_count "$1" "$2"; timeout="$2"; shift ;;
+        --env-file) need_arg "$1" "${2-}"; ENV_FILE="$2"; shift ;;
+        *) usage >&2; die "unknown argument: $1" 2 ;;
+    esac
+    shift
+done
+vg_load_config
+vg_check_secrets
+export MODE ENV_FILE # the scripts called below work in the same mode on the same settings
+
+if [[ "$backup" == 1 ]]; then
+    "$VG_SCRIPTS_DIR/backup_mysql.sh" >/dev/null
+fi
+if [[ "$pull" == 1 ]]; then
+    need_cmd git
+    log "pulling the newest code"
+    git -C "$VG_REPO_DIR" pull --ff-only
+fi
+
+if [[ "$MODE" == local ]]; then
+    python="${VG_PYTHON:-$VG_REPO_DIR/.venv/bin/python}"
+    [[ -x "$python" ]] || die "no virtualenv python at $python; set VG_PYTHON"
+    log "installing the package into $(dirname "$(dirname "$python")")"
+    "$python" -m pip install --quiet "$VG_REPO_DIR"
+    vg_local_stop
+    vg_local_start
+    "$VG_SCRIPTS_DIR/healthcheck.sh" --wait "$timeout" ||
+        die "the updated server is not healthy; see $(dirname "$(vg_local_pidfile)")/voicegrow.log"
+    log "local server updated"
+    exit 0
+fi
+
+vg_need_docker
+if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+    docker image tag "$IMAGE" "$ROLLBACK_IMAGE"
+fi
+log "building the new image"
+vg_compose build voicegrow
+
+updated=()
+roll_back() {
+    local service
+    docker image inspect "$ROLLBACK_IMAGE" >/dev/null 2>&1 || die "$1; no previous image to roll back to"
+    log "$1; rolling back to the previous image"
+    docker image tag "$ROLLBACK_IMAGE" "$IMAGE"
+    for service in "${updated[@]}"; do
+        vg_compose up -d --no-deps --force-recreate "$service"
+    done
+    die "$1; rolled back (check: docker compose logs ${updated[*]})"
+}
+
+mapfile -t servers < <(vg_server_services)
+for service in "${servers[@]}"; do
+    log "replacing $service"
+    updated+=("$service")
+    vg_compose up -d --no-deps --force-recreate "$service"
+    "$VG_SCRIPTS_DIR/healthcheck.sh" "${scale_args[@]}" --service "$service" --wait "$timeout" ||
+        roll_back "$service did not become healthy within ${timeout}s"
+done
+"$VG_SCRIPTS_DIR/healthcheck.sh" "${scale_args[@]}" --wait "$timeout" || die "the stack is not healthy after the update"
+log "update done"
