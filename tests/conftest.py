@@ -29,3 +29,27 @@ def audio_fixtures() -> Path:
 @pytest.fixture(scope="session")
 def manifest(audio_fixtures: Path) -> list[dict]:
     return json.loads((audio_fixtures / "manifest.json").read_text(encoding="utf-8"))
+
+
+# -- in-process servers ---------------------------------------------------------------------------
+
+def make_settings(tmp_path: Path, **overrides: object):
+    """Settings for an in-process server on free loopback ports with embedded backends under tmp_path."""
+    from voicegrow.settings import load_settings
+
+    env = {
+        "SERVER_HOST": "127.0.0.1", "WS_PORT": "0", "HTTP_PORT": "0", "DATA_DIR": str(tmp_path / "data"),
+        "ASR_MODEL_SIZE": "base", "ASR_PRELOAD": "false", "ASR_LANGUAGE": "auto", "LOG_FORMAT": "text",
+        "PROTOCOL_DETECT_MS": "300", "SHUTDOWN_GRACE_S": "2",
+    }
+    env.update({key.upper(): str(value) for key, value in overrides.items()})
+    return load_settings(env, env_file=None)
+
+
+@pytest.fixture
+async def embedded_server(tmp_path: Path):
+    """A whole server with embedded defaults (no MySQL/Redis/S3/LLM/TTS) on free ports."""
+    from voicegrow.app import running_server
+
+    async with running_server(make_settings(tmp_path)) as handle:
+        yield handle

@@ -137,8 +137,8 @@ async def run_http_server(services: Services, *, shutdown: trio.Event,
 
     app = create_app(services)
 
-    async def started(status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        await serve(app, config, shutdown_trigger=shutdown.wait, task_status=status)
+    async def started(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(started)

@@ -42,6 +42,9 @@ class Outbox:
         self._dropped_through = -math.inf  # audio of turns <= this id is dropped
         self.sent_messages = 0
         self.dropped_audio = 0
+        self._accepted = 0  # messages put into the queue
+        self._finished = 0  # messages sent or dropped by the writer
+        self._progress = trio.Event()
 
     async def put(self, message: bytes | str) -> None:
         await self._put(_Item(message, None))
@@ -62,16 +65,19 @@ class Outbox:
             self._tx.send_nowait(_Item(message, None))
         except (trio.WouldBlock, trio.ClosedResourceError):
             return False
+        self._accepted += 1
         return True
 
     async def _put(self, item: _Item) -> None:
         try:
             self._tx.send_nowait(item)
+            self._accepted += 1
             return
         except trio.WouldBlock:
             pass
         with trio.move_on_after(self._slow_reader_timeout_s):
             await self._tx.send(item)
+            self._accepted += 1
             return
         if self._on_stall is None:
             raise SlowReader(f"write queue full for {self._slow_reader_timeout_s:g} s")
@@ -79,15 +85,19 @@ class Outbox:
         await trio.sleep_forever()  # the session is being cancelled around us
 
     async def drain(self) -> None:
-        """Wait until everything queued so far has been handed to the socket."""
-        while self._rx.statistics().current_buffer_used:
-            await trio.sleep(0.005)
+        """Wait until everything queued so far has been written to the socket (or dropped)."""
+        target = self._accepted
+        while self._finished < target:
+            await self._progress.wait()
 
     async def run(self) -> None:
         """The writer task: send queued messages in order until cancelled or the socket fails."""
         async for item in self._rx:
             if item.audio_turn is not None and item.audio_turn <= self._dropped_through:
                 self.dropped_audio += 1
-                continue
-            await self._send(item.message)
-            self.sent_messages += 1
+            else:
+                await self._send(item.message)
+                self.sent_messages += 1
+            self._finished += 1
+            self._progress.set()
+            self._progress = trio.Event()

@@ -21,7 +21,7 @@ import trio
 
 from voicegrow.audio import StreamResampler
 from voicegrow.language import detect_language
-from voicegrow.llm import ConversationHistory, LlmError, apology
+from voicegrow.llm import DEFAULT_SYSTEM_PROMPT, ConversationHistory, LlmError, apology
 from voicegrow.sentences import SentenceSplitter
 from voicegrow.services import Services
 from voicegrow.streaming.pacer import AudioPacer
@@ -120,7 +120,7 @@ class Turn:
             self.outcome = "empty"
             return
         user_text = self.transcript[: settings.max_llm_input_chars]
-        messages = self.history.messages(settings.llm_system_prompt or None, user_text)
+        messages = self.history.messages(settings.llm_system_prompt or DEFAULT_SYSTEM_PROMPT, user_text)
 
         sentences_tx, sentences_rx = trio.open_memory_channel[str](16)
         audio_tx, audio_rx = trio.open_memory_channel[tuple[str, bytes | None]](256)
@@ -251,11 +251,12 @@ class Turn:
             metrics.stage_latency.labels("turn").observe(max(0.0, trio.current_time() - end))
         spoken = self.spoken_reply()
         if self.transcript and (spoken or self.outcome == "completed"):
-            self.history.add_turn(self.transcript, spoken)
+            self.history.append(self.transcript, spoken)
         timings = self.timings_ms()
         with trio.move_on_after(2.0):
             try:
-                await self.link.send_event("turn_timings", {**timings, "outcome": self.outcome}, self.turn_id)
+                await self.link.send_event("turn_end", {"outcome": self.outcome, "error": self.error}, self.turn_id)
+                await self.link.send_event("turn_timings", timings, self.turn_id)
             except Exception:  # the device may be gone; the record below still matters
                 pass
         log.info("turn %s %s: heard %r, replied %r", self.turn_id, self.outcome, self.transcript[:80],
@@ -273,9 +274,29 @@ class Turn:
                 await services.persistence.submit_turn(record, self.utterance.audio, 16000,
                                                        bytes(self.reply_audio), self.link.output_rate)
                 if self.transcript:
-                    await services.persistence.save_history(self.device_id, self.history.to_messages())
+                    await services.persistence.save_history(self.device_id, history_to_messages(self.history))
             except Exception:
                 log.exception("could not hand turn %s to persistence", self.turn_id)
+
+
+def history_to_messages(history: ConversationHistory) -> list[dict[str, str]]:
+    """The history as chat messages, the form the session state store keeps."""
+    return [m for user, assistant in history.turns
+            for m in ({"role": "user", "content": user}, {"role": "assistant", "content": assistant})]
+
+
+def history_from_messages(history: ConversationHistory, messages: list[dict[str, str]]) -> None:
+    """Refill ``history`` from stored chat messages (user/assistant pairs; anything else is skipped)."""
+    pending_user: str | None = None
+    for message in messages:
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(content, str):
+            continue
+        if role == "user":
+            pending_user = content
+        elif role == "assistant" and pending_user is not None:
+            history.append(pending_user, content)
+            pending_user = None
 
 
 def _pcm_bytes(samples: np.ndarray) -> bytes:
