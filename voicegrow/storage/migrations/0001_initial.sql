@@ -1,0 +1,54 @@
+-- 0001: devices, their sessions, the turns of each session and free-form events.
+-- Written in MySQL/MariaDB dialect; voicegrow.storage.schema translates it for SQLite.
+-- Times are unix seconds (DOUBLE). Ids compare bytewise (utf8mb4_bin), as in SQLite.
+
+CREATE TABLE IF NOT EXISTS devices (
+    device_id VARCHAR(128) NOT NULL,
+    first_seen_at DOUBLE NOT NULL,
+    last_seen_at DOUBLE NOT NULL,
+    info_json TEXT NOT NULL,
+    PRIMARY KEY (device_id),
+    KEY devices_last_seen (last_seen_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id VARCHAR(64) NOT NULL,
+    device_id VARCHAR(128) NOT NULL,
+    protocol VARCHAR(32) NOT NULL,
+    remote_addr VARCHAR(64) NOT NULL,
+    started_at DOUBLE NOT NULL,
+    ended_at DOUBLE NULL,
+    end_reason VARCHAR(64) NULL,
+    PRIMARY KEY (session_id),
+    KEY sessions_device_time (device_id, started_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS turns (
+    turn_id VARCHAR(64) NOT NULL,
+    session_id VARCHAR(64) NOT NULL,
+    device_id VARCHAR(128) NOT NULL,
+    started_at DOUBLE NOT NULL,
+    transcript TEXT NOT NULL,
+    reply_text TEXT NOT NULL,
+    language VARCHAR(16) NOT NULL,
+    timings_json TEXT NOT NULL,
+    outcome VARCHAR(16) NOT NULL,
+    error TEXT NULL,
+    audio_in_key VARCHAR(512) NULL,
+    audio_out_key VARCHAR(512) NULL,
+    PRIMARY KEY (turn_id),
+    KEY turns_device_time (device_id, started_at, turn_id),
+    KEY turns_time (started_at, turn_id),
+    KEY turns_session (session_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS events (
+    event_id VARCHAR(64) NOT NULL,
+    device_id VARCHAR(128) NOT NULL,
+    session_id VARCHAR(64) NULL,
+    kind VARCHAR(64) NOT NULL,
+    at DOUBLE NOT NULL,
+    data_json TEXT NOT NULL,
+    PRIMARY KEY (event_id),
+    KEY events_device_time (device_id, at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
