@@ -1,0 +1,152 @@
+"""The data part of the admin HTTP API: devices, conversations (turns) with their audio, and erasure.
+
+A Quart blueprint over :class:`~voicegrow.storage.Persistence`; the application registers it and checks
+``ADMIN_TOKEN`` for every route, this module does no authentication. Every error is JSON
+``{"error": code, "reason": text}``: 400 for bad input, 404 for unknown ids, 503 when the record store
+cannot answer. Listings are newest first with an opaque ``cursor``; ``since`` takes ISO-8601 or unix
+seconds. With the local audio directory (no S3), audio URLs point at ``/api/v1/audio/<key>``, served here.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+from quart import Blueprint, Response, request
+
+from voicegrow.storage import BackendUnavailable, InvalidCursor, InvalidKey, Persistence, SpoolError
+from voicegrow.storage.blobs import check_key
+
+__all__ = ["make_data_blueprint", "parse_since", "MAX_LIMIT"]
+
+MAX_LIMIT = 200
+DEFAULT_LIMIT = 50
+_MAX_ID = 128
+
+JsonResponse = tuple[dict[str, Any], int]
+
+
+class BadRequest(Exception):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+def _error(status: int, code: str, reason: str) -> JsonResponse:
+    return {"error": code, "reason": reason}, status
+
+
+def parse_since(raw: str) -> float:
+    """Unix seconds from ``raw``: a number of seconds, or an ISO-8601 time (naive times are UTC)."""
+    text = raw.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise BadRequest("invalid_since", f"since={raw[:40]!r}: expected ISO-8601 or unix seconds") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        value = moment.timestamp()
+    if not math.isfinite(value) or value < 0:
+        raise BadRequest("invalid_since", f"since={raw[:40]!r}: expected a time after 1970")
+    return value
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise BadRequest("invalid_limit", f"limit={raw[:20]!r}: expected an integer from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def _identifier(name: str, raw: str | None, *, required: bool) -> str | None:
+    if raw is None or raw == "":
+        if required:
+            raise BadRequest(f"invalid_{name}", f"{name} is required")
+        return None
+    if len(raw) > _MAX_ID or not raw.isprintable():
+        raise BadRequest(f"invalid_{name}", f"{name}: expected up to {_MAX_ID} printable characters")
+    return raw
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def make_data_blueprint(persistence: Persistence) -> Blueprint:
+    bp = Blueprint("data", __name__)
+
+    def present_turn(turn: dict[str, Any]) -> dict[str, Any]:
+        return {**turn, "started_at_iso": _iso(turn["started_at"]),
+                "audio_in_url": persistence.presigned_url(turn["audio_in_key"]),
+                "audio_out_url": persistence.presigned_url(turn["audio_out_key"])}
+
+    @bp.errorhandler(BadRequest)
+    async def bad_request(exc: BadRequest) -> JsonResponse:
+        return _error(400, exc.code, exc.reason)
+
+    @bp.errorhandler(InvalidCursor)
+    async def bad_cursor(exc: InvalidCursor) -> JsonResponse:
+        return _error(400, exc.code, str(exc))
+
+    @bp.errorhandler(BackendUnavailable)
+    async def unavailable(exc: BackendUnavailable) -> JsonResponse:
+        return _error(503, "storage_unavailable", str(exc))
+
+    @bp.errorhandler(SpoolError)
+    async def spool_failed(exc: SpoolError) -> JsonResponse:
+        return _error(503, exc.code, str(exc))
+
+    @bp.get("/api/v1/devices")
+    async def list_devices() -> JsonResponse:
+        args = request.args
+        page = await persistence.list_devices(limit=_limit(args.get("limit")), cursor=args.get("cursor") or None)
+        devices = [{**d, "first_seen_at_iso": _iso(d["first_seen_at"]), "last_seen_at_iso": _iso(d["last_seen_at"])}
+                   for d in page.items]
+        return {"devices": devices, "next_cursor": page.next_cursor}, 200
+
+    @bp.get("/api/v1/conversations")
+    async def list_conversations() -> JsonResponse:
+        args = request.args
+        since = args.get("since")
+        page = await persistence.list_turns(
+            device_id=_identifier("device_id", args.get("device_id"), required=False),
+            since=parse_since(since) if since else None,
+            limit=_limit(args.get("limit")), cursor=args.get("cursor") or None)
+        return {"turns": [present_turn(t) for t in page.items], "next_cursor": page.next_cursor}, 200
+
+    @bp.get("/api/v1/conversations/<turn_id>")
+    async def get_conversation(turn_id: str) -> JsonResponse:
+        _identifier("turn_id", turn_id, required=True)
+        turn = await persistence.get_turn(turn_id)
+        if turn is None:
+            return _error(404, "not_found", f"no turn {turn_id!r}")
+        return present_turn(turn), 200
+
+    @bp.delete("/api/v1/devices/<device_id>/data")
+    async def delete_device_data(device_id: str) -> JsonResponse:
+        _identifier("device_id", device_id, required=True)
+        report = await persistence.delete_device_data(device_id)
+        counted = ("turns", "sessions", "events", "devices", "audio_objects", "history_keys")
+        if not report["pending"] and not report["failed"] and not any(report[k] for k in counted):
+            return _error(404, "not_found", f"no data for device {device_id!r}")
+        return report, 202 if report["pending"] else 200
+
+    @bp.get("/api/v1/audio/<path:key>")
+    async def local_audio(key: str) -> Response | JsonResponse:
+        if not persistence.audio_is_local:
+            return _error(404, "not_found", "audio is served by the object store (use the presigned URL)")
+        try:
+            check_key(key)
+        except InvalidKey as exc:
+            return _error(400, exc.code, str(exc))
+        data = await persistence.read_audio(key)
+        if data is None:
+            return _error(404, "not_found", f"no audio object {key!r}")
+        return Response(data, status=200, mimetype="audio/wav")
+
+    return bp
