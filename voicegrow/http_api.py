@@ -52,6 +52,9 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.before_request
     async def check_admin_token() -> Response | None:
+        if (request.content_length or 0) > settings.http_max_body_bytes:
+            return _error(413, "request_too_large",
+                          f"request body over {settings.http_max_body_bytes} bytes (HTTP_MAX_BODY_BYTES)")
         if not settings.admin_token or request.path in _PUBLIC_PATHS:
             return None
         header = request.headers.get("Authorization", "")

@@ -41,7 +41,13 @@ class Services:
 
     async def component_health(self) -> dict[str, dict[str, Any]]:
         """Health of every dependency, probed concurrently, each bounded by a short deadline."""
-        components: dict[str, dict[str, Any]] = {"asr": self.asr.health()}
+        asr = dict(self.asr.health())
+        state = asr.get("status")
+        if state in ("cold", "loading"):  # it takes sessions; the model loads before the first transcript
+            asr.update(status="ok", state=state, detail=asr.get("detail") or f"model {state}")
+        elif state == "error":
+            asr.update(status="down", state=state)
+        components: dict[str, dict[str, Any]] = {"asr": asr}
 
         async def probe(name: str, check: Any) -> None:
             started = time.monotonic()
