@@ -49,6 +49,8 @@ def load_migrations() -> list[Migration]:
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
+    if not found:  # an install that left the .sql files out (setup.cfg needs them as package data)
+        raise MigrationError(f"no migrations found in {folder}: the package was installed without them")
     if [m.version for m in found] != list(range(1, len(found) + 1)):
         raise MigrationError(f"migrations must be numbered 0001, 0002, … without gaps: {[m.version for m in found]}")
     return found
