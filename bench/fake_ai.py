@@ -31,6 +31,7 @@ import numpy as np
 import trio
 
 from voicegrow.aiauth import verify_signature
+from voicegrow.language import detect_language
 
 __all__ = ["FakeAi", "FakeAiConfig", "LLM_MODES", "TTS_MODES", "main", "run_fake_ai", "tone"]
 
@@ -341,7 +342,7 @@ _CJK = "\u3400-\u9fff\uf900-\ufaff"
 def canned_reply(user_text: str) -> str:
     """Several sentences in the user's language, so that sentence streaming can be observed."""
     heard = user_text.strip().rstrip("。！？!?.，, ")
-    if re.search(f"[{_CJK}]", user_text):
+    if detect_language(user_text) == "zh":
         return f"你说的是：{heard}。这是测试用的假助手。我会分几句话回答，方便观察流式输出。再见！"
     return (f'You said: "{heard}". This is the fake assistant speaking. It answers in several '
             "sentences, so that streaming can be observed. Goodbye for now!")

@@ -22,6 +22,7 @@ import httpx
 import trio
 
 from voicegrow.aiauth import AiService, AiServiceError
+from voicegrow.language import detect_language
 
 if TYPE_CHECKING:
     from voicegrow.settings import Settings
@@ -370,11 +371,6 @@ class LlmClient:
 # -- the offline stand-in ---------------------------------------------------------------------------
 
 
-def _detect_language(text: str) -> str:
-    """zh if the text has any CJK ideograph, else en (stand-in until voicegrow.language lands)."""
-    return "zh" if re.search(r"[\u3400-\u9fff\uf900-\ufaff]", text) else "en"
-
-
 _TIME_QUESTION_EN = re.compile(
     r"\b(what time|what's the time|the time|time is it|what day|which day|what date|what's the date|"
     r"the date|today's date|day of the week|day is it|day is today)\b", re.IGNORECASE)
@@ -409,7 +405,7 @@ class OfflineResponder:
 
     def answer(self, user_text: str) -> str:
         text = user_text.strip()
-        lang = _detect_language(text)
+        lang = detect_language(text)
         asked_time = (_TIME_QUESTION_ZH if lang == "zh" else _TIME_QUESTION_EN).search(text)
         if asked_time:
             return _time_answer(self.clock(), lang)

