@@ -22,16 +22,12 @@ DIR/minio/<bucket>_<UTC time>.tar.gz (+ .sha256). Prints the archive's path on s
 EOF
 }
 
-BACKUP_DIR="${BACKUP_DIR:-/var/backups/voicegrow}"
 KEEP_MINIO="${KEEP_MINIO:-7}"
+VG_OPTIONS="local dir env-file"
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        -h | --help) usage; exit 0 ;;
-        --local) MODE=local ;;
-        --dir) need_arg "$1" "${2-}"; BACKUP_DIR="$2"; shift ;;
         --keep) need_arg "$1" "${2-}"; KEEP_MINIO="$2"; shift ;;
-        --env-file) need_arg "$1" "${2-}"; ENV_FILE="$2"; shift ;;
-        *) usage >&2; die "unknown argument: $1" 2 ;;
+        *) vg_common_option "$@"; shift "$VG_SHIFT"; continue ;;
     esac
     shift
 done

@@ -24,19 +24,15 @@ Prints the path of the new backup on stdout.
 EOF
 }
 
-BACKUP_DIR="${BACKUP_DIR:-/var/backups/voicegrow}"
 KEEP_DAILY="${KEEP_DAILY:-7}"
 KEEP_WEEKLY="${KEEP_WEEKLY:-4}"
 WEEKLY_DAY="${WEEKLY_DAY:-7}"
+VG_OPTIONS="local dir env-file"
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        -h | --help) usage; exit 0 ;;
-        --local) MODE=local ;;
-        --dir) need_arg "$1" "${2-}"; BACKUP_DIR="$2"; shift ;;
         --keep-daily) need_arg "$1" "${2-}"; KEEP_DAILY="$2"; shift ;;
         --keep-weekly) need_arg "$1" "${2-}"; KEEP_WEEKLY="$2"; shift ;;
-        --env-file) need_arg "$1" "${2-}"; ENV_FILE="$2"; shift ;;
-        *) usage >&2; die "unknown argument: $1" 2 ;;
+        *) vg_common_option "$@"; shift "$VG_SHIFT"; continue ;;
     esac
     shift
 done

@@ -28,18 +28,12 @@ EOF
 
 check_only=0
 build=1
-timeout=300
-scale_args=()
+VG_OPTIONS="local scale timeout env-file"
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        -h | --help) usage; exit 0 ;;
-        --local) MODE=local ;;
-        --scale) vg_use_scale; scale_args=(--scale) ;;
         --check) check_only=1 ;;
         --no-build) build=0 ;;
-        --timeout) need_arg "$1" "${2-}"; need_count "$1" "$2"; timeout="$2"; shift ;;
-        --env-file) need_arg "$1" "${2-}"; ENV_FILE="$2"; shift ;;
-        *) usage >&2; die "unknown argument: $1" 2 ;;
+        *) vg_common_option "$@"; shift "$VG_SHIFT"; continue ;;
     esac
     shift
 done
@@ -79,13 +73,13 @@ if [[ "$MODE" == local ]]; then
     validate_settings_locally || die "voicegrow is not importable: install it (pip install .) first"
     vg_local_running && die "a local server is already running (pid file $(vg_local_pidfile)); use update.sh --local"
     vg_local_start
-    "$VG_SCRIPTS_DIR/healthcheck.sh" --local --wait "$timeout"
+    "$VG_SCRIPTS_DIR/healthcheck.sh" --local --wait "$VG_TIMEOUT"
     log "deployed locally: WebSocket on port ${WS_PORT:-4399}, HTTP API on port ${HTTP_PORT:-8000}"
     exit 0
 fi
 
 vg_need_docker
-if [[ ${#scale_args[@]} -gt 0 ]]; then
+if [[ ${#VG_SCALE_ARGS[@]} -gt 0 ]]; then
     for cert in /etc/voicegrow/certs/fullchain.pem /etc/voicegrow/certs/privkey.pem; do
         [[ -r "$cert" ]] || die "$cert is missing: nginx needs a TLS certificate (see docs/operations.md, TLS)"
     done
@@ -102,7 +96,7 @@ vg_compose run --rm --no-deps -T --entrypoint python voicegrow \
 
 log "starting the stack"
 vg_compose up -d --remove-orphans
-"$VG_SCRIPTS_DIR/healthcheck.sh" "${scale_args[@]}" --env-file "$ENV_FILE" --wait "$timeout"
+"$VG_SCRIPTS_DIR/healthcheck.sh" "${VG_SCALE_ARGS[@]}" --env-file "$ENV_FILE" --wait "$VG_TIMEOUT"
 
 log "making sure bucket '${MINIO_BUCKET:-voicegrow}' exists"
 vg_mc /tmp mb --ignore-existing "minio/${MINIO_BUCKET:-voicegrow}" >&2

@@ -26,29 +26,20 @@ Usage: $VG_PROG [--local] [--scale] [--yes] [--dry-run] [--dir DIR] [--mysql FIL
 EOF
 }
 
-BACKUP_DIR="${BACKUP_DIR:-/var/backups/voicegrow}"
 mysql_backup=""
 minio_archive=""
 skip_minio=0
 start=1
 dry_run=0
-timeout=300
-scale_args=()
+VG_OPTIONS="local scale yes dir timeout env-file"
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        -h | --help) usage; exit 0 ;;
-        --local) MODE=local ;;
-        --scale) vg_use_scale; scale_args=(--scale) ;;
-        --yes) ASSUME_YES=1 ;;
         --dry-run) dry_run=1 ;;
-        --dir) need_arg "$1" "${2-}"; BACKUP_DIR="$2"; shift ;;
         --mysql) need_arg "$1" "${2-}"; mysql_backup="$2"; shift ;;
         --minio) need_arg "$1" "${2-}"; minio_archive="$2"; shift ;;
         --skip-minio) skip_minio=1 ;;
         --no-start) start=0 ;;
-        --timeout) need_arg "$1" "${2-}"; need_count "$1" "$2"; timeout="$2"; shift ;;
-        --env-file) need_arg "$1" "${2-}"; ENV_FILE="$2"; shift ;;
-        *) usage >&2; die "unknown argument: $1" 2 ;;
+        *) vg_common_option "$@"; shift "$VG_SHIFT"; continue ;;
     esac
     shift
 done
@@ -60,8 +51,7 @@ export MODE ENV_FILE ASSUME_YES BACKUP_DIR
 
 bucket="${MINIO_BUCKET:-voicegrow}"
 if [[ -z "$mysql_backup" ]]; then
-    mysql_backup="$(newest_backup "$BACKUP_DIR/mysql/daily" '*.sql.gz')"
-    [[ -n "$mysql_backup" ]] || mysql_backup="$(newest_backup "$BACKUP_DIR/mysql/weekly" '*.sql.gz')"
+    mysql_backup="$(newest_mysql_backup)"
     [[ -n "$mysql_backup" ]] || die "no MySQL backup under $BACKUP_DIR/mysql (use --mysql FILE)"
 fi
 verify_checksum "$mysql_backup"
@@ -87,7 +77,7 @@ confirm "Recover from these backups? Current data in the database and the bucket
 if [[ "$MODE" == docker ]]; then
     log "starting the data services"
     vg_compose up -d mysql redis minio
-    "$VG_SCRIPTS_DIR/healthcheck.sh" "${scale_args[@]}" --service mysql --service redis --service minio --wait "$timeout"
+    "$VG_SCRIPTS_DIR/healthcheck.sh" "${VG_SCALE_ARGS[@]}" --service mysql --service redis --service minio --wait "$VG_TIMEOUT"
 fi
 
 "$VG_SCRIPTS_DIR/restore_mysql.sh" --yes "$mysql_backup"
@@ -112,6 +102,6 @@ if [[ "$start" == 1 ]]; then
         vg_local_stop
         vg_local_start
     fi
-    "$VG_SCRIPTS_DIR/healthcheck.sh" "${scale_args[@]}" --wait "$timeout"
+    "$VG_SCRIPTS_DIR/healthcheck.sh" "${VG_SCALE_ARGS[@]}" --wait "$VG_TIMEOUT"
 fi
 log "recovery done"

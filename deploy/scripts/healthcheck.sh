@@ -29,17 +29,14 @@ url=""
 wait_s=0
 quiet=0
 services=()
+VG_OPTIONS="local scale env-file"
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        -h | --help) usage; exit 0 ;;
-        --local) MODE=local ;;
-        --scale) vg_use_scale ;;
         --url) need_arg "$1" "${2-}"; url="$2"; shift ;;
         --service) need_arg "$1" "${2-}"; services+=("$2"); shift ;;
         --wait) need_arg "$1" "${2-}"; need_count "$1" "$2" 0; wait_s="$2"; shift ;;
         --quiet | -q) quiet=1 ;;
-        --env-file) need_arg "$1" "${2-}"; ENV_FILE="$2"; shift ;;
-        *) usage >&2; die "unknown argument: $1" 2 ;;
+        *) vg_common_option "$@"; shift "$VG_SHIFT"; continue ;;
     esac
     shift
 done

@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034 # its variables are read by the scripts that source it
 # Helpers shared by the VoiceGrow ops scripts. Sourced, never run.
 #
 # Every script works in one of two modes: "docker" (the default) talks to the Compose stack through
@@ -23,6 +23,9 @@ VG_PLACEHOLDERS=" change-me changeme change_me password secret minioadmin admin 
 
 MODE="${MODE:-docker}"
 ASSUME_YES="${ASSUME_YES:-0}"
+BACKUP_DIR="${BACKUP_DIR:-/var/backups/voicegrow}"
+VG_TIMEOUT=300
+VG_SCALE_ARGS=()
 
 die() {
     printf '%s: error: %s\n' "$VG_PROG" "$1" >&2
@@ -52,6 +55,27 @@ vg_tempfile() {
 # Options that take a value: `need_arg "$1" "${2-}"` before reading $2.
 need_arg() {
     [[ -n "${2:-}" && "$2" != -* ]] || die "$1 needs a value (see --help)" 2
+}
+
+# Parse one of the options several scripts share; each script names those it takes in VG_OPTIONS
+# and calls this for every argument it does not handle itself. Sets VG_SHIFT to the arguments used.
+vg_common_option() {
+    local name="${1#--}"
+    [[ "$1" == -h ]] && name=help
+    if [[ "$1" != -* || " help $VG_OPTIONS " != *" $name "* ]]; then
+        usage >&2
+        die "unknown argument: $1" 2
+    fi
+    VG_SHIFT=1
+    case "$name" in
+        help) usage; exit 0 ;;
+        local) MODE=local ;;
+        scale) vg_use_scale; VG_SCALE_ARGS=(--scale) ;;
+        yes) ASSUME_YES=1 ;;
+        env-file) need_arg "$1" "${2-}"; ENV_FILE="$2"; VG_SHIFT=2 ;;
+        dir) need_arg "$1" "${2-}"; BACKUP_DIR="$2"; VG_SHIFT=2 ;;
+        timeout) need_arg "$1" "${2-}"; need_count "$1" "$2"; VG_TIMEOUT="$2"; VG_SHIFT=2 ;;
+    esac
 }
 
 need_count() {
@@ -214,6 +238,14 @@ newest_backup() {
     shopt -u nullglob
     [[ ${#files[@]} -gt 0 ]] && printf '%s\n' "${files[@]}" | sort | tail -n 1
     return 0
+}
+
+# The newest MySQL dump: daily first, then weekly; nothing when there is none.
+newest_mysql_backup() {
+    local found
+    found="$(newest_backup "$BACKUP_DIR/mysql/daily" '*.sql.gz')"
+    [[ -n "$found" ]] || found="$(newest_backup "$BACKUP_DIR/mysql/weekly" '*.sql.gz')"
+    printf '%s' "$found"
 }
 
 # Keep the newest KEEP files in DIR matching GLOB (and their checksums); delete the rest.

@@ -22,16 +22,11 @@ dump under DIR/mysql/daily (then weekly) when the argument is 'latest' or missin
 EOF
 }
 
-BACKUP_DIR="${BACKUP_DIR:-/var/backups/voicegrow}"
 backup=latest
+VG_OPTIONS="local yes dir env-file"
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        -h | --help) usage; exit 0 ;;
-        --local) MODE=local ;;
-        --yes) ASSUME_YES=1 ;;
-        --dir) need_arg "$1" "${2-}"; BACKUP_DIR="$2"; shift ;;
-        --env-file) need_arg "$1" "${2-}"; ENV_FILE="$2"; shift ;;
-        -*) usage >&2; die "unknown option: $1" 2 ;;
+        -*) vg_common_option "$@"; shift "$VG_SHIFT"; continue ;;
         *) backup="$1" ;;
     esac
     shift
@@ -41,8 +36,7 @@ vg_load_config
 need_cmd gzip sha256sum
 
 if [[ "$backup" == latest ]]; then
-    backup="$(newest_backup "$BACKUP_DIR/mysql/daily" '*.sql.gz')"
-    [[ -n "$backup" ]] || backup="$(newest_backup "$BACKUP_DIR/mysql/weekly" '*.sql.gz')"
+    backup="$(newest_mysql_backup)"
     [[ -n "$backup" ]] || die "no MySQL backup found under $BACKUP_DIR/mysql"
 fi
 verify_checksum "$backup"

@@ -27,18 +27,12 @@ IMAGE=voicegrow-server:latest
 ROLLBACK_IMAGE=voicegrow-server:rollback
 pull=1
 backup=1
-timeout=300
-scale_args=()
+VG_OPTIONS="local scale timeout env-file"
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        -h | --help) usage; exit 0 ;;
-        --local) MODE=local ;;
-        --scale) vg_use_scale; scale_args=(--scale) ;;
         --no-pull) pull=0 ;;
         --no-backup) backup=0 ;;
-        --timeout) need_arg "$1" "${2-}"; need_count "$1" "$2"; timeout="$2"; shift ;;
-        --env-file) need_arg "$1" "${2-}"; ENV_FILE="$2"; shift ;;
-        *) usage >&2; die "unknown argument: $1" 2 ;;
+        *) vg_common_option "$@"; shift "$VG_SHIFT"; continue ;;
     esac
     shift
 done
@@ -62,7 +56,7 @@ if [[ "$MODE" == local ]]; then
     "$python" -m pip install --quiet "$VG_REPO_DIR"
     vg_local_stop
     vg_local_start
-    "$VG_SCRIPTS_DIR/healthcheck.sh" --wait "$timeout" ||
+    "$VG_SCRIPTS_DIR/healthcheck.sh" --wait "$VG_TIMEOUT" ||
         die "the updated server is not healthy; see $(dirname "$(vg_local_pidfile)")/voicegrow.log"
     log "local server updated"
     exit 0
@@ -92,8 +86,8 @@ for service in "${servers[@]}"; do
     log "replacing $service"
     updated+=("$service")
     vg_compose up -d --no-deps --force-recreate "$service"
-    "$VG_SCRIPTS_DIR/healthcheck.sh" "${scale_args[@]}" --service "$service" --wait "$timeout" ||
-        roll_back "$service did not become healthy within ${timeout}s"
+    "$VG_SCRIPTS_DIR/healthcheck.sh" "${VG_SCALE_ARGS[@]}" --service "$service" --wait "$VG_TIMEOUT" ||
+        roll_back "$service did not become healthy within ${VG_TIMEOUT}s"
 done
-"$VG_SCRIPTS_DIR/healthcheck.sh" "${scale_args[@]}" --wait "$timeout" || die "the stack is not healthy after the update"
+"$VG_SCRIPTS_DIR/healthcheck.sh" "${VG_SCALE_ARGS[@]}" --wait "$VG_TIMEOUT" || die "the stack is not healthy after the update"
 log "update done"
