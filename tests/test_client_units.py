@@ -55,7 +55,7 @@ class FakeServer:
 
     ``mode``: "reply" (a noise turn, then the real turn), "refuse" (ERROR AUTH_FAILED), "silent"
     (HELLO_ACK, then never answers), "text" (a text message instead of HELLO_ACK), "close" (CLOSE
-    right after the first audio).
+    right after the first audio), "noise" (only an empty turn).
     """
 
     port: int = 0
@@ -108,14 +108,21 @@ class FakeServer:
                 if self.mode == "close":
                     await self._send(ws, state, Close(1001, "shutting down"))
                     return
-                if self.mode == "reply" and not replied and sum(len(a.pcm) for a in self.audio) >= self.trigger_bytes:
+                if self.mode in ("reply", "noise") and not replied and (
+                        sum(len(a.pcm) for a in self.audio) >= self.trigger_bytes):
                     replied = True
-                    await self._play_turns(ws, state)
+                    await self._play_turns(ws, state, self.SCRIPT_NOISE if self.mode == "noise" else None)
 
-    async def _play_turns(self, ws: trio_websocket.WebSocketConnection, state: ServerConnectionState) -> None:
-        script = [
-            Control("asr_final", {"text": " ", "lang": ""}, 1),  # noise: must be ignored
-            Control("turn_timings", {"speech_start": 0}, 1),
+    SCRIPT_NOISE = [
+        Control("asr_final", {"text": " ", "lang": ""}, 1),  # noise: must be ignored
+        Control("turn_end", {"outcome": "empty", "error": None}, 1),
+        Control("turn_timings", {"speech_start": 0}, 1),
+    ]
+
+    async def _play_turns(self, ws: trio_websocket.WebSocketConnection, state: ServerConnectionState,
+                          script: list | None) -> None:
+        script = script or [
+            *self.SCRIPT_NOISE,
             Ping(77),
             Control("asr_final", {"text": "what time is it", "lang": "en"}, 2),
             Control("llm_text", {"text": "It is "}, 2),
@@ -126,6 +133,7 @@ class FakeServer:
             Audio(b"\x01\x00" * 8, 9),  # another turn's audio: not part of the reply
             Control("future_event", {"anything": [1, 2]}, 2),
             Control("tts_stop", {"reason": "done"}, 2),
+            Control("turn_end", {"outcome": "completed", "error": None}, 2),
             Control("turn_timings", TIMINGS, 2),
         ]
         for frame in script:
@@ -163,12 +171,13 @@ async def test_a_turn_is_streamed_and_its_reply_collected(server: FakeServer) ->
     assert result.reply_audio == b"".join(REPLY_CHUNKS)
     assert result.reply_sample_rate == REPLY_RATE
     assert result.reply_audio_s == pytest.approx(0.06)
-    assert result.stop_reason == "done" and result.failure is None and not result.timed_out
+    assert result.stop_reason == "done" and result.outcome == "completed"
+    assert result.failure is None and not result.timed_out
     assert result.client_first_audio_s is not None and result.client_first_audio_s >= 0
     assert result.clip_sent_s is not None
     assert [e.event for e in result.events] == [
-        "asr_final", "turn_timings", "asr_final", "llm_text", "llm_text", "tts_start", "tts_sentence",
-        "future_event", "tts_stop", "turn_timings"]
+        "asr_final", "turn_end", "turn_timings", "asr_final", "llm_text", "llm_text", "tts_start",
+        "tts_sentence", "future_event", "tts_stop", "turn_end", "turn_timings"]
     assert seen == result.events
 
     hello = server.hellos[0]
@@ -235,7 +244,7 @@ async def test_raw_frames_and_iteration(server: FakeServer) -> None:
             frames.append(frame)
             if isinstance(frame, Control) and frame.event == "turn_timings" and frame.turn_id == 2:
                 break
-    assert isinstance(frames[2], Ping) and frames[2].nonce == 77
+    assert isinstance(frames[3], Ping) and frames[3].nonce == 77
     assert sum(isinstance(frame, Audio) for frame in frames) == 4
     assert Control("listen_start", {}) in [
         Control(f.event, f.data, f.turn_id) for f in server.received if isinstance(f, Control)]
@@ -314,3 +323,11 @@ def test_talk_argument_errors_exit_2() -> None:
     with pytest.raises(SystemExit) as excinfo:
         talk.main(["--url", "ws://x/", "--wav", "a.wav", "--speed", "0"])
     assert excinfo.value.code == 2
+
+
+async def test_only_noise_is_reported_as_such(server: FakeServer) -> None:
+    server.mode = "noise"
+    async with open_native_client(server.url) as client:
+        result = await stream_wav_and_collect(client, tone_16k(0.1), speed=10, timeout_s=0.3)
+    assert result.timed_out and result.transcript == ""
+    assert result.failure == "the server heard nothing intelligible (only empty turns)"

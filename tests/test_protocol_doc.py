@@ -25,11 +25,12 @@ EXPECTED_SESSION = [
     ("device", "AUDIO"), ("device", "AUDIO"),
     ("server", "CONTROL"), ("server", "CONTROL"), ("server", "CONTROL"), ("server", "CONTROL"),
     ("server", "AUDIO"), ("server", "AUDIO"),
-    ("server", "CONTROL"), ("server", "CONTROL"),
+    ("server", "CONTROL"), ("server", "CONTROL"), ("server", "CONTROL"),
     ("device", "PING"), ("server", "PONG"),
     ("device", "CLOSE"), ("server", "CLOSE"),
 ]
-EXPECTED_SERVER_EVENTS = ["asr_final", "llm_text", "tts_start", "tts_sentence", "tts_stop", "turn_timings"]
+EXPECTED_SERVER_EVENTS = ["asr_final", "llm_text", "tts_start", "tts_sentence", "tts_stop", "turn_end",
+                          "turn_timings"]
 
 
 def doc_text() -> str:

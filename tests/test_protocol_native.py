@@ -85,7 +85,9 @@ known_event_data = {
     "tts_stop": st.fixed_dictionaries({"reason": st.sampled_from(TTS_STOP_REASONS)}),
     "turn_timings": st.dictionaries(st.sampled_from(TIMING_KEYS),
                                     st.none() | st.integers(0, 10**7) | st.floats(0, 1e7)),
-    "error_spoken": st.fixed_dictionaries({"reason": text}, optional={"detail": json_values}),
+    "error_spoken": st.fixed_dictionaries({"reason": text}, optional={"text": text}),
+    "turn_end": st.fixed_dictionaries({"outcome": st.sampled_from(["completed", "interrupted", "failed", "empty"])},
+                                      optional={"error": st.none() | text}),
 }
 assert set(known_event_data) == {e.value for e in ControlEvent}
 unknown_events = st.from_regex(r"[a-z][a-z0-9_]{0,63}", fullmatch=True).filter(

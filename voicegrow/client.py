@@ -293,6 +293,8 @@ class TalkResult:
     turn_id: int | None = None
     #: tts_stop's reason ("done", "aborted", "error"), None if it never came
     stop_reason: str | None = None
+    #: turn_end's outcome ("completed", "interrupted", "failed", "empty"), None if it never came
+    outcome: str | None = None
     #: seconds since streaming started at which the clip's last sample was sent
     clip_sent_s: float | None = None
     timed_out: bool = False
@@ -308,8 +310,9 @@ class _ReplyCollector:
     """Folds the server's frames for one turn into a TalkResult and says when the turn is over.
 
     The turn is the first one whose ``asr_final`` has text (frames with turn id 0 always count, for
-    servers that do not number turns). It is over when both ``tts_stop`` and ``turn_timings`` have
-    arrived, or ``linger_s`` after the first of the two, since their order is the server's choice.
+    servers that do not number turns). It is over when ``turn_timings`` and one of ``tts_stop`` or
+    ``turn_end`` have arrived, or ``linger_s`` after the first of them, since the order is the server's
+    choice and a turn with nothing to say has no ``tts_stop``.
     """
 
     def __init__(self, result: TalkResult, *, started_at: float, linger_s: float,
@@ -318,15 +321,19 @@ class _ReplyCollector:
         self._started_at = started_at
         self._linger_s = linger_s
         self._on_event = on_event
-        self._seen_stop = self._seen_timings = False
+        self._seen_end = self._seen_timings = False
         self._adopted = False
         self._ignored_turns: set[int] = set()
         self.linger_until = math.inf
         self.clip_sent_at: float | None = None
 
     @property
+    def heard_only_noise(self) -> bool:
+        return not self._adopted and bool(self._ignored_turns)
+
+    @property
     def finished(self) -> bool:
-        return self._seen_stop and self._seen_timings
+        return self._seen_end and self._seen_timings
 
     def add(self, frame: Frame, now: float) -> None:
         if isinstance(frame, Audio):
@@ -368,11 +375,14 @@ class _ReplyCollector:
             self.result.reply_sample_rate = frame.data["sample_rate"]
         elif frame.event == "tts_stop":
             self.result.stop_reason = frame.data["reason"]
-            self._seen_stop = True
+            self._seen_end = True
+        elif frame.event == "turn_end":
+            self.result.outcome = frame.data["outcome"]
+            self._seen_end = True
         elif frame.event == "turn_timings":
             self.result.timings_ms = dict(frame.data)
             self._seen_timings = True
-        if self._seen_stop or self._seen_timings:
+        if self._seen_end or self._seen_timings:
             self.linger_until = min(self.linger_until, now + self._linger_s)
 
 
@@ -436,6 +446,8 @@ async def stream_wav_and_collect(
                 if isinstance(frame, Close):
                     result.failure = result.failure or f"server closed the session ({frame.code})"
         result.timed_out = overall.cancelled_caught
+        if result.timed_out and not result.transcript and collector.heard_only_noise:
+            result.failure = "the server heard nothing intelligible (only empty turns)"
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(send_microphone)

@@ -116,6 +116,7 @@ class ControlEvent(str, enum.Enum):
     TTS_START = "tts_start"
     TTS_SENTENCE = "tts_sentence"
     TTS_STOP = "tts_stop"
+    TURN_END = "turn_end"
     TURN_TIMINGS = "turn_timings"
     ERROR_SPOKEN = "error_spoken"
 
@@ -136,6 +137,7 @@ _EVENT_FIELDS: dict[str, dict[str, type]] = {
     "tts_sentence": {"text": str},
     "tts_stop": {"reason": str},
     "error_spoken": {"reason": str},
+    "turn_end": {"outcome": str},
 }
 
 
