@@ -399,12 +399,40 @@ def test_healthcheck_local(health_server: tuple[int, bool], tmp_path: Path) -> N
 
 def test_healthcheck_local_fails_when_nothing_listens(tmp_path: Path) -> None:
     require_tool("curl", "curl")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    result = run_script("healthcheck.sh", "--local", "--url", f"http://127.0.0.1:{port}/api/v1/health",
+    result = run_script("healthcheck.sh", "--local", "--url", f"http://127.0.0.1:{free_port()}/api/v1/health",
                         env=script_env(tmp_path))
     assert result.returncode == 1 and "no answer" in result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_deploy_local_runs_the_real_server_until_stopped(tmp_path: Path) -> None:
+    """deploy.sh --local starts `voicegrow serve`, waits for its health; --stop ends it (SIGTERM)."""
+    require_tool("curl", "curl")
+    env_file = tmp_path / "local.env"
+    env_file.write_text(f"WS_PORT={free_port()}\nHTTP_PORT={free_port()}\nSERVER_HOST=127.0.0.1\n"
+                        f"DATA_DIR={tmp_path / 'data'}\nASR_MODEL_SIZE=base\nASR_PRELOAD=false\n")
+    env = script_env(tmp_path, ENV_FILE=str(env_file), VG_PYTHON=sys.executable,
+                     VOICEGROW_BIN=str(Path(sys.executable).with_name("voicegrow")))
+    pidfile = tmp_path / "data" / "voicegrow.pid"
+    try:
+        started = run_script("deploy.sh", "--local", "--timeout", "90", env=env)
+        assert started.returncode == 0, started.stderr + (tmp_path / "data" / "voicegrow.log").read_text()
+        pid = int(pidfile.read_text())
+        assert run_script("healthcheck.sh", "--local", env=env).returncode == 0
+        again = run_script("deploy.sh", "--local", env=env)
+        assert again.returncode == 1 and "already running" in again.stderr
+    finally:
+        stopped = run_script("deploy.sh", "--local", "--stop", env=env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not pidfile.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert run_script("healthcheck.sh", "--local", env=env).returncode == 1
 
 
 STACK_SECRETS = {"MYSQL_PASSWORD": "a" * 24, "REDIS_PASSWORD": "b" * 24, "MINIO_ACCESS_KEY": "vgadmin",
@@ -633,9 +661,7 @@ def test_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
 def test_redis_config_loads_and_requires_the_included_password(tmp_path: Path) -> None:
     server = require_tool("redis-server", "redis-server")
     cli = require_tool("redis-cli", "redis-tools")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     conf = (DEPLOY / "config" / "redis" / "redis.conf").read_text(encoding="utf-8")
     conf = conf.replace("\ndir /data\n", f"\ndir {tmp_path}\n").replace("bind 0.0.0.0", "bind 127.0.0.1")
     (tmp_path / "redis.conf").write_text(conf, encoding="utf-8")

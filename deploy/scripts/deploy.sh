@@ -8,7 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
     cat <<EOF
-Usage: $VG_PROG [--local] [--scale] [--check] [--no-build] [--timeout SECONDS] [--env-file FILE]
+Usage: $VG_PROG [--local] [--scale] [--check | --stop] [--no-build] [--timeout SECONDS] [--env-file FILE]
 
   (default)         build and start the Docker Compose stack in deploy/ (mysql, redis, minio, voicegrow)
   --scale           also use docker-compose.scale.yml: nginx (TLS) in front of three replicas;
@@ -16,6 +16,7 @@ Usage: $VG_PROG [--local] [--scale] [--check] [--no-build] [--timeout SECONDS] [
   --local           no Docker: start 'voicegrow serve' from this checkout's virtualenv against the
                     services named in the env file, and wait for its health endpoint
   --check           only validate the env file (secrets and settings); change nothing
+  --stop            stop the stack (docker compose stop; data stays) or the local server
   --no-build        start with the image already built
   --timeout SECONDS how long to wait for the health checks (default 300)
   --env-file FILE   settings file (default deploy/.env); the environment wins over it
@@ -27,11 +28,13 @@ EOF
 }
 
 check_only=0
+stop=0
 build=1
 VG_OPTIONS="local scale timeout env-file"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --check) check_only=1 ;;
+        --stop) stop=1 ;;
         --no-build) build=0 ;;
         *) vg_common_option "$@"; shift "$VG_SHIFT"; continue ;;
     esac
@@ -39,6 +42,16 @@ while [[ $# -gt 0 ]]; do
 done
 
 ENV_FILE="${ENV_FILE:-$VG_DEPLOY_DIR/.env}"
+if [[ "$stop" == 1 ]]; then
+    vg_load_config
+    if [[ "$MODE" == local ]]; then
+        vg_local_stop
+    else
+        vg_need_docker
+        vg_compose stop
+    fi
+    exit 0
+fi
 if [[ ! -f "$ENV_FILE" && "$MODE" == docker && "$check_only" == 0 ]]; then
     (umask 077 && cp "$VG_DEPLOY_DIR/.env.example" "$ENV_FILE")
     die "created $ENV_FILE from .env.example: set its secrets (openssl rand -hex 24), then run $VG_PROG again"
@@ -99,5 +112,5 @@ vg_compose up -d --remove-orphans
 "$VG_SCRIPTS_DIR/healthcheck.sh" "${VG_SCALE_ARGS[@]}" --env-file "$ENV_FILE" --wait "$VG_TIMEOUT"
 
 log "making sure bucket '${MINIO_BUCKET:-voicegrow}' exists"
-vg_mc /tmp mb --ignore-existing "minio/${MINIO_BUCKET:-voicegrow}" >&2
+vg_mc "" mb --ignore-existing "minio/${MINIO_BUCKET:-voicegrow}" >&2
 log "deployed: speakers connect to ws://<this host>:${WS_PORT:-4399}, the API is on port ${HTTP_PORT:-8000}"

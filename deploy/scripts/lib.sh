@@ -350,10 +350,11 @@ vg_local_start() {
 # --- MinIO through the MinIO client `mc`, alias "minio"; credentials in MC_HOST_minio, not in argv ----
 
 # vg_mc HOST_DIR ARGS...: in docker mode `mc` runs in the compose "mc" tool service with HOST_DIR
-# mounted at the same path, so the paths in ARGS mean the same in both modes.
+# (if not empty) mounted at the same path, so the paths in ARGS mean the same in both modes.
 vg_mc() {
-    local dir="$1" scheme=http
+    local dir="$1" scheme=http mount=()
     shift
+    [[ -n "$dir" ]] && mount=(-v "$dir:$dir")
     if [[ "$MODE" == local ]]; then
         need_cmd mc
         [[ -n "${MINIO_ENDPOINT:-}" ]] || die "MINIO_ENDPOINT is not set"
@@ -361,6 +362,6 @@ vg_mc() {
         MC_HOST_minio="$scheme://$(urlencode "${MINIO_ACCESS_KEY:-}"):$(urlencode "${MINIO_SECRET_KEY:-}")@$MINIO_ENDPOINT" \
             mc "$@"
     else
-        vg_compose run --rm -T -v "$dir:$dir" mc "$@"
+        vg_compose run --rm -T "${mount[@]}" mc "$@"
     fi
 }
