@@ -410,8 +410,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def editable_install() -> bool:
+    """Whether this checkout is installed with `pip install -e`, asked the way update.sh asks."""
+    shown = subprocess.run([sys.executable, "-m", "pip", "show", "voicegrow"], cwd="/", capture_output=True,
+                           encoding="utf-8", timeout=120)
+    return "\nEditable project location: " in shown.stdout
+
+
 def test_deploy_local_runs_the_real_server_until_stopped(tmp_path: Path) -> None:
-    """deploy.sh --local starts `voicegrow serve`, waits for its health; --stop ends it (SIGTERM)."""
+    """deploy.sh --local starts `voicegrow serve` and waits for its health, update.sh --local restarts
+    it (the editable install of a checkout is not reinstalled), deploy.sh --stop ends it (SIGTERM)."""
     require_tool("curl", "curl")
     env_file = tmp_path / "local.env"
     env_file.write_text(f"WS_PORT={free_port()}\nHTTP_PORT={free_port()}\nSERVER_HOST=127.0.0.1\n"
@@ -426,6 +434,15 @@ def test_deploy_local_runs_the_real_server_until_stopped(tmp_path: Path) -> None
         assert run_script("healthcheck.sh", "--local", env=env).returncode == 0
         again = run_script("deploy.sh", "--local", env=env)
         assert again.returncode == 1 and "already running" in again.stderr
+        if not editable_install():
+            pytest.skip("voicegrow is not installed in editable mode: update.sh --local would reinstall it")
+        updated = run_script("update.sh", "--local", "--no-pull", "--no-backup", "--timeout", "90", env=env)
+        assert updated.returncode == 0, updated.stderr
+        assert "nothing to reinstall" in updated.stderr
+        assert int(pidfile.read_text()) != pid, "update.sh --local restarts the server"
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        pid = int(pidfile.read_text())
     finally:
         stopped = run_script("deploy.sh", "--local", "--stop", env=env)
     assert stopped.returncode == 0, stopped.stderr

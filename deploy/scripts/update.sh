@@ -52,8 +52,14 @@ fi
 if [[ "$MODE" == local ]]; then
     python="${VG_PYTHON:-$VG_REPO_DIR/.venv/bin/python}"
     [[ -x "$python" ]] || die "no virtualenv python at $python; set VG_PYTHON"
-    log "installing the package into $(dirname "$(dirname "$python")")"
-    "$python" -m pip install --quiet "$VG_REPO_DIR"
+    # (Read pip's answer whole: `pip show | grep -q` would fail under pipefail when grep stops early.)
+    installed="$("$python" -m pip show voicegrow 2>/dev/null || true)"
+    if [[ "$installed" == *$'\nEditable project location: '* ]]; then
+        log "voicegrow is installed in editable mode: the pulled code is live, nothing to reinstall"
+    else
+        log "installing the package into $(dirname "$(dirname "$python")")"
+        "$python" -m pip install --quiet "$VG_REPO_DIR"
+    fi
     vg_local_stop
     vg_local_start
     "$VG_SCRIPTS_DIR/healthcheck.sh" --wait "$VG_TIMEOUT" ||
