@@ -1,5 +1,7 @@
-"""The deployment files: checked statically (no Docker engine runs here) and, where a script has a
-local mode, by running it against this machine's MariaDB, a stand-in HTTP server and a fake ``mc``.
+"""The deployment files: checked statically (no Docker engine runs here), and the scripts run for real:
+in local mode against this machine's MariaDB, the real ``voicegrow serve``, a stand-in HTTP server and
+a fake ``mc``; in docker mode against a fake ``docker`` that records the calls and runs
+``compose exec mysql`` commands on this host, as the mysql container would.
 
 External tools: shellcheck, nginx and openssl (Debian packages shellcheck, nginx-light, openssl),
 mysql/mysqldump (mariadb-client), redis-server, promtool (Debian package prometheus; optional: without
@@ -10,6 +12,7 @@ when ``CI`` is set and skips it otherwise.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import dataclasses
 import datetime
 import gzip
@@ -84,6 +87,11 @@ def run_script(name: str, *args: str, env: dict[str, str],
 
 def env_example() -> dict[str, str]:
     return read_env_file(DEPLOY / ".env.example")
+
+
+def env_values(env: dict[str, str]) -> dict[str, str]:
+    """The settings a script run with ``env`` reads from its ENV_FILE."""
+    return read_env_file(env["ENV_FILE"])
 
 
 def test_env_example_lists_every_setting_once() -> None:
@@ -322,18 +330,24 @@ class HealthHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(params=[True, False], ids=["healthy", "failing"])
-def health_server(request: pytest.FixtureRequest) -> Iterator[tuple[int, bool]]:
-    """A stand-in for `voicegrow serve`'s API (to be replaced by the real server): (port, healthy)."""
-    handler = type("Handler", (HealthHandler,), {"healthy": request.param})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+@contextlib.contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler], port: int = 0) -> Iterator[int]:
+    """An HTTP server on 127.0.0.1 in a thread, for the lifetime of the block; yields its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield server.server_address[1], request.param
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(params=[True, False], ids=["healthy", "failing"])
+def health_server(request: pytest.FixtureRequest) -> Iterator[tuple[int, bool]]:
+    """A stand-in for `voicegrow serve`'s API (the real one is tested with deploy.sh --local): (port, healthy)."""
+    with serving(type("Handler", (HealthHandler,), {"healthy": request.param})) as port:
+        yield port, request.param
 
 
 def test_dockerfile_health_check_command(health_server: tuple[int, bool]) -> None:
@@ -634,6 +648,137 @@ def test_disaster_recovery_local_restores_database_and_bucket(
     assert rows(scratch_db) == original
     assert (tmp_path / "s3" / "voicegrow" / "audio" / "turn-1.wav").read_bytes() == b"RIFF....WAVE"
     assert not list((tmp_path / "backups").glob("restore.*")), "the unpacked archive must be cleaned up"
+
+
+# --- docker mode, against a fake `docker` that records every call ------------------------------------
+
+FAKE_DOCKER = r"""#!/usr/bin/env bash
+# Stands in for the Docker CLI: records each call (compose's file options apart), answers `compose` the way a running stack would, and
+# runs `compose exec mysql` commands on this host with the environment the mysql container has.
+set -euo pipefail
+if [[ "$1" != compose ]]; then
+    printf '%s\n' "$*" >>"$FAKE_DOCKER_LOG"
+    case "$1" in
+        inspect) service="${*: -1}"; service="${service#id-}"
+                 if [[ " ${FAKE_UNHEALTHY:-} " == *" $service "* ]]; then echo "running unhealthy"; else echo "running healthy"; fi ;;
+        image) if [[ "$2" == inspect && -z "${FAKE_HAS_IMAGE:-}" ]]; then exit 1; fi ;;
+    esac
+    exit 0
+fi
+shift
+while [[ "$1" == --project-directory || "$1" == --env-file || "$1" == -f ]]; do
+    [[ "$1" == -f ]] && printf 'file %s\n' "$2" >>"$FAKE_DOCKER_LOG"
+    shift 2
+done
+printf 'compose %s\n' "$*" >>"$FAKE_DOCKER_LOG"
+command="$1"
+shift
+case "$command" in
+    version) echo "Docker Compose version v2.29.1" ;;
+    config) if [[ "${1:-}" == --services ]]; then printf '%s\n' ${FAKE_SERVICES:-voicegrow mysql redis minio}; fi ;;
+    ps) echo "id-${*: -1}" ;;
+    exec)
+        [[ "$1" == -T ]] && shift
+        shift # the service
+        exec env MYSQL_HOST=127.0.0.1 MYSQL_USER=root MYSQL_PASSWORD= MYSQL_DATABASE="$FAKE_MYSQL_DATABASE" "$@" ;;
+    run)
+        entrypoint=""
+        while [[ "$1" == -* ]]; do
+            case "$1" in
+                --entrypoint) entrypoint="$2"; shift 2 ;;
+                -v) shift 2 ;;
+                *) shift ;;
+            esac
+        done
+        shift # the service
+        if [[ "$entrypoint" == python ]]; then exec "$FAKE_PYTHON" "$@"; fi ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_docker(tmp_path: Path) -> dict[str, str]:
+    """The scripts' environment with the fake `docker` first on PATH and a complete deploy env file."""
+    bin_dir, log = tmp_path / "docker-bin", tmp_path / "docker.log"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    env_file = tmp_path / "stack.env"
+    values = {**env_example(), **STACK_SECRETS, "HTTP_PORT": str(free_port())}
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    env = script_env(tmp_path, ENV_FILE=str(env_file), FAKE_DOCKER_LOG=str(log), FAKE_PYTHON=sys.executable,
+                     VG_PYTHON=sys.executable, BACKUP_DIR=str(tmp_path / "backups"))
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    return env
+
+
+def docker_calls(env: dict[str, str]) -> list[str]:
+    calls = Path(env["FAKE_DOCKER_LOG"]).read_text(encoding="utf-8").splitlines()
+    for secret in STACK_SECRETS.values():
+        assert all(secret not in call for call in calls), "a secret reached docker's command line"
+    return [call for call in calls if not call.startswith("file ")]
+
+
+def test_backup_and_restore_mysql_through_compose_exec(scratch_db: str, fake_docker: dict[str, str]) -> None:
+    env = {**fake_docker, "FAKE_MYSQL_DATABASE": scratch_db, "MYSQL_DATABASE": scratch_db}
+    original = rows(scratch_db)
+    made = run_script("backup_mysql.sh", env=env)
+    assert made.returncode == 0, made.stderr
+    mysql_cli(database=scratch_db, stdin="DELETE FROM turns WHERE id > 1;")
+    restored = run_script("restore_mysql.sh", "--yes", made.stdout.strip(), env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert rows(scratch_db) == original
+    calls = "\n".join(docker_calls(env))  # the `sh -c` scripts span lines
+    assert len(re.findall(r"^compose exec -T mysql sh -c ", calls, re.M)) == 3
+    assert re.findall(r"MYSQL_DATABASE\" sh (mysqldump|mysql)\b", calls) == ["mysqldump", "mysql", "mysql"]
+
+
+def test_deploy_builds_starts_waits_for_health_then_makes_the_bucket(
+        fake_docker: dict[str, str], tmp_path: Path) -> None:
+    require_tool("curl", "curl")
+    handler = type("Handler", (HealthHandler,), {"healthy": True})
+    with serving(handler, int(env_values(fake_docker)["HTTP_PORT"])):
+        result = run_script("deploy.sh", "--timeout", "30", env=fake_docker)
+    assert result.returncode == 0, result.stderr
+    calls = [call.split() for call in docker_calls(fake_docker)]
+    steps = [call for call in calls if call[0] == "compose" and call[1] not in ("ps", "version")]
+    assert [step[:3] for step in steps[:5]] == [
+        ["compose", "config", "--quiet"], ["compose", "build", "voicegrow"], ["compose", "run", "--rm"],
+        ["compose", "up", "-d"], ["compose", "config", "--services"]]
+    assert steps[2][steps[2].index("--entrypoint") + 1] == "python", "settings are validated in the image"
+    assert [c[-1] for c in calls if c[0] == "inspect"] == ["id-voicegrow", "id-mysql", "id-redis", "id-minio"]
+    assert calls[-1][-3:] == ["mb", "--ignore-existing", "minio/voicegrow"]
+
+
+def test_deploy_fails_when_the_stack_stays_unhealthy(fake_docker: dict[str, str]) -> None:
+    require_tool("curl", "curl")
+    env = {**fake_docker, "FAKE_UNHEALTHY": "mysql"}
+    result = run_script("deploy.sh", "--no-build", "--timeout", "1", env=env)
+    assert result.returncode == 1 and "not healthy after 1s" in result.stderr
+    assert "FAIL  mysql          running unhealthy" in result.stdout
+    assert not any(" mb " in call for call in docker_calls(env)), "no bucket step after a failed start"
+
+
+@pytest.mark.parametrize("broken", [None, "voicegrow-2"], ids=["healthy", "rollback"])
+def test_update_replaces_replicas_one_at_a_time_and_rolls_back(
+        fake_docker: dict[str, str], broken: str | None) -> None:
+    env = {**fake_docker, "FAKE_HAS_IMAGE": "1", "FAKE_UNHEALTHY": broken or "",
+           "FAKE_SERVICES": "voicegrow voicegrow-2 voicegrow-3 mysql redis minio nginx"}
+    result = run_script("update.sh", "--scale", "--no-pull", "--no-backup", "--timeout", "1", env=env)
+    calls = docker_calls(env)
+    recreated = [call.split()[-1] for call in calls if "--force-recreate" in call]
+    tags = [call.split()[2:] for call in calls if call.startswith("image tag")]
+    assert tags[0] == ["voicegrow-server:latest", "voicegrow-server:rollback"]
+    if broken is None:
+        assert result.returncode == 0, result.stderr
+        assert recreated == ["voicegrow", "voicegrow-2", "voicegrow-3"]
+        assert len(tags) == 1
+    else:
+        assert result.returncode == 1 and "rolled back" in result.stderr
+        assert recreated == ["voicegrow", "voicegrow-2", "voicegrow", "voicegrow-2"]
+        assert tags[1] == ["voicegrow-server:rollback", "voicegrow-server:latest"]
+    assert any(line.startswith("file ") and line.endswith("docker-compose.scale.yml")
+               for line in Path(env["FAKE_DOCKER_LOG"]).read_text(encoding="utf-8").splitlines())
 
 
 # --- nginx, Redis, MySQL configs ------------------------------------------------------------------------

@@ -61,7 +61,8 @@ add() {
 
 check_container() {
     local service="$1" id state
-    id="$(vg_compose ps -q "$service" 2>/dev/null | head -n 1)"
+    id="$(vg_compose ps -q "$service" 2>/dev/null || true)"
+    id="${id%%$'\n'*}"
     if [[ -z "$id" ]]; then
         add FAIL "$service" "no container (not started?)"
         return 1
