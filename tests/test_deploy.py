@@ -198,7 +198,10 @@ def test_compose_server_waits_for_healthy_dependencies() -> None:
     depends = services["voicegrow"]["depends_on"]
     assert {name: d["condition"] for name, d in depends.items()} == {
         "mysql": "service_healthy", "redis": "service_healthy", "minio": "service_healthy"}
-    nginx = compose("docker-compose.scale.yml")["services"]["nginx"]["depends_on"]
+    scale = compose("docker-compose.scale.yml")["services"]
+    for name in REPLICAS[1:]:  # extends never copies depends_on
+        assert scale[name]["depends_on"] == services["voicegrow"]["depends_on"], name
+    nginx = scale["nginx"]["depends_on"]
     assert {name: d["condition"] for name, d in nginx.items()} == dict.fromkeys(REPLICAS, "service_healthy")
 
 
