@@ -124,11 +124,12 @@ class Turn:
 
         sentences_tx, sentences_rx = trio.open_memory_channel[str](16)
         audio_tx, audio_rx = trio.open_memory_channel[tuple[str, bytes | None]](256)
-        self.outcome = "completed"
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._llm_stage, messages, sentences_tx)
             nursery.start_soon(self._tts_stage, sentences_rx, audio_tx)
             nursery.start_soon(self._playback_stage, audio_rx)
+        if self.error is None:
+            self.outcome = "completed"
 
     async def _llm_stage(self, messages: list[dict[str, str]], sentences: trio.MemorySendChannel[str]) -> None:
         splitter = SentenceSplitter()
