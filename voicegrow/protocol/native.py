@@ -329,6 +329,23 @@ class AudioFormat:
         )
 
 
+_DIRECTIONS = ("audio_in", "audio_out")
+
+
+def _check_audio_formats(frame: object) -> None:
+    for name in _DIRECTIONS:
+        if not isinstance(getattr(frame, name), AudioFormat):
+            raise _bad(f"{name} must be an AudioFormat")
+
+
+def _audio_formats_json(frame: Any) -> dict[str, Any]:
+    return {name: getattr(frame, name).to_json() for name in _DIRECTIONS}
+
+
+def _audio_formats_from(obj: dict[str, Any], what: str) -> dict[str, AudioFormat]:
+    return {name: AudioFormat.from_json(_get(obj, what, name, dict), f"{what}.{name}") for name in _DIRECTIONS}
+
+
 @dataclasses.dataclass(frozen=True)
 class Hello:
     """Device → server, first frame: who the device is, what it sends and what it wants back."""
@@ -345,9 +362,7 @@ class Hello:
 
     def __post_init__(self) -> None:
         _check_id("device_id", self.device_id)
-        for name in ("audio_in", "audio_out"):
-            if not isinstance(getattr(self, name), AudioFormat):
-                raise _bad(f"{name} must be an AudioFormat")
+        _check_audio_formats(self)
         if self.token is not None:
             _check_text("token", self.token, 4096)
         _check_object("capabilities", self.capabilities)
@@ -357,8 +372,7 @@ class Hello:
     def _payload(self) -> bytes:
         return _json_payload({
             "device_id": self.device_id,
-            "audio_in": self.audio_in.to_json(),
-            "audio_out": self.audio_out.to_json(),
+            **_audio_formats_json(self),
             "token": self.token,
             "capabilities": self.capabilities,
             "client": self.client,
@@ -369,8 +383,7 @@ class Hello:
         obj = _parse_json_object(payload, "hello")
         return cls(
             device_id=_get(obj, "hello", "device_id", str),
-            audio_in=AudioFormat.from_json(_get(obj, "hello", "audio_in", dict), "hello.audio_in"),
-            audio_out=AudioFormat.from_json(_get(obj, "hello", "audio_out", dict), "hello.audio_out"),
+            **_audio_formats_from(obj, "hello"),
             token=_get(obj, "hello", "token", str, None),
             capabilities=_get(obj, "hello", "capabilities", dict, {}),
             client=_get(obj, "hello", "client", str, ""),
@@ -394,9 +407,7 @@ class HelloAck:
 
     def __post_init__(self) -> None:
         _check_id("session_id", self.session_id)
-        for name in ("audio_in", "audio_out"):
-            if not isinstance(getattr(self, name), AudioFormat):
-                raise _bad(f"{name} must be an AudioFormat")
+        _check_audio_formats(self)
         _check_text("server", self.server, 256)
         _check_text("nonce", self.nonce, 256)
         _check_object("capabilities", self.capabilities)
@@ -405,8 +416,7 @@ class HelloAck:
     def _payload(self) -> bytes:
         return _json_payload({
             "session_id": self.session_id,
-            "audio_in": self.audio_in.to_json(),
-            "audio_out": self.audio_out.to_json(),
+            **_audio_formats_json(self),
             "server": self.server,
             "nonce": self.nonce,
             "capabilities": self.capabilities,
@@ -418,8 +428,7 @@ class HelloAck:
         what = "hello_ack"
         return cls(
             session_id=_get(obj, what, "session_id", str),
-            audio_in=AudioFormat.from_json(_get(obj, what, "audio_in", dict), f"{what}.audio_in"),
-            audio_out=AudioFormat.from_json(_get(obj, what, "audio_out", dict), f"{what}.audio_out"),
+            **_audio_formats_from(obj, what),
             server=_get(obj, what, "server", str, ""),
             nonce=_get(obj, what, "nonce", str, ""),
             capabilities=_get(obj, what, "capabilities", dict, {}),
