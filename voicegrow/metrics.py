@@ -50,6 +50,9 @@ class Metrics:
         self.audio_frames_received = Counter(
             "voicegrow_audio_frames_received_total", "Audio frames received from devices", ["protocol"],
             registry=r)
+        self.ingest_lag = Histogram(
+            "voicegrow_ingest_lag_seconds", "How late an audio frame was processed after it was sent",
+            ["protocol"], buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), registry=r)
         self.audio_frames_dropped = Counter(
             "voicegrow_audio_frames_dropped_total", "Audio frames dropped, by reason", ["reason"], registry=r)
         self.spool_depth = Gauge(

@@ -16,6 +16,7 @@ from voicegrow import __version__
 from voicegrow.protocol import native as wire
 from voicegrow.protocol.errors import ErrorCode, ProtocolError
 from voicegrow.services import Services
+from voicegrow.streaming.ingest import IngestLagMeter
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.streaming.registry import SessionInfo
 from voicegrow.streaming.voice import VoiceSession, begin_device_session
@@ -148,6 +149,10 @@ class NativeSession:
         await nursery.start(voice.run)
         log.info("native session established", extra={"remote": info.remote_addr})
         frames_received = services.metrics.audio_frames_received.labels("native")
+        ingest_lag = services.metrics.ingest_lag.labels("native")
+        lag_meter = IngestLagMeter()
+        last_ts: int | None = None
+        sent_at_s = 0.0  # the device's clock, unwrapped from its 32-bit milliseconds
         while True:
             try:
                 frame = await self._next_frame()
@@ -161,6 +166,10 @@ class NativeSession:
             if isinstance(frame, wire.Audio):
                 frames_received.inc()
                 await voice.feed_audio(frame.pcm)
+                if last_ts is not None:
+                    sent_at_s += ((frame.timestamp_ms - last_ts) & 0xFFFFFFFF) / 1000
+                last_ts = frame.timestamp_ms
+                ingest_lag.observe(lag_meter.observe(trio.current_time(), sent_at_s))
             elif isinstance(frame, wire.Control):
                 await self._on_control(frame, voice)
             elif isinstance(frame, wire.Ping):
