@@ -341,13 +341,6 @@ def _finish(text: str, language: str, duration_s: float, started: float, engine:
                       reason)
 
 
-def _silent(pcm: np.ndarray, language: str, duration_s: float, started: float, engine: str,
-            silence_rms: float) -> Transcript | None:
-    if pcm.size and audio_rms(pcm) >= silence_rms:
-        return None
-    return Transcript("", language, duration_s, time.perf_counter() - started, engine, None, "silence")
-
-
 def _check_language(language: str) -> str:
     if language != "auto" and not (2 <= len(language) <= 3 and language.isalpha()):
         raise ValueError(f"language must be a code such as 'zh' or 'en', or 'auto'; got {language!r}")
@@ -357,7 +350,27 @@ def _check_language(language: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Engines.
 
-class StockEngine:
+class _ScreenedEngine:
+    """The common front of both engines: language check, and silence answered without the model."""
+
+    name: str
+    language: str
+    silence_rms: float
+
+    def transcribe(self, pcm16k: np.ndarray, language: str | None = None) -> Transcript:
+        started = time.perf_counter()
+        lang = _check_language(language or self.language)
+        duration_s = pcm16k.shape[0] / SAMPLE_RATE
+        if pcm16k.size == 0 or audio_rms(pcm16k) < self.silence_rms:
+            return Transcript("", "" if lang == "auto" else lang, duration_s, time.perf_counter() - started,
+                              self.name, None, "silence")
+        return self._transcribe(pcm16k, lang, duration_s, started)
+
+    def _transcribe(self, pcm16k: np.ndarray, lang: str, duration_s: float, started: float) -> Transcript:
+        raise NotImplementedError
+
+
+class StockEngine(_ScreenedEngine):
     """faster-whisper's own ``transcribe()``: the reference, and the path for long utterances."""
 
     name = "stock"
@@ -370,14 +383,7 @@ class StockEngine:
         self.silence_rms = silence_rms
         self.resolved = resolved
 
-    def transcribe(self, pcm16k: np.ndarray, language: str | None = None) -> Transcript:
-        started = time.perf_counter()
-        lang = _check_language(language or self.language)
-        duration_s = pcm16k.shape[0] / SAMPLE_RATE
-        silent = _silent(pcm16k, "" if lang == "auto" else lang, duration_s, started, self.name,
-                         self.silence_rms)
-        if silent is not None:
-            return silent
+    def _transcribe(self, pcm16k: np.ndarray, lang: str, duration_s: float, started: float) -> Transcript:
         audio = _as_float_audio(pcm16k)
         segments, info = self.model.transcribe(
             audio,
@@ -393,12 +399,10 @@ class StockEngine:
         # transcribe() already skips segments that are silence by Whisper's own test; what remains
         # is judged on its mean log probability like the fast engine's single segment.
         avg_logprob = min((s.avg_logprob for s in segments), default=None)
-        if lang == "auto" and info.language == "zh":
-            text = _t2s(text)
         return _finish(text, info.language, duration_s, started, self.name, no_speech, avg_logprob)
 
 
-class FastEngine:
+class FastEngine(_ScreenedEngine):
     """Encodes a window fitted to the utterance instead of 30 s, then greedy (or small-beam) decoding.
 
     The prompt is what ``transcribe()`` would build without timestamps: (``<|startofprev|>`` + the
@@ -427,14 +431,7 @@ class FastEngine:
         self._suppress: tuple[int, ...] | None = None
         self._lock = threading.Lock()
 
-    def transcribe(self, pcm16k: np.ndarray, language: str | None = None) -> Transcript:
-        started = time.perf_counter()
-        lang = _check_language(language or self.language)
-        duration_s = pcm16k.shape[0] / SAMPLE_RATE
-        silent = _silent(pcm16k, "" if lang == "auto" else lang, duration_s, started, self.name,
-                         self.silence_rms)
-        if silent is not None:
-            return silent
+    def _transcribe(self, pcm16k: np.ndarray, lang: str, duration_s: float, started: float) -> Transcript:
         if not self.window.use_fast(duration_s):
             return self.stock.transcribe(pcm16k, lang)
         audio = _as_float_audio(pcm16k)
@@ -615,6 +612,9 @@ class AsrService:
         if self._load_error is not None:
             info["error"] = {"code": getattr(self._load_error, "code", "asr_error"),
                              "message": str(self._load_error)}
+            info["detail"] = f"model failed to load: {self._load_error}"
+        elif info["note"]:
+            info["detail"] = info["note"]
         return info
 
     async def _ensure_engine(self) -> Engine:
