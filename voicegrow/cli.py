@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     from voicegrow.logsetup import configure_logging
 
     configure_logging("DEBUG" if settings.debug else settings.log_level, settings.log_format)
-    return trio.run(serve, settings)
+    try:
+        return trio.run(serve, settings)
+    except ConfigError as exc:  # found while starting, e.g. an unreadable DEVICE_CREDENTIALS_FILE
+        print(f"voicegrow: configuration error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import trio
 import trio_websocket
 
 from voicegrow import __version__
+from voicegrow.device_auth import auth_proof
 from voicegrow.protocol import (
     DEFAULT_MAX_PAYLOAD,
     HEADER_SIZE,
@@ -123,12 +124,26 @@ class NativeClient:
         """The format of the server's AUDIO frames (after the handshake)."""
         return self._ack().audio_out
 
-    async def handshake(self, hello: Hello, *, timeout_s: float = 10.0) -> HelloAck:
-        """Send HELLO and wait for HELLO_ACK; any other answer raises :class:`HandshakeFailed`."""
+    async def handshake(self, hello: Hello, *, timeout_s: float = 10.0, secret: str | None = None) -> HelloAck:
+        """Send HELLO and wait for HELLO_ACK; any other answer raises :class:`HandshakeFailed`.
+
+        When the server sends a nonce (``DEVICE_AUTH=hmac``), answer it with ``secret``.
+        """
         try:
             await self.send(hello)
             with trio.fail_after(timeout_s):
                 frame = await self.next_frame()
+                if isinstance(frame, HelloAck) and frame.nonce:
+                    if secret is None:
+                        raise HandshakeFailed("the server asks for an HMAC proof; pass the device secret",
+                                              error_code=ErrorCode.AUTH_REQUIRED)
+                    proof = auth_proof(secret, frame.nonce, hello.device_id, frame.session_id)
+                    self.hello_ack = frame
+                    await self.send_control("auth", {"hmac": proof})
+                    answer = await self.next_frame()
+                    if isinstance(answer, Control) and answer.event == "auth_ok":
+                        return frame
+                    frame = answer
         except trio.TooSlowError:
             raise HandshakeFailed(f"no HELLO_ACK within {timeout_s:g} s",
                                   error_code=ErrorCode.HANDSHAKE_TIMEOUT) from None
@@ -236,6 +251,7 @@ async def open_native_client(
     audio_in: AudioFormat = AudioFormat(16000),
     audio_out: AudioFormat = AudioFormat(24000),
     token: str | None = None,
+    secret: str | None = None,
     capabilities: dict[str, Any] | None = None,
     client_name: str = f"voicegrow-talk/{__version__}",
     connect_timeout_s: float = 10.0,
@@ -258,7 +274,7 @@ async def open_native_client(
             raise ConnectFailed(f"cannot connect to {url}: {cause or type(exc).__name__}") from exc
         client = NativeClient(ws, max_payload=max_payload)
         try:
-            await client.handshake(hello, timeout_s=connect_timeout_s)
+            await client.handshake(hello, timeout_s=connect_timeout_s, secret=secret)
             yield client
         finally:
             await client.close()

@@ -32,6 +32,7 @@ class Services:
     llm: Any  # voicegrow.llm.LlmClient | OfflineResponder
     tts: Any  # voicegrow.tts.TtsEngine
     persistence: Any  # voicegrow.storage.persistence.Persistence
+    device_credentials: Any = None  # voicegrow.device_auth.DeviceCredentials when DEVICE_AUTH is on
     started_monotonic: float = dataclasses.field(default_factory=time.monotonic)
     accepting: bool = True
 
@@ -77,6 +78,11 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None) -
     from voicegrow.tts import build_tts
 
     metrics = metrics or Metrics()
+    credentials = None
+    if settings.device_auth != "off":
+        from voicegrow.device_auth import DeviceCredentials
+
+        credentials = DeviceCredentials(settings.device_credentials_file)  # a bad file fails start-up
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0)) as http:
         yield Services(
@@ -88,4 +94,5 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None) -
             llm=build_llm(settings, http_client=http),
             tts=build_tts(settings, http_client=http),
             persistence=Persistence.from_settings(settings, metrics=metrics),
+            device_credentials=credentials,
         )

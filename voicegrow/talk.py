@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=_positive_float, default=30.0,
                         help="seconds to wait for the reply after the clip (default 30)")
     parser.add_argument("--device-id", default="voicegrow-talk", help="device id sent in HELLO")
-    parser.add_argument("--token", default=None, help="device token, if the server requires one")
+    parser.add_argument("--token", default=None, help="device token, if the server requires one (DEVICE_AUTH=token)")
+    parser.add_argument("--secret", default=None, help="device secret for the HMAC challenge (DEVICE_AUTH=hmac)")
     return parser
 
 
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _talk(args: argparse.Namespace, pcm: bytes) -> TalkResult:
     on_event = None if args.json else _print_progress
     async with open_native_client(args.url, device_id=args.device_id, token=args.token,
+                                  secret=args.secret,
                                   connect_timeout_s=min(10.0, args.timeout)) as client:
         return await stream_wav_and_collect(client, pcm, speed=args.speed, timeout_s=args.timeout,
                                             on_event=on_event)

@@ -13,6 +13,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from voicegrow import __version__
+from voicegrow.device_auth import new_nonce
 from voicegrow.protocol import native as wire
 from voicegrow.protocol.errors import ErrorCode, ProtocolError
 from voicegrow.services import Services
@@ -51,6 +52,10 @@ class NativeLink:
 
     async def interrupt(self, turn_id: int) -> None:
         self._outbox.drop_audio_through(turn_id)
+
+
+#: Audio a device may send ahead of the MAX_AUDIO_RATE allowance (a buffered start after a reconnect).
+_AUDIO_BURST_S = 3.0
 
 
 def _now_ms() -> int:
@@ -117,23 +122,60 @@ class NativeSession:
         return frame
 
     async def _handshake(self) -> wire.Hello | None:
+        """HELLO, device authentication if configured, HELLO_ACK — all before the handshake deadline."""
         try:
             with trio.fail_at(self._handshake_deadline):
-                frame = await self._next_frame()
+                hello = await self._next_frame()
+                assert isinstance(hello, wire.Hello)  # the state machine admits nothing else first
+                await self._authenticate(hello)
         except trio.TooSlowError:
-            log.info("no hello before the handshake deadline; closing")
-            await self._fail(ProtocolError(ErrorCode.HANDSHAKE_TIMEOUT, "no hello before the handshake deadline"))
+            log.info("handshake not finished before its deadline; closing")
+            await self._fail(ProtocolError(ErrorCode.HANDSHAKE_TIMEOUT, "handshake not finished before the deadline"))
             return None
         except ProtocolError as exc:
             await self._fail(exc)
             return None
         except ConnectionClosed:
             return None
-        assert isinstance(frame, wire.Hello)  # the state machine admits nothing else first
-        return frame
+        return hello
+
+    async def _authenticate(self, hello: wire.Hello) -> None:
+        """Check the device's credentials (DEVICE_AUTH); answers HELLO_ACK on success."""
+        mode = self.services.settings.device_auth
+        credentials = self.services.device_credentials
+        info = self.info
+        nonce = new_nonce() if mode == "hmac" else ""
+        if mode == "token":
+            if not hello.token:
+                self._refuse("missing_token")
+                raise ProtocolError(ErrorCode.AUTH_REQUIRED, "this server requires a device token in HELLO")
+            if not credentials.check_token(hello.device_id, hello.token):
+                self._refuse("bad_token")
+                raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown device or wrong token")
+        await self.outbox.put(wire.encode(wire.HelloAck(
+            session_id=info.session_id, audio_in=hello.audio_in, audio_out=hello.audio_out,
+            server=f"voicegrow/{__version__}", nonce=nonce,
+            capabilities={"max_payload": self.services.settings.max_frame_bytes, "auth": mode})))
+        if mode != "hmac":
+            return
+        answer = await self._next_frame()
+        if not (isinstance(answer, wire.Control) and answer.event == "auth"):
+            self._refuse("no_proof")
+            raise ProtocolError(ErrorCode.AUTH_REQUIRED,
+                                "this server requires a CONTROL auth event with the HMAC of its nonce first")
+        proof = answer.data.get("hmac")
+        if not isinstance(proof, str) or not credentials.check_proof(hello.device_id, nonce, info.session_id, proof):
+            self._refuse("bad_proof")
+            raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown device or wrong HMAC")
+        await self.outbox.put(wire.encode(wire.Control(event="auth_ok", data={})))
+
+    def _refuse(self, reason: str) -> None:
+        log.warning("device authentication refused: %s", reason)
+        self.services.metrics.auth_refusals.labels("native", reason).inc()
 
     async def _serve(self, hello: wire.Hello, nursery: trio.Nursery) -> None:
         services = self.services
+        settings = services.settings
         info = self.info
         info.device_id = hello.device_id or info.session_id
         info.protocol = "native"
@@ -141,9 +183,6 @@ class NativeSession:
 
         device_id_var.set(info.device_id)
         history = await begin_device_session(services, info)
-        await self.outbox.put(wire.encode(wire.HelloAck(
-            session_id=info.session_id, audio_in=hello.audio_in, audio_out=hello.audio_out,
-            server=f"voicegrow/{__version__}")))
         link = NativeLink(self.outbox, output_rate=hello.audio_out.sample_rate)
         voice = VoiceSession(services, link, info, input_rate=hello.audio_in.sample_rate, history=history)
         await nursery.start(voice.run)
@@ -153,6 +192,9 @@ class NativeSession:
         lag_meter = IngestLagMeter()
         last_ts: int | None = None
         sent_at_s = 0.0  # the device's clock, unwrapped from its 32-bit milliseconds
+        audio_bytes_per_s = hello.audio_in.bytes_per_second
+        audio_s = 0.0
+        first_audio_at: float | None = None
         while True:
             try:
                 frame = await self._next_frame()
@@ -165,6 +207,15 @@ class NativeSession:
                 return
             if isinstance(frame, wire.Audio):
                 frames_received.inc()
+                now = trio.current_time()
+                first_audio_at = now if first_audio_at is None else first_audio_at
+                audio_s += len(frame.pcm) / audio_bytes_per_s
+                if audio_s > (now - first_audio_at) * settings.max_audio_rate + _AUDIO_BURST_S:
+                    services.metrics.limit_hits.labels("audio_rate").inc()
+                    await self._fail(ProtocolError(ErrorCode.RATE_LIMITED, (
+                        f"audio arrives faster than {settings.max_audio_rate:g}x real time (MAX_AUDIO_RATE)")))
+                    nursery.cancel_scope.cancel()
+                    return
                 await voice.feed_audio(frame.pcm)
                 if last_ts is not None:
                     sent_at_s += ((frame.timestamp_ms - last_ts) & 0xFFFFFFFF) / 1000

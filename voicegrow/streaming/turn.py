@@ -120,6 +120,8 @@ class Turn:
             self.outcome = "empty"
             return
         user_text = self.transcript[: settings.max_llm_input_chars]
+        if len(user_text) < len(self.transcript):
+            self.services.metrics.limit_hits.labels("llm_input_chars").inc()
         messages = self.history.messages(settings.llm_system_prompt or DEFAULT_SYSTEM_PROMPT, user_text)
 
         sentences_tx, sentences_rx = trio.open_memory_channel[str](16)

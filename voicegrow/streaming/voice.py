@@ -83,6 +83,7 @@ class VoiceSession:
         self._turn_scope: trio.CancelScope | None = None
         self._turn_ids = 0
         self._speculation: _Speculation | None = None
+        self._flushing = False  # the device ended the utterance (push-to-talk), not the VAD
         self.language = None if s.asr_language == "auto" else s.asr_language
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -108,8 +109,12 @@ class VoiceSession:
     async def end_of_speech(self) -> None:
         """The device says the user stopped talking (push-to-talk release): end the utterance now."""
         now = trio.current_time()
-        for event in self.vad.flush():
-            await self._on_vad_event(event, now)
+        self._flushing = True
+        try:
+            for event in self.vad.flush():
+                await self._on_vad_event(event, now)
+        finally:
+            self._flushing = False
 
     async def abort(self, reason: str = "abort") -> None:
         """The device asked to stop the reply."""
@@ -138,6 +143,8 @@ class VoiceSession:
         elif isinstance(event, UtteranceDropped):
             self._cancel_speculation()
         elif isinstance(event, UtteranceEnded):
+            if event.forced and not self._flushing:  # VAD_MAX_UTTERANCE_S cut it
+                self.services.metrics.limit_hits.labels("utterance_length").inc()
             spec, self._speculation = self._speculation, None
             if spec is not None and not event.forced and spec.audio_len == event.paused_audio_len:
                 source = spec.wait
