@@ -165,7 +165,14 @@ async def test_utterance_length_and_llm_input_are_capped(tmp_path, audio_fixture
             await stream_wav_and_collect(client, _clip(audio_fixtures, entry), speed=2.0, timeout_s=60)
             # The session is still served after both limits were hit.
             await _ping_pong(client)
-        sent = [r["body"]["messages"][-1]["content"] for r in ai.requests if r["path"].endswith("/chat/completions")]
-    assert sent and all(len(text) <= 10 for text in sent)
+
+            def sent() -> list[str]:
+                return [r["body"]["messages"][-1]["content"] for r in ai.requests
+                        if r["path"].endswith("/chat/completions")]
+
+            with trio.fail_after(30):
+                while not sent():
+                    await trio.sleep(0.05)
+    assert all(len(text) <= 10 for text in sent())
     assert _limit_hits(server, "utterance_length") >= 1
     assert _limit_hits(server, "llm_input_chars") >= 1

@@ -170,6 +170,8 @@ class VoiceSession:
         turn = self._turn
         if turn is None or turn.done.is_set() or turn.interrupted:
             return
+        if turn.utterance.forced:
+            return  # the speech going on is the rest of the same long utterance, not an interruption
         if self.vad.current_speech_ms >= self.services.settings.barge_in_min_ms:
             log.info("barge-in: user speech while turn %s was %s", turn.turn_id,
                      "playing" if turn.playing else "thinking")
