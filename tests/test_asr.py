@@ -495,3 +495,22 @@ def test_fast_engine_transcribes_real_speech(real_base_model: Any, audio_fixture
         t = engine.transcribe(pcm, clip["lang"])
         assert t.engine == "fast" and t.dropped is None, t
         assert char_error_rate(clip["text"], t.text, clip["lang"]) <= 0.15, (clip["text"], t.text)
+
+
+def test_bench_summary_applies_the_target_per_language() -> None:
+    from bench.asr import summarize
+
+    def row(clip_id: str, lang: str, stock: tuple[float, float], fast: tuple[float, float]) -> dict:
+        return {"id": clip_id, "lang": lang,
+                "stock": {"latency_s": stock[0], "cer": stock[1], "dropped": None},
+                "fast": {"latency_s": fast[0], "cer": fast[1], "dropped": None}}
+
+    rows = [row("zh-0", "zh", (1.0, 0.10), (0.25, 0.11)), row("zh-1", "zh", (1.2, 0.10), (0.35, 0.12)),
+            row("en-0", "en", (1.0, 0.00), (0.50, 0.00)), row("en-1", "en", (1.0, 0.00), (0.20, 0.05))]
+    summary = summarize(rows)
+    assert list(summary) == ["zh", "en"]
+    assert summary["zh"]["speedup"] == pytest.approx(1.1 / 0.3)
+    assert summary["zh"]["cer_delta"] == pytest.approx(0.015)
+    assert summary["zh"]["target_met"] is True
+    # en: 2.86× faster and 0.025 worse: misses on both counts.
+    assert summary["en"]["target_met"] is False
