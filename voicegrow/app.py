@@ -46,8 +46,10 @@ async def running_server(settings: Settings) -> AsyncIterator[ServerHandle]:
     """Start persistence, the WebSocket server and the HTTP API; stop them gracefully on exit."""
     async with open_services(settings) as services, trio.open_nursery() as nursery:
         await nursery.start(services.persistence.run)
-        if settings.asr_preload:
+        if settings.asr_preload:  # the first user should not wait for a model load
             nursery.start_soon(services.asr.warm_up)
+            if hasattr(services.tts, "preload"):
+                nursery.start_soon(services.tts.preload)
         voice = VoiceServer(services)
         ws_port = await nursery.start(voice.run)
         http_stopped = trio.Event()
