@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Union
@@ -299,7 +300,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-_json_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+def _finite_float(text: str) -> float:
+    """serde_json refuses a number beyond a double ("number out of range"); Python would read inf."""
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+_json_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def _loads(raw: str | bytes | bytearray | memoryview, max_bytes: int) -> Any:
@@ -317,11 +326,35 @@ def _loads(raw: str | bytes | bytearray | memoryview, max_bytes: int) -> Any:
     else:
         raise XiaoaiError(XiaoaiErrorCode.BAD_SHAPE, f"expected str or bytes, got {type(raw).__name__}")
     try:
-        return _json_decoder.decode(text)
+        value = _json_decoder.decode(text)
     except RecursionError:
         raise XiaoaiError(XiaoaiErrorCode.TOO_DEEP, "JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, constants, ints longer than Python's digit limit
         raise XiaoaiError(XiaoaiErrorCode.INVALID_JSON, str(exc)) from None
+    # A lone surrogate comes from a \uD8xx escape (or a str that holds one); serde_json refuses it
+    # anywhere, and a message holding one could not be encoded again.
+    if (not text.isascii() or "\\u" in text) and _has_lone_surrogate(value):
+        raise XiaoaiError(XiaoaiErrorCode.BAD_FIELD, "a string holds a lone surrogate")
+    return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string (or key) in a decoded JSON value holds a surrogate code point, without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _string_field(body: dict[str, Any], key: str, *, required: bool) -> str | None:
@@ -332,12 +365,7 @@ def _string_field(body: dict[str, Any], key: str, *, required: bool) -> str | No
         return None
     if not isinstance(value, str):
         raise XiaoaiError(XiaoaiErrorCode.BAD_FIELD, f"`{key}` must be a string")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate escape, which serde_json refuses
-            raise XiaoaiError(XiaoaiErrorCode.BAD_FIELD, f"`{key}` holds a lone surrogate") from None
-    return value
+    return value  # lone surrogates were refused by _loads, in every string of the message
 
 
 def _is_i32(value: Any) -> bool:
