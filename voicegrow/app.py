@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 import trio
 
@@ -42,9 +43,11 @@ class ServerHandle:
 
 
 @contextlib.asynccontextmanager
-async def running_server(settings: Settings) -> AsyncIterator[ServerHandle]:
+async def running_server(settings: Settings, *,
+                         persistence_options: dict[str, Any] | None = None) -> AsyncIterator[ServerHandle]:
     """Start persistence, the WebSocket server and the HTTP API; stop them gracefully on exit."""
-    async with open_services(settings) as services, trio.open_nursery() as nursery:
+    async with open_services(settings, persistence_options=persistence_options) as services, \
+            trio.open_nursery() as nursery:
         await nursery.start(services.persistence.run)
         if settings.asr_preload:  # the first user should not wait for a model load
             nursery.start_soon(services.asr.warm_up)

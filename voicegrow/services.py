@@ -70,8 +70,12 @@ class Services:
 
 
 @contextlib.asynccontextmanager
-async def open_services(settings: Settings, *, metrics: Metrics | None = None) -> AsyncIterator[Services]:
-    """Build the services for one server; the HTTP client is closed when the block exits."""
+async def open_services(settings: Settings, *, metrics: Metrics | None = None,
+                        persistence_options: dict[str, Any] | None = None) -> AsyncIterator[Services]:
+    """Build the services for one server; the HTTP client is closed when the block exits.
+
+    ``persistence_options`` tunes the storage layer's retry timing (tests shorten it).
+    """
     from voicegrow.asr import build_asr_service
     from voicegrow.llm import build_llm
     from voicegrow.storage.persistence import Persistence
@@ -93,6 +97,7 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None) -
             asr=build_asr_service(settings, metrics=metrics),
             llm=build_llm(settings, http_client=http),
             tts=build_tts(settings, http_client=http),
-            persistence=Persistence.from_settings(settings, metrics=metrics),
+            persistence=Persistence.from_settings(settings, metrics=metrics, key_prefix=settings.redis_key_prefix,
+                                                  **(persistence_options or {})),
             device_credentials=credentials,
         )

@@ -141,6 +141,7 @@ class Settings:
     redis_port: int = _port(6379)
     redis_password: str = _field("", str, secret=True)
     redis_db: int = _field(0, int, low=0, high=1024)
+    redis_key_prefix: str = _field("voicegrow:", str)  # several deployments may share one Redis
     session_ttl_s: int = _field(86400, int, low=1, high=365 * 86400)
     minio_endpoint: str = _field("", str)
     minio_access_key: str = _field("", str, secret=True)

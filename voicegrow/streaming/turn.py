@@ -256,16 +256,24 @@ class Turn:
         if self.transcript and (spoken or self.outcome == "completed"):
             self.history.append(self.transcript, spoken)
         timings = self.timings_ms()
+        log.info("turn %s %s: heard %r, replied %r", self.turn_id, self.outcome, self.transcript[:80],
+                 spoken[:80], extra={"turn": self.turn_id, "timings_ms": timings, "outcome": self.outcome})
+        if self.transcript or self.outcome == "failed":
+            await self._store(timings, spoken)  # a local spool append: the device hears of it after
         with trio.move_on_after(2.0):
             try:
                 await self.link.send_event("turn_end", {"outcome": self.outcome, "error": self.error}, self.turn_id)
                 await self.link.send_event("turn_timings", timings, self.turn_id)
-            except Exception:  # the device may be gone; the record below still matters
+            except Exception:  # the device may be gone; the record is already kept
                 pass
-        log.info("turn %s %s: heard %r, replied %r", self.turn_id, self.outcome, self.transcript[:80],
-                 spoken[:80], extra={"turn": self.turn_id, "timings_ms": timings, "outcome": self.outcome})
-        if self.outcome == "empty" and not self.transcript:
-            return
+        if self.transcript:
+            with trio.move_on_after(2.0):
+                try:
+                    await services.persistence.save_history(self.device_id, history_to_messages(self.history))
+                except Exception:
+                    log.exception("could not save the conversation history of %s", self.device_id)
+
+    async def _store(self, timings: dict[str, float], spoken: str) -> None:
         from voicegrow.storage.records import TurnRecord
 
         record = TurnRecord(
@@ -274,10 +282,8 @@ class Turn:
             language=self.language, timings_ms=timings, outcome=self.outcome, error=self.error)
         with trio.move_on_after(5.0):
             try:
-                await services.persistence.submit_turn(record, self.utterance.audio, 16000,
-                                                       bytes(self.reply_audio), self.link.output_rate)
-                if self.transcript:
-                    await services.persistence.save_history(self.device_id, history_to_messages(self.history))
+                await self.services.persistence.submit_turn(record, self.utterance.audio, 16000,
+                                                            bytes(self.reply_audio), self.link.output_rate)
             except Exception:
                 log.exception("could not hand turn %s to persistence", self.turn_id)
 
