@@ -414,6 +414,16 @@ def test_healthcheck_local(health_server: tuple[int, bool], tmp_path: Path) -> N
     assert f"127.0.0.1:{port}/api/v1/health" in result.stdout
 
 
+async def test_healthcheck_local_against_the_real_server(embedded_server, tmp_path: Path) -> None:
+    require_tool("curl", "curl")
+    import trio
+
+    env = script_env(tmp_path, HTTP_PORT=str(embedded_server.http_port))
+    result = await trio.to_thread.run_sync(lambda: run_script("healthcheck.sh", "--local", env=env))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("ok ")
+
+
 def test_healthcheck_local_fails_when_nothing_listens(tmp_path: Path) -> None:
     require_tool("curl", "curl")
     result = run_script("healthcheck.sh", "--local", "--url", f"http://127.0.0.1:{free_port()}/api/v1/health",
