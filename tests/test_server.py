@@ -189,3 +189,49 @@ async def test_shutdown_says_goodbye_with_a_close_frame(tmp_path) -> None:
 
         nursery.start_soon(run_server)
     assert any(isinstance(f, wire.Close) and f.code == 1001 for f in got)
+
+
+async def _raw_hello_without_pong_answers(port: int) -> tuple[trio.SocketStream, WSConnection]:
+    """Like ``_raw_session``, but this peer never answers WebSocket pings (as many devices do)."""
+    stream, conn = await _raw_session(port)
+    return stream, conn
+
+
+async def _alive_after(stream: trio.SocketStream, conn: WSConnection, seconds: float) -> bool:
+    """Keep reading (never answering pings) for ``seconds``; False if the server closed the connection."""
+    from wsproto.events import CloseConnection
+
+    with trio.move_on_after(seconds):
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return False
+            conn.receive_data(data)
+            if any(isinstance(e, CloseConnection) for e in conn.events()):
+                return False
+    return True
+
+
+async def test_devices_that_never_answer_pings_are_not_dropped_by_default(tmp_path) -> None:
+    async with running_server(make_settings(tmp_path)) as server:  # WS_PING_INTERVAL_S=0: no pings
+        stream, conn = await _raw_hello_without_pong_answers(server.ws_port)
+        assert await _alive_after(stream, conn, 3.0)
+        assert len(server.services.registry) == 1
+        await stream.aclose()
+
+
+async def test_configured_keepalive_ends_a_session_that_never_answers(tmp_path) -> None:
+    settings = make_settings(tmp_path, ws_ping_interval_s=0.3, ws_ping_timeout_s=1)
+    async with running_server(settings) as server:
+        stream, conn = await _raw_hello_without_pong_answers(server.ws_port)
+        assert not await _alive_after(stream, conn, 10.0)
+        with trio.fail_after(5):
+            await server.services.registry.wait_empty()
+        await stream.aclose()
+        # A client whose library answers pings stays.
+        async with open_native_client(server.ws_url, device_id="answers") as client:
+            await trio.sleep(2.0)
+            await client.send(wire.Ping(nonce=9))
+            with trio.fail_after(5):
+                while not isinstance(await client.next_frame(), wire.Pong):
+                    pass

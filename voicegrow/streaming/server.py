@@ -145,7 +145,11 @@ class VoiceServer:
         try:
             with trio.CancelScope() as scope:
                 info.cancel_scope = scope
-                await self._serve(ws, info, request, connected_at)
+                async with trio.open_nursery() as nursery:
+                    if self.services.settings.ws_ping_interval_s > 0:
+                        nursery.start_soon(self._keepalive, ws, scope)
+                    await self._serve(ws, info, request, connected_at)
+                    nursery.cancel_scope.cancel()
         except Exception:
             outcome = "error"
             log.exception("session crashed")  # contained: other sessions are untouched
@@ -180,6 +184,24 @@ class VoiceServer:
 
         info.protocol = "native"
         await NativeSession(self.services, ws, info, first, handshake_deadline).run()
+
+    async def _keepalive(self, ws: WebSocketConnection, session: trio.CancelScope) -> None:
+        """WebSocket pings, only when WS_PING_INTERVAL_S is set: many devices never answer them.
+
+        A peer that does not answer within WS_PING_TIMEOUT_S is taken for gone and its session ends.
+        """
+        s = self.services.settings
+        while True:
+            await trio.sleep(s.ws_ping_interval_s)
+            with trio.move_on_after(s.ws_ping_timeout_s):
+                try:
+                    await ws.ping()
+                except ConnectionClosed:
+                    return
+                continue
+            log.info("no pong within %.0f s; closing the session", s.ws_ping_timeout_s)
+            session.cancel()
+            return
 
     async def _record_end(self, info: SessionInfo, outcome: str) -> None:
         try:
