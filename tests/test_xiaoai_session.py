@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
@@ -20,8 +19,9 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from bench.fake_ai import FakeAiConfig, run_fake_ai
 from bench.xiaoai_emulator import DEFAULT_MODEL, DEFAULT_SERIAL, SpeakerEmulator, recognize_result_line, run_emulator
 from tests.conftest import make_settings
+from tests.test_pipeline_e2e import _speech_onset_s  # the same onset rule as the native barge-in test
 from voicegrow.app import ServerHandle, running_server
-from voicegrow.audio import read_wav, rms_dbfs
+from voicegrow.audio import read_wav
 from voicegrow.client import open_native_client, stream_wav_and_collect
 from voicegrow.protocol import xiaoai as proto
 from voicegrow.protocol.xiaoai import AudioConfig, Request, Response
@@ -313,6 +313,24 @@ async def test_a_reconnect_supersedes_the_old_session_and_rearms(tmp_path) -> No
         assert session.device_id == DEVICE_ID
 
 
+async def test_server_shutdown_closes_speaker_sessions_with_1001(tmp_path) -> None:
+    codes: list[int] = []
+    async with trio.open_nursery() as nursery:
+        async with _server(tmp_path) as server:
+            armed = trio.Event()
+
+            async def speaker() -> None:
+                async with open_websocket_url(server.ws_url) as ws:
+                    await _handshake_by_hand(ws)
+                    armed.set()
+                    codes.append(await _expect_close(ws, timeout=10))
+
+            nursery.start_soon(speaker)
+            with trio.fail_after(5):
+                await armed.wait()
+    assert codes == [1001]
+
+
 async def test_speaker_rpc_times_out_and_reports_refusals(tmp_path) -> None:
     from voicegrow.streaming.outbox import Outbox
     from voicegrow.streaming.xiaoai import SpeakerRpc
@@ -345,15 +363,6 @@ async def test_speaker_rpc_times_out_and_reports_refusals(tmp_path) -> None:
 
 
 # -- conversations: real VAD and Whisper, the fake LLM/TTS ----------------------------------------------
-
-
-def _speech_onset_s(pcm: bytes) -> float:
-    """Where speech starts in a clip: the first 10 ms frame louder than -40 dBFS."""
-    samples = np.frombuffer(pcm, dtype="<i2")
-    for start in range(0, len(samples) - 160, 160):
-        if rms_dbfs(samples[start:start + 160]) > -40:
-            return start / 16000
-    raise AssertionError("no speech in clip")
 
 
 @pytest.mark.slow

@@ -35,6 +35,8 @@ from voicegrow.streaming.registry import SessionInfo
 from voicegrow.streaming.voice import VoiceSession, begin_device_session
 
 __all__ = [
+    "CLOSE_REFUSED",
+    "CLOSE_UNRESPONSIVE",
     "PLAY_CHUNK_MS",
     "PLAY_RATE",
     "RECORD_RATE",
@@ -78,6 +80,8 @@ class RequestFailure(enum.Enum):
 
 
 class SpeakerRequestError(Exception):
+    """A request to the speaker failed; ``code`` tells a dead speaker from a refused command."""
+
     def __init__(self, code: RequestFailure, request: Request, reason: str) -> None:
         super().__init__(f"{request.command}: {code.value}: {reason}")
         self.code = code
