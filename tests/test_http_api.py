@@ -9,7 +9,6 @@ import sys
 import time
 
 import httpx
-import pytest
 import trio
 
 from tests.conftest import make_settings

@@ -18,6 +18,7 @@ from voicegrow.protocol import native as wire
 from voicegrow.protocol.errors import ErrorCode, ProtocolError
 from voicegrow.services import Services
 from voicegrow.streaming.ingest import IngestLagMeter
+from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.streaming.registry import SessionInfo
 from voicegrow.streaming.voice import VoiceSession, begin_device_session
@@ -72,43 +73,16 @@ class NativeSession:
         self.info = info
         self._first = first_message
         self._handshake_deadline = handshake_deadline
-        settings = services.settings
-        self.outbox = Outbox(ws.send_message, size=settings.write_queue_frames,
-                             slow_reader_timeout_s=settings.slow_reader_timeout_s, on_stall=self._on_stall)
-        self._stalled = False
-        self.decoder = wire.FrameDecoder(max_payload=settings.max_frame_bytes)
+        self.connection = DeviceConnection(services, ws, goodbye=_close_frame)
+        self.outbox = self.connection.outbox
+        self.decoder = wire.FrameDecoder(max_payload=services.settings.max_frame_bytes)
         self.state = wire.ServerConnectionState()
-        self._nursery: trio.Nursery | None = None
-        self._closing = False
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self.info.request_close = self._request_close
-            nursery.start_soon(self._writer)
+        async with self.connection.running(self.info) as nursery:
             hello = await self._handshake()
-            if hello is None:
-                nursery.cancel_scope.cancel()
-                return
-            await self._serve(hello, nursery)
-        if self._stalled:
-            with trio.move_on_after(1.0):
-                await self.ws.aclose(1008, "slow reader: write queue full")
-
-    def _on_stall(self) -> None:
-        """The device stopped reading: end the session rather than buffer without bound."""
-        log.warning("closing slow reader: write queue full for %.0f s", self.services.settings.slow_reader_timeout_s)
-        self.services.metrics.limit_hits.labels("slow_reader").inc()
-        self._stalled = True
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
-
-    async def _writer(self) -> None:
-        try:
-            await self.outbox.run()
-        except ConnectionClosed:
-            assert self._nursery is not None
-            self._nursery.cancel_scope.cancel()
+            if hello is not None:
+                await self._serve(hello, nursery)
 
     async def _next_frame(self) -> wire.Frame:
         if self._first is not None:
@@ -200,10 +174,8 @@ class NativeSession:
                 frame = await self._next_frame()
             except ProtocolError as exc:
                 await self._fail(exc)
-                nursery.cancel_scope.cancel()
                 return
             except ConnectionClosed:
-                nursery.cancel_scope.cancel()
                 return
             if isinstance(frame, wire.Audio):
                 frames_received.inc()
@@ -214,7 +186,6 @@ class NativeSession:
                     services.metrics.limit_hits.labels("audio_rate").inc()
                     await self._fail(ProtocolError(ErrorCode.RATE_LIMITED, (
                         f"audio arrives faster than {settings.max_audio_rate:g}x real time (MAX_AUDIO_RATE)")))
-                    nursery.cancel_scope.cancel()
                     return
                 await voice.feed_audio(frame.pcm)
                 if last_ts is not None:
@@ -226,8 +197,7 @@ class NativeSession:
             elif isinstance(frame, wire.Ping):
                 await self.outbox.put(wire.encode(wire.Pong(nonce=frame.nonce)))
             elif isinstance(frame, wire.Close):
-                await self._close(1000, "bye")
-                nursery.cancel_scope.cancel()
+                await self.connection.close(1000, "bye")
                 return
 
     async def _on_control(self, frame: wire.Control, voice: VoiceSession) -> None:
@@ -250,29 +220,9 @@ class NativeSession:
                 await self.outbox.drain()
             except ConnectionClosed:
                 pass
-        await self._close(exc.ws_close_code, exc.reason)
+        await self.connection.close(exc.ws_close_code, exc.reason)
 
-    async def _close(self, code: int, reason: str) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        with trio.move_on_after(2.0):
-            try:
-                await self.outbox.drain()
-                await self.ws.aclose(code, reason[:120])
-            except ConnectionClosed:
-                pass
 
-    def _request_close(self, code: int, reason: str) -> None:
-        """Shutdown asks us to leave: a close frame, then the WebSocket close."""
-        nursery = self._nursery
-        if nursery is None or self._closing:
-            return
-
-        async def goodbye() -> None:
-            self.outbox.put_nowait(wire.encode(wire.Close(code=code, reason=reason)))
-            await self._close(code, reason)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(goodbye)
-
+def _close_frame(code: int, reason: str) -> bytes:
+    """The native goodbye: a CLOSE frame before the WebSocket close."""
+    return wire.encode(wire.Close(code=code, reason=reason))

@@ -30,6 +30,7 @@ from voicegrow.protocol import xiaoai as wire
 from voicegrow.protocol.xiaoai import Request, Response, Stream, XiaoaiError
 from voicegrow.services import Services
 from voicegrow.streaming.ingest import IngestLagMeter
+from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.streaming.registry import SessionInfo
 from voicegrow.streaming.voice import VoiceSession, begin_device_session
@@ -303,17 +304,13 @@ class XiaoaiSession:
         self.host = str(getattr(remote, "address", remote))
         self.access = XiaoaiAccessPolicy.from_settings_text(settings.xiaoai_token, settings.xiaoai_allowlist)
         self.silence_commands = parse_silence_commands(settings.xiaoai_silence_commands)
-        self.outbox = Outbox(ws.send_message, size=settings.write_queue_frames,
-                             slow_reader_timeout_s=settings.slow_reader_timeout_s, on_stall=self._on_stall)
+        self.connection = DeviceConnection(services, ws)
+        self.outbox = self.connection.outbox
         self.rpc = SpeakerRpc(self.outbox, timeout_s=settings.xiaoai_request_timeout_s)
         self.identity: SpeakerIdentity | None = None
         self.voice: VoiceSession | None = None
         self.link: XiaoaiLink | None = None
         self._nursery: trio.Nursery | None = None
-        self._closing = False
-        self._close_requested: tuple[int, str] | None = None
-        self._close_asked = trio.Event()
-        self._stalled = False
         self._silencing = False
         self._recording_armed_at = trio.current_time()
         self._last_record_at = -1.0
@@ -326,19 +323,12 @@ class XiaoaiSession:
         if refusal is not None:
             await self._refuse(refusal)
             return
-        async with trio.open_nursery() as nursery:
+        async with self.connection.running(self.info) as nursery:
             self._nursery = nursery
-            self.info.request_close = self._request_close
-            nursery.start_soon(self._writer)
             nursery.start_soon(self._reader)
-            nursery.start_soon(self._close_when_asked)
-            if await self._establish(nursery):
-                nursery.start_soon(self._watch_recorder)
-            else:
-                nursery.cancel_scope.cancel()
-        if self._stalled:
-            with trio.move_on_after(1.0):
-                await self.ws.aclose(1008, "slow reader: write queue full")
+            if not await self._establish(nursery):
+                return
+            await self._watch_recorder()
 
     # -- establishing the session -------------------------------------------------------------------
 
@@ -353,7 +343,7 @@ class XiaoaiSession:
             if exc.code is RequestFailure.TIMEOUT:
                 log.info("no answer from %s before the handshake deadline; closing", self.host)
                 services.metrics.protocol_errors.labels("xiaoai_handshake_timeout").inc()
-                await self._close(CLOSE_UNRESPONSIVE, "no answer before the handshake deadline")
+                await self.connection.close(CLOSE_UNRESPONSIVE, "no answer before the handshake deadline")
                 return False
             log.info("device info failed (%s); naming the speaker by its address", exc.reason)
         identity = self.identity = speaker_identity(device_info, self.host)
@@ -400,7 +390,7 @@ class XiaoaiSession:
             if exc.code is RequestFailure.TIMEOUT:
                 log.warning("the speaker stopped answering (%s); closing", exc)
                 self.services.metrics.protocol_errors.labels("xiaoai_request_timeout").inc()
-                await self._close(CLOSE_UNRESPONSIVE, "the speaker stopped answering requests")
+                await self.connection.close(CLOSE_UNRESPONSIVE, "the speaker stopped answering requests")
             else:
                 log.warning("speaker request failed: %s", exc)
             return None
@@ -461,8 +451,7 @@ class XiaoaiSession:
                 except XiaoaiError as exc:
                     self._protocol_error(exc.code.value, exc.reason)
         except ConnectionClosed:
-            assert self._nursery is not None
-            self._nursery.cancel_scope.cancel()
+            self.connection.end()
 
     def _protocol_error(self, code: str, reason: str) -> None:
         """Bad input is counted and ignored, as the client itself does: it never ends the session."""
@@ -522,51 +511,7 @@ class XiaoaiSession:
 
     # -- writing and closing ------------------------------------------------------------------------
 
-    async def _writer(self) -> None:
-        try:
-            await self.outbox.run()
-        except ConnectionClosed:
-            assert self._nursery is not None
-            self._nursery.cancel_scope.cancel()
-
-    def _on_stall(self) -> None:
-        """The speaker stopped reading: end the session rather than buffer without bound."""
-        log.warning("closing slow reader: write queue full for %.0f s", self.services.settings.slow_reader_timeout_s)
-        self.services.metrics.limit_hits.labels("slow_reader").inc()
-        self._stalled = True
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
-
     async def _refuse(self, reason: str) -> None:
         log.warning("refused open-xiaoai speaker from %s: %s", self.host, reason)
         self.services.metrics.auth_refusals.labels("xiaoai", reason).inc()
-        await self._close(CLOSE_REFUSED, reason)
-
-    async def _close(self, code: int, reason: str) -> None:
-        """Send what is queued, close the WebSocket, end the session's tasks."""
-        if self._closing:
-            return
-        self._closing = True
-        with trio.move_on_after(2.0):
-            try:
-                await self.outbox.drain()
-                await self.ws.aclose(code, reason[:120])
-            except ConnectionClosed:
-                pass
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
-
-    def _request_close(self, code: int, reason: str) -> None:
-        """Shutdown (or a newer connection of the same speaker) asks us to leave.
-
-        Called from outside the session's task tree, possibly while it is ending: it only records
-        the wish, and the session's own closer task acts on it.
-        """
-        if self._close_requested is None:
-            self._close_requested = (code, reason)
-            self._close_asked.set()
-
-    async def _close_when_asked(self) -> None:
-        await self._close_asked.wait()
-        assert self._close_requested is not None
-        await self._close(*self._close_requested)
+        await self.connection.close(CLOSE_REFUSED, reason)
