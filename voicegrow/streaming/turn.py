@@ -125,7 +125,7 @@ class Turn:
         messages = self.history.messages(settings.llm_system_prompt or DEFAULT_SYSTEM_PROMPT, user_text)
 
         sentences_tx, sentences_rx = trio.open_memory_channel[str](16)
-        audio_tx, audio_rx = trio.open_memory_channel[tuple[str, bytes | None]](256)
+        audio_tx, audio_rx = trio.open_memory_channel[tuple[int, str, bytes | None]](256)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._llm_stage, messages, sentences_tx)
             nursery.start_soon(self._tts_stage, sentences_rx, audio_tx)
@@ -166,11 +166,11 @@ class Turn:
         await sentences.send(sentence)
 
     async def _tts_stage(self, sentences: trio.MemoryReceiveChannel[str],
-                         audio: trio.MemorySendChannel[tuple[str, bytes | None]]) -> None:
+                         audio: trio.MemorySendChannel[tuple[int, str, bytes | None]]) -> None:
         tts = self.services.tts
         out_rate = self.link.output_rate
         async with audio, sentences:
-            async for sentence in sentences:
+            async for index, sentence in _enumerate(sentences):
                 resampler = StreamResampler(tts.output_rate, out_rate) if tts.output_rate != out_rate else None
                 try:
                     async for chunk in tts.synthesize(sentence, self.language):
@@ -180,9 +180,9 @@ class Turn:
                             self._mark("tts_first_audio")
                         if resampler is not None:
                             chunk = _pcm_bytes(resampler.process(np.frombuffer(chunk, dtype="<i2")))
-                        await audio.send((sentence, chunk))
+                        await audio.send((index, sentence, chunk))
                     if resampler is not None:
-                        await audio.send((sentence, _pcm_bytes(resampler.flush())))
+                        await audio.send((index, sentence, _pcm_bytes(resampler.flush())))
                     self.services.metrics.tts_requests.labels("success").inc()
                 except trio.Cancelled:
                     raise
@@ -192,9 +192,9 @@ class Turn:
                         "timeout" if reason == "timeout" else "error").inc()
                     self.outcome, self.error = "failed", f"tts: {reason}: {exc}"
                     log.warning("TTS failed for turn %s on %r: %s", self.turn_id, sentence[:40], exc)
-                await audio.send((sentence, None))  # sentence boundary
+                await audio.send((index, sentence, None))  # the sentence is complete
 
-    async def _playback_stage(self, audio: trio.MemoryReceiveChannel[tuple[str, bytes | None]]) -> None:
+    async def _playback_stage(self, audio: trio.MemoryReceiveChannel[tuple[int, str, bytes | None]]) -> None:
         link = self.link
 
         async def send(chunk: bytes) -> None:
@@ -206,14 +206,17 @@ class Turn:
         pacer = AudioPacer(send, sample_rate=link.output_rate,
                            lead_s=self.services.settings.tts_lead_ms / 1000, chunk_ms=link.chunk_ms)
         started = False
+        announced = -1  # index of the last sentence announced with tts_sentence
         async with audio:
-            async for sentence, chunk in audio:
+            async for index, sentence, chunk in audio:
                 if not started:
                     self.playing = started = True
                     await link.send_event("tts_start", {"sample_rate": link.output_rate}, self.turn_id)
+                if index != announced:
+                    announced = index
+                    await link.send_event("tts_sentence", {"text": sentence}, self.turn_id)
                 if chunk is None:
                     await pacer.flush()
-                    await link.send_event("tts_sentence", {"text": sentence}, self.turn_id)
                     self.played_sentences.append(sentence)
                     continue
                 await pacer.feed(chunk)
@@ -286,6 +289,13 @@ class Turn:
                                                             bytes(self.reply_audio), self.link.output_rate)
             except Exception:
                 log.exception("could not hand turn %s to persistence", self.turn_id)
+
+
+async def _enumerate(channel: trio.MemoryReceiveChannel[str]) -> Any:
+    index = 0
+    async for item in channel:
+        yield index, item
+        index += 1
 
 
 def history_to_messages(history: ConversationHistory) -> list[dict[str, str]]:
