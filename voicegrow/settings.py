@@ -74,7 +74,6 @@ class Settings:
     max_sessions_per_ip: int = _field(50, int, low=1, high=100_000)
     max_connects_per_ip_per_min: int = _field(120, int, low=1, high=1_000_000)
     max_audio_rate: float = _field(3.0, float, low=1.0, high=100.0)  # × real time
-    max_pending_turns: int = _field(2, int, low=1, high=100)
     max_llm_input_chars: int = _field(2000, int, low=10, high=1_000_000)
 
     # -- device auth (native protocol)
