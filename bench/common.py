@@ -11,6 +11,7 @@ steal from what it measures), or a URL.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -36,32 +37,40 @@ from bench.asr import Clip, default_clips_dir, load_clips
 from bench.asr import machine_info as asr_machine_info
 
 __all__ = [
+    "add_common_options",
+    "assumed_settings",
+    "bench_settings",
     "BenchError",
     "Clip",
-    "FakeAiKnobs",
-    "MetricsSnapshot",
-    "ProcessSample",
-    "REPO_ROOT",
-    "ServerUnderTest",
-    "SpeechSpan",
-    "bench_settings",
     "clip_pcm",
     "count_tasks",
     "default_clips_dir",
+    "FakeAiKnobs",
+    "fmt",
     "free_port",
     "histogram_quantile",
     "load_clips",
     "locate_speech",
     "machine_info",
     "markdown_table",
+    "MetricsSnapshot",
+    "own_cpu_s",
     "parse_overrides",
     "percentiles",
+    "ProcessSample",
     "progress",
     "pyplot",
+    "REPO_ROOT",
+    "report",
+    "run_command",
+    "Runner",
     "sample_process",
+    "save_figure",
     "select_clips",
     "server_environment",
     "server_under_test",
+    "ServerUnderTest",
+    "SpeechSpan",
     "write_json",
     "xiaoai_driver_present",
 ]
@@ -320,6 +329,10 @@ class FakeAiKnobs:
     tts_ms_per_char: float = 15.0
     tts_first_chunk_ms: float = 50.0
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> FakeAiKnobs:
+        return cls(args.llm_ttft_ms, args.llm_tokens_per_s, args.tts_ms_per_char)
+
     def config(self) -> Any:
         from bench.fake_ai import FakeAiConfig
 
@@ -371,6 +384,18 @@ def bench_settings(env: Mapping[str, str]) -> Any:
         raise BenchError("bad_settings", str(exc)) from exc
 
 
+def assumed_settings(server: ServerUnderTest, env_file: str | None) -> Any:
+    """The server's settings: ours when we started it; for a URL, those of ``env_file`` under this
+    process's environment (the VAD replay and the components need them to match the server's)."""
+    if server.settings is not None:
+        return server.settings
+    from voicegrow.settings import read_env_file
+
+    env = dict(read_env_file(env_file)) if env_file else {}
+    env.update(os.environ)
+    return bench_settings(env)
+
+
 @dataclasses.dataclass
 class ServerUnderTest:
     """Where the simulated devices connect, and what can be observed of the server.
@@ -391,9 +416,8 @@ class ServerUnderTest:
     admin_token: str = ""
 
     async def metrics(self) -> MetricsSnapshot | None:
-        """The server's Prometheus figures now (in-process: read directly, else ``GET /metrics``)."""
-        if self.handle is not None:
-            return MetricsSnapshot.parse(self.handle.services.metrics.render().decode())
+        """The server's Prometheus figures now, from ``GET /metrics`` in every mode (the handler also
+        refreshes the gauges that are only set when scraped, such as the live sessions)."""
         if not self.http_url:
             return None
         try:
@@ -576,6 +600,51 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """The options every command takes: clips, the fake AI's pacing, server settings, reaching a URL, output."""
+    parser.add_argument("--clips", type=Path, default=None, help="directory with manifest.json and 16 kHz WAVs")
+    parser.add_argument("--llm-ttft-ms", type=float, default=300.0, help="fake LLM time to first token (default 300)")
+    parser.add_argument("--llm-tokens-per-s", type=float, default=40.0, help="fake LLM token rate (default 40)")
+    parser.add_argument("--tts-ms-per-char", type=float, default=15.0,
+                        help="fake TTS audio per character (default 15: short replies keep runs short)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting of the server the bench starts, e.g. --set ASR_SPECULATIVE=false")
+    parser.add_argument("--http-url", help="with --url: the server's HTTP API (metrics, admin API)")
+    parser.add_argument("--admin-token", default="", help="with --url: the server's ADMIN_TOKEN")
+    parser.add_argument("--env-file", help="with --url: the server's .env, for its VAD (and ASR, LLM, TTS) settings")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--plot", type=Path, help="write the plot here (PNG)")
+
+
+Runner = Callable[[argparse.Namespace, list[Clip]], Awaitable[dict[str, Any]]]
+
+
+def run_command(name: str, args: argparse.Namespace, run: Runner, *, clip_count: int,
+                render: Callable[[dict[str, Any], argparse.Namespace], str],
+                plot: Callable[[dict[str, Any], Path], None], passed: Callable[[dict[str, Any]], bool]) -> int:
+    """Load the clips, run, print the Markdown, write JSON and PNG: 0 passed, 1 not, 2 could not run."""
+    clips_dir = args.clips or default_clips_dir()
+    try:
+        clips = select_clips(load_clips(clips_dir), clip_count)
+        if not clips:
+            raise BenchError("no_clips", f"no clips in {clips_dir}")
+        results = trio.run(run, args, clips)
+    except (BenchError, OSError) as exc:
+        print(f"bench {name}: {exc}", file=sys.stderr)
+        return 2
+    print(render(results, args))
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "admin_token"}
+        settings["clips"] = str(clips_dir)
+        write_json(args.json, report(name, settings, results))
+    if args.plot:
+        plot(results, args.plot)
+    return 0 if passed(results) else 1
 
 
 # -- reports ---------------------------------------------------------------------------------------------

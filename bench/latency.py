@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
-import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,22 +40,19 @@ from bench.common import (
     FakeAiKnobs,
     ServerUnderTest,
     SpeechSpan,
-    bench_settings,
+    add_common_options,
+    assumed_settings,
     clip_pcm,
-    default_clips_dir,
     fmt,
-    load_clips,
     locate_speech,
     markdown_table,
     parse_overrides,
     percentiles,
     progress,
     pyplot,
-    report,
+    run_command,
     save_figure,
-    select_clips,
     server_under_test,
-    write_json,
     xiaoai_driver_present,
 )
 
@@ -293,14 +288,14 @@ async def _components_for(server: ServerUnderTest, settings: Any) -> Any:
 async def run_latency(args: argparse.Namespace, clips: Sequence[Clip]) -> dict[str, Any]:
     """Speak the clips, measure the components, and return every figure (see :func:`summarize`)."""
     overrides = parse_overrides(args.set)
-    knobs = FakeAiKnobs(args.llm_ttft_ms, args.llm_tokens_per_s, args.tts_ms_per_char)
     mode = "url" if args.url else "in-process"
     if args.protocol == "xiaoai" and mode != "url" and not xiaoai_driver_present():
         raise BenchError("no_xiaoai_driver", "this checkout's server has no open-xiaoai driver "
                          "(voicegrow/streaming/xiaoai.py) yet")
-    async with server_under_test(mode, fake_ai=None if args.url else knobs, overrides=overrides, url=args.url,
-                                 http_url=args.http_url, admin_token=args.admin_token) as server:
-        settings = server.settings or _url_settings(args)
+    async with server_under_test(mode, fake_ai=None if args.url else FakeAiKnobs.from_args(args),
+                                 overrides=overrides, url=args.url, http_url=args.http_url,
+                                 admin_token=args.admin_token) as server:
+        settings = assumed_settings(server, args.env_file)
         chunk = NATIVE_FRAME_MS * 32 if args.protocol == "native" else XIAOAI_FRAME_BYTES
         async with _components_for(server, settings) as components:
             run_id = uuid.uuid4().hex[:8]
@@ -313,15 +308,6 @@ async def run_latency(args: argparse.Namespace, clips: Sequence[Clip]) -> dict[s
                         turns.append(turn)
                     bar.update()
     return summarize(turns, server.mode, settings)
-
-
-def _url_settings(args: argparse.Namespace) -> Any:
-    """For ``--url``: the settings the server is assumed to run with (this environment, or ``--env-file``)."""
-    from voicegrow.settings import read_env_file
-
-    env = dict(read_env_file(args.env_file)) if args.env_file else {}
-    env.update(os.environ)
-    return bench_settings(env)
 
 
 async def _measure_turn(server: ServerUnderTest, components: Components, clip: Clip, index: int, chunk: int,
@@ -436,7 +422,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
     if rows:
         positions = list(range(len(rows), 0, -1))
-        ax.boxplot([v for _, v in rows], positions=positions, vert=False, widths=0.6, showfliers=False)
+        ax.boxplot([v for _, v in rows], positions=positions, orientation="horizontal", widths=0.6, showfliers=False)
         for pos, (_, values) in zip(positions, rows):
             jitter = [pos + 0.15 * ((i % 5) - 2) / 2 for i in range(len(values))]
             ax.scatter(values, jitter, s=10, alpha=0.6, color="C0")
@@ -450,44 +436,21 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench latency", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server's WebSocket URL (default: an in-process server)")
-    parser.add_argument("--http-url", help="its HTTP API, for open-xiaoai stage timings (admin API)")
-    parser.add_argument("--admin-token", default="", help="ADMIN_TOKEN of the server at --http-url")
-    parser.add_argument("--env-file", help="with --url: the server's .env, for its VAD, ASR, LLM and TTS settings")
     parser.add_argument("--protocol", choices=("native", "xiaoai"), default="native")
-    parser.add_argument("--clips", type=Path, default=None, help="directory with manifest.json and 16 kHz WAVs")
     parser.add_argument("--turns", type=int, default=12, help="measured turns, clips mixed zh/en (default 12)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured turns first (default 1)")
-    parser.add_argument("--llm-ttft-ms", type=float, default=300.0, help="fake LLM time to first token")
-    parser.add_argument("--llm-tokens-per-s", type=float, default=40.0, help="fake LLM token rate")
-    parser.add_argument("--tts-ms-per-char", type=float, default=15.0,
-                        help="fake TTS audio per character (short replies keep the run short)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a reply")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a server setting for the in-process server, e.g. --set ASR_SPECULATIVE=false")
-    parser.add_argument("--json", type=Path, help="write every figure here")
-    parser.add_argument("--plot", type=Path, help="write the distribution plot here (PNG)")
-    return parser.parse_args(argv)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a reply (default 60)")
+    add_common_options(parser)
+    args = parser.parse_args(argv)
+    if args.turns < 1 or args.warmup < 0:
+        parser.error("--turns must be at least 1 and --warmup not negative")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    clips_dir = args.clips or default_clips_dir()
-    try:
-        clips = select_clips(load_clips(clips_dir), args.turns)
-        if not clips:
-            raise BenchError("no_clips", f"no clips in {clips_dir}")
-        results = trio.run(run_latency, args, clips)
-    except (BenchError, OSError) as exc:
-        print(f"bench latency: {exc}", file=sys.stderr)
-        return 2
-    print(render_markdown(results, args))
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "admin_token"}
-    settings["clips"] = str(clips_dir)
-    if args.json:
-        write_json(args.json, report("latency", settings, results))
-    if args.plot:
-        plot(results, args.plot)
-    return 0 if results["summary"]["turns_ok"] else 1
+    return run_command("latency", args, run_latency, clip_count=args.turns, render=render_markdown, plot=plot,
+                       passed=lambda results: results["summary"]["turns_ok"] > 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,718 @@
+"""``python -m bench load``: how many speakers one server process holds.
+
+Each step connects that many simulated speakers at once — native and open-xiaoai mixed — streaming
+their microphones in real time: silence mostly, and now and then a fixture clip, after which a
+speaker waits for the reply before it talks again. Per step the server's CPU use and memory, the
+frame-ingest lag (from its own histogram, the change over the step), dropped frames, completed turns
+and the turn latency the speakers saw; and the answer to the question: the largest step at which
+ingest lag p99 stays under 50 ms.
+
+Utterances trigger ASR, which on two cores serves a few per second: with many speakers the ASR queue
+grows and so does turn latency. That is the finding, not a fault of the harness; what must not grow
+is the ingest lag, since a server that reads audio late hears barge-ins and ends of speech late.
+
+The server runs as a subprocess by default (``voicegrow serve`` with the fake AI in a subprocess too),
+so the load generator's Python does not compete with the server's for one interpreter and its lag
+figures are the server's own; ``--in-process`` puts all of it in one process.
+
+The simulated speakers (:class:`Crowd`) are shared with ``bench soak``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import random
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench.common import (
+    BenchError,
+    Clip,
+    FakeAiKnobs,
+    MetricsSnapshot,
+    ProcessSample,
+    ServerUnderTest,
+    add_common_options,
+    assumed_settings,
+    clip_pcm,
+    fmt,
+    histogram_quantile,
+    locate_speech,
+    markdown_table,
+    own_cpu_s,
+    parse_overrides,
+    percentiles,
+    progress,
+    pyplot,
+    run_command,
+    save_figure,
+    server_under_test,
+    xiaoai_driver_present,
+)
+
+__all__ = ["Behaviour", "Crowd", "CrowdStats", "LagHistogram", "Utterance", "add_crowd_options", "add_server_options",
+           "main", "prepare_utterances", "run_step", "server_figures"]
+
+SAMPLE_RATE = 16_000
+VAD_ALIGN_SAMPLES = 480  # utterances start on the server VAD's 30 ms grid, where the replay is exact
+XIAOAI_FRAME_SAMPLES = 1440
+LAG_TARGET_S = 0.050
+
+
+# -- what the speakers say ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Utterance:
+    """A clip, loaded once and shared by every speaker, with where the server's VAD ends its speech."""
+
+    clip_id: str
+    pcm: bytes
+    speech_end_s: float
+
+
+def prepare_utterances(clips: Sequence[Clip], settings: Any) -> list[Utterance]:
+    """The clips the VAD cuts into exactly one utterance (others would confuse turn matching)."""
+    out = []
+    for clip in clips:
+        pcm = clip_pcm(clip)
+        span = locate_speech(pcm, settings, chunk_bytes=2 * VAD_ALIGN_SAMPLES)
+        if span is not None and span.utterances == 1:
+            out.append(Utterance(clip.id, pcm, span.end_s))
+    if not out:
+        raise BenchError("no_clips", "no clip makes exactly one utterance for the server's VAD")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Behaviour:
+    """How the simulated speakers talk. Ranges are uniform (low, high) in seconds."""
+
+    first_delay_s: tuple[float, float] = (0.5, 6.0)
+    gap_s: tuple[float, float] = (4.0, 12.0)
+    barge_in: float = 0.0  # chance of talking over a reply once it is heard
+    barge_in_after_s: tuple[float, float] = (0.3, 1.0)
+    reconnect: float = 0.0  # chance of hanging up and reconnecting after a turn
+    reply_timeout_s: float = 30.0
+    xiaoai_share: float = 0.5
+    ping_interval_s: float = 2.0
+
+
+# -- what they saw --------------------------------------------------------------------------------------------
+
+
+class LagHistogram:
+    """Counts of lateness in fixed buckets: constant memory however long the run (the soak runs for hours)."""
+
+    BOUNDS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, math.inf)
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(self.BOUNDS_S)
+        self.max_s = 0.0
+
+    def add(self, seconds: float) -> None:
+        for index, bound in enumerate(self.BOUNDS_S):
+            if seconds <= bound:
+                self.counts[index] += 1
+                break
+        self.max_s = max(self.max_s, seconds)
+
+    def quantile(self, q: float) -> float | None:
+        return histogram_quantile(q, list(zip(self.BOUNDS_S, itertools.accumulate(self.counts))))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+@dataclasses.dataclass
+class CrowdStats:
+    """What the speakers saw since the last :meth:`Crowd.take_stats` (one load step, one soak sample)."""
+
+    connects: int = 0
+    connect_failures: int = 0
+    dropped_connections: int = 0
+    reconnects: int = 0
+    utterances: int = 0
+    replies: int = 0
+    no_reply: int = 0
+    barge_ins: int = 0
+    latencies_s: list[float] = dataclasses.field(default_factory=list)
+    ping_rtts_s: list[float] = dataclasses.field(default_factory=list)
+    send_lateness: LagHistogram = dataclasses.field(default_factory=LagHistogram)
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def error(self, exc: BaseException) -> None:
+        key = type(exc).__name__
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "connects": self.connects, "connect_failures": self.connect_failures,
+            "dropped_connections": self.dropped_connections, "reconnects": self.reconnects,
+            "utterances": self.utterances, "replies": self.replies, "no_reply": self.no_reply,
+            "barge_ins": self.barge_ins, "turn_latency_s": percentiles(self.latencies_s),
+            "ping_rtt_s": percentiles(self.ping_rtts_s),
+            "send_lateness_p99_s": self.send_lateness.quantile(0.99), "send_lateness_max_s": self.send_lateness.max_s,
+            "frames_sent_native": self.send_lateness.total, "errors": dict(self.errors),
+        }
+
+
+class _Conversation:
+    """One speaker's side of the conversation: when to talk, which turn answers it, what that cost.
+
+    Both protocols share it; their drivers feed it what they observe. Protocol-free on purpose: the
+    same decisions (talk, wait, barge in, hang up) make the two kinds of speaker comparable.
+    """
+
+    def __init__(self, crowd: Crowd, rng: random.Random) -> None:
+        self.crowd = crowd
+        self.rng = rng
+        self.next_at = trio.current_time() + rng.uniform(*crowd.behaviour.first_delay_s)
+        self.awaiting = False
+        self.heard = False
+        self.turn_id: int | None = None
+        self.speech_end_at = 0.0
+        self.hang_up = False
+
+    def ready(self, now: float) -> bool:
+        return not self.awaiting and now >= self.next_at
+
+    def spoke(self, speech_end_at: float) -> None:
+        self.crowd.stats.utterances += 1
+        self.awaiting, self.heard, self.turn_id = True, False, None
+        self.speech_end_at = speech_end_at
+
+    def adopt(self, turn_id: int) -> None:
+        if self.awaiting and self.turn_id is None:
+            self.turn_id = turn_id
+
+    def reply_audio(self, now: float, turn_id: int | None = None) -> None:
+        if not self.awaiting or self.heard or (turn_id is not None and turn_id != self.turn_id):
+            return
+        self.heard = True
+        stats, behaviour = self.crowd.stats, self.crowd.behaviour
+        stats.replies += 1
+        stats.latencies_s.append(now - self.speech_end_at)
+        if self.rng.random() < behaviour.barge_in:
+            stats.barge_ins += 1
+            self.awaiting = False
+            self.next_at = now + self.rng.uniform(*behaviour.barge_in_after_s)
+
+    def turn_over(self, now: float, turn_id: int | None = None) -> None:
+        if not self.awaiting or (turn_id is not None and turn_id != self.turn_id):
+            return
+        if not self.heard:
+            self.crowd.stats.no_reply += 1
+        self._next_turn(now)
+
+    def check_timeout(self, now: float) -> None:
+        if self.awaiting and now - self.speech_end_at > self.crowd.behaviour.reply_timeout_s:
+            self.crowd.stats.no_reply += 1
+            self._next_turn(now)
+
+    def _next_turn(self, now: float) -> None:
+        self.awaiting = False
+        self.next_at = now + self.rng.uniform(*self.crowd.behaviour.gap_s)
+        if self.rng.random() < self.crowd.behaviour.reconnect:
+            self.hang_up = True
+
+
+# -- the speakers ----------------------------------------------------------------------------------------------
+
+
+class Crowd:
+    """Simulated speakers against one server. Start them with :meth:`populate` inside a nursery.
+
+    A speaker is a couple of trio tasks on one WebSocket, reusing the pre-loaded clips; a native one
+    sends 20, 30 or 40 ms frames, an open-xiaoai one is a :mod:`bench.xiaoai_emulator` speaker
+    (1440-sample frames every 90 ms). Every connection gets a fresh emulator, so nothing a speaker
+    heard outlives its connection (the soak must see the server's memory, not ours).
+    """
+
+    def __init__(self, url: str, utterances: Sequence[Utterance], behaviour: Behaviour, *, seed: int = 1,
+                 xiaoai: bool = True) -> None:
+        self.url = url
+        self.utterances = list(utterances)
+        self.behaviour = behaviour
+        self.seed = seed
+        self.xiaoai = xiaoai
+        self.run_id = uuid.uuid4().hex[:8]
+        self.stats = CrowdStats()
+        self.connected = {"native": 0, "xiaoai": 0}
+        self._started = 0
+
+    def take_stats(self) -> CrowdStats:
+        """The figures so far, and a fresh page for the next window."""
+        stats, self.stats = self.stats, CrowdStats()
+        return stats
+
+    def protocol_of(self, index: int) -> str:
+        share = self.behaviour.xiaoai_share if self.xiaoai else 0.0
+        return "xiaoai" if int((index + 1) * share) > int(index * share) else "native"
+
+    async def populate(self, nursery: trio.Nursery, count: int, *, ramp_s: float, connect_timeout_s: float = 60.0) -> int:
+        """Start ``count`` more speakers over ``ramp_s``; returns once they are connected (or the timeout)."""
+        first = self._started
+        for index in range(first, first + count):
+            speaker = self._xiaoai_speaker if self.protocol_of(index) == "xiaoai" else self._native_speaker
+            nursery.start_soon(speaker, index, random.Random(self.seed * 1_000_003 + index))
+            self._started += 1
+            await trio.sleep(ramp_s / max(count, 1))
+        with trio.move_on_after(connect_timeout_s):
+            while sum(self.connected.values()) < self._started:
+                await trio.sleep(0.1)
+        return sum(self.connected.values())
+
+    # -- native -------------------------------------------------------------------------------------------
+
+    async def _native_speaker(self, index: int, rng: random.Random) -> None:
+        from voicegrow.client import NativeClientError, open_native_client
+
+        talk = _Conversation(self, rng)
+        frame_ms = rng.choice((20, 30, 40))
+        while True:
+            try:
+                async with open_native_client(self.url, device_id=f"bench-{self.run_id}-{index}",
+                                              connect_timeout_s=30) as client:
+                    self.stats.connects += 1
+                    self.connected["native"] += 1
+                    pings: dict[int, float] = {}  # nonce -> when sent
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._native_receiver, client, talk, pings)
+                            await self._native_microphone(client, talk, frame_ms, rng, pings)
+                            nursery.cancel_scope.cancel()
+                    finally:
+                        self.connected["native"] -= 1
+            except NativeClientError as exc:
+                self._lost(exc, talk)
+                await trio.sleep(1.0)
+            self._redial(talk)
+
+    def _lost(self, exc: BaseException, talk: _Conversation) -> None:
+        from voicegrow.client import ConnectFailed, HandshakeFailed
+
+        if isinstance(exc, (ConnectFailed, HandshakeFailed)):
+            self.stats.connect_failures += 1
+        else:
+            self.stats.dropped_connections += 1
+        self.stats.error(exc)
+        talk.hang_up = True
+
+    def _redial(self, talk: _Conversation) -> None:
+        talk.hang_up = False
+        talk.awaiting = False  # a turn of the old connection will not answer on the new one
+        self.stats.reconnects += 1
+
+    async def _native_microphone(self, client: Any, talk: _Conversation, frame_ms: int, rng: random.Random,
+                                 pings: dict[int, float]) -> None:
+        """Real-time frames: frame [a, b) goes out at ``t0 + b``, when a microphone would have it."""
+        from voicegrow.client import ConnectionClosed
+        from voicegrow.protocol import Ping
+
+        frame_samples = SAMPLE_RATE * frame_ms // 1000
+        silence = bytes(2 * frame_samples)
+        t0 = trio.current_time()
+        position = 0
+        speaking: Utterance | None = None
+        spoken = 0
+        next_ping = t0 + rng.uniform(0, self.behaviour.ping_interval_s)
+        while not talk.hang_up:
+            due = t0 + (position + frame_samples) / SAMPLE_RATE
+            await trio.sleep_until(due)
+            now = trio.current_time()
+            self.stats.send_lateness.add(now - due)
+            talk.check_timeout(now)
+            if speaking is None and talk.ready(now) and position % VAD_ALIGN_SAMPLES == 0:
+                speaking, spoken = rng.choice(self.utterances), 0
+                talk.spoke(t0 + position / SAMPLE_RATE + speaking.speech_end_s)
+            frame = silence
+            if speaking is not None:
+                frame = speaking.pcm[spoken:spoken + len(silence)]
+                spoken += len(frame)
+                if spoken >= len(speaking.pcm):
+                    speaking = None
+                frame += silence[len(frame):]
+            try:
+                await client.send_audio(frame)
+                if now >= next_ping:
+                    nonce = rng.getrandbits(31)
+                    pings[nonce] = now
+                    await client.send(Ping(nonce))
+                    next_ping = now + self.behaviour.ping_interval_s
+            except ConnectionClosed as exc:
+                self._lost(exc, talk)
+                return
+            position += frame_samples
+
+    async def _native_receiver(self, client: Any, talk: _Conversation, pings: dict[int, float]) -> None:
+        from voicegrow.client import ConnectionClosed
+        from voicegrow.protocol import Audio, Control, Pong
+
+        try:
+            while True:
+                frame = await client.next_frame()
+                now = trio.current_time()
+                if isinstance(frame, Audio):
+                    if frame.pcm:
+                        talk.reply_audio(now, frame.turn_id)
+                elif isinstance(frame, Control):
+                    if frame.event == "asr_final":
+                        talk.adopt(frame.turn_id)
+                    elif frame.event == "turn_end":
+                        talk.turn_over(now, frame.turn_id)
+                elif isinstance(frame, Pong):
+                    sent = pings.pop(frame.nonce, None)
+                    if sent is not None:
+                        self.stats.ping_rtts_s.append(now - sent)
+        except ConnectionClosed as exc:
+            self._lost(exc, talk)
+
+    # -- open-xiaoai ----------------------------------------------------------------------------------------
+
+    async def _xiaoai_speaker(self, index: int, rng: random.Random) -> None:
+        from trio_websocket import ConnectionClosed
+
+        from bench.xiaoai_emulator import EmulatorError, run_emulator
+
+        talk = _Conversation(self, rng)
+        while True:
+            try:
+                async with run_emulator(self.url, serial=f"bench-{self.run_id}-{index}", connect_timeout=30) as emu:
+                    self.stats.connects += 1
+                    self.connected["xiaoai"] += 1
+                    try:
+                        await emu.wait_for_request("start_recording", timeout=30)
+                        await self._xiaoai_conversation(emu, talk, rng)
+                    finally:
+                        self.connected["xiaoai"] -= 1
+            except (EmulatorError, ConnectionClosed, trio.TooSlowError) as exc:
+                if isinstance(exc, EmulatorError):
+                    self.stats.connect_failures += 1
+                    self.stats.error(exc)
+                    talk.hang_up = True
+                else:
+                    self._lost(exc, talk)
+                await trio.sleep(1.0)
+            self._redial(talk)
+
+    async def _xiaoai_conversation(self, emu: Any, talk: _Conversation, rng: random.Random) -> None:
+        frame_bytes = 2 * XIAOAI_FRAME_SAMPLES
+        while not talk.hang_up:
+            await trio.sleep_until(talk.next_at)
+            if not emu.connected:
+                self.stats.dropped_connections += 1
+                return
+            utterance = rng.choice(self.utterances)
+            sent = await emu.stream_pcm(utterance.pcm, realtime=True)
+            if sent < len(utterance.pcm):
+                self.stats.dropped_connections += 1
+                return
+            emu.play_frames.clear()  # a reply talked over has been cut by now; only this turn's counts
+            emu.play_writes.clear()
+            # The last frame (padded with silence) has just gone out; the clip started on a frame edge.
+            padded_s = math.ceil(len(utterance.pcm) / frame_bytes) * frame_bytes / (2 * SAMPLE_RATE)
+            talk.spoke(trio.current_time() - (padded_s - utterance.speech_end_s))
+            await self._xiaoai_reply(emu, talk)
+
+    async def _xiaoai_reply(self, emu: Any, talk: _Conversation) -> None:
+        """Wait for the first play frame, then for the reply to end (no play frame for a second)."""
+        timeout = self.behaviour.reply_timeout_s
+        deadline = talk.speech_end_at + timeout
+        with trio.move_on_at(deadline):
+            while not emu.play_frames:
+                await emu.wait_until(lambda e: bool(e.play_frames) or not e.connected, timeout=timeout)
+                if not emu.connected:
+                    return
+        if not emu.play_frames:
+            talk.check_timeout(trio.current_time())
+            return
+        talk.reply_audio(emu.play_frames[0].received_at)
+        if not talk.awaiting:  # barged in: talk over the reply
+            return
+        with trio.move_on_at(deadline + timeout):
+            while trio.current_time() - emu.play_frames[-1].received_at < 1.0 and emu.connected:
+                await trio.sleep(0.2)
+        talk.turn_over(trio.current_time())
+
+
+# -- server-side figures -------------------------------------------------------------------------------------
+
+
+def server_figures(before: MetricsSnapshot | None, after: MetricsSnapshot | None) -> dict[str, Any]:
+    """What the server's own metrics say happened between two scrapes."""
+    if before is None or after is None:
+        return {"available": False}
+    lag = after.bucket_delta(before, "voicegrow_ingest_lag_seconds")
+    response = after.bucket_delta(before, "voicegrow_stage_latency_seconds", stage="response")
+
+    def delta(name: str, **labels: str) -> float:
+        return after.total(name, **labels) - before.total(name, **labels)
+
+    lag_by_protocol = {}
+    for protocol in ("native", "xiaoai"):
+        buckets = after.bucket_delta(before, "voicegrow_ingest_lag_seconds", protocol=protocol)
+        lag_by_protocol[protocol] = {"p50_s": histogram_quantile(0.5, buckets),
+                                     "p99_s": histogram_quantile(0.99, buckets),
+                                     "frames": buckets[-1][1] if buckets else 0.0}
+    return {
+        "available": True,
+        "ingest_lag_p50_s": histogram_quantile(0.5, lag),
+        "ingest_lag_p99_s": histogram_quantile(0.99, lag),
+        "ingest_lag_frames": lag[-1][1] if lag else 0.0,
+        "ingest_lag_by_protocol": lag_by_protocol,
+        "frames_received": delta("voicegrow_audio_frames_received_total"),
+        "frames_dropped": delta("voicegrow_audio_frames_dropped_total"),
+        "turns": {outcome: delta("voicegrow_turns_total", outcome=outcome)
+                  for outcome in ("completed", "interrupted", "failed", "empty")},
+        "response_p50_s": histogram_quantile(0.5, response),
+        "response_p99_s": histogram_quantile(0.99, response),
+        "asr_requests": {outcome: delta("voicegrow_asr_requests_total", outcome=outcome)
+                         for outcome in ("success", "empty", "timeout", "error")},
+    }
+
+
+def _usage(before: ProcessSample | None, after: ProcessSample | None) -> dict[str, Any]:
+    if before is None or after is None:
+        return {"cpu_cores": None, "rss_mb": None}
+    wall = max(after.at - before.at, 1e-9)
+    return {"cpu_cores": (after.cpu_s - before.cpu_s) / wall, "rss_mb": after.rss_bytes / 2**20,
+            "fds": after.fds, "threads": after.threads}
+
+
+# -- the sweep --------------------------------------------------------------------------------------------------
+
+
+async def run_step(server: ServerUnderTest, utterances: Sequence[Utterance], behaviour: Behaviour, count: int,
+                   duration_s: float, *, seed: int, xiaoai: bool, bar: Any) -> dict[str, Any]:
+    """One step: ``count`` speakers for ``duration_s`` after they are all connected, then hang up."""
+    crowd = Crowd(server.ws_url, utterances, behaviour, seed=seed, xiaoai=xiaoai)
+    queue_max = 0.0
+    rss_max = 0
+    async with trio.open_nursery() as nursery:
+        connected = await crowd.populate(nursery, count, ramp_s=min(5.0, 0.025 * count))
+        ramp = crowd.take_stats()  # the ramp is not part of the step, but a refused connection matters
+        metrics_before, process_before, own_before = await server.metrics(), server.process(), own_cpu_s()
+        wall_before = trio.current_time()
+        deadline = wall_before + duration_s
+        while trio.current_time() < deadline:
+            await trio.sleep(min(1.0, max(0.0, deadline - trio.current_time())))
+            snapshot = await server.metrics()
+            if snapshot is not None:
+                queue_max = max(queue_max, snapshot.total("voicegrow_asr_queue_depth"))
+            sample = server.process()
+            if sample is not None:
+                rss_max = max(rss_max, sample.rss_bytes)
+            bar.update(1)
+        metrics_after, process_after, own_after = await server.metrics(), server.process(), own_cpu_s()
+        wall = trio.current_time() - wall_before
+        stats = crowd.take_stats()
+        nursery.cancel_scope.cancel()
+    await _wait_until_idle(server)
+    figures = {
+        "sessions": count,
+        "connected": connected,
+        "by_protocol": {p: sum(1 for i in range(count) if crowd.protocol_of(i) == p) for p in ("native", "xiaoai")},
+        "duration_s": wall,
+        "server": server_figures(metrics_before, metrics_after),
+        "process": _usage(process_before, process_after),
+        "generator_cpu_cores": (own_after - own_before) / wall if server.mode != "in-process" else None,
+        "rss_max_mb": rss_max / 2**20 if rss_max else None,
+        "asr_queue_max": queue_max,
+        "client": stats.figures(),
+        "ramp_connect_failures": ramp.connect_failures,
+    }
+    lag_p99 = figures["server"].get("ingest_lag_p99_s")
+    figures["lag_ok"] = lag_p99 is not None and lag_p99 < LAG_TARGET_S
+    return figures
+
+
+async def _wait_until_idle(server: ServerUnderTest, timeout_s: float = 30.0) -> None:
+    """Between steps: every session gone and the ASR queue empty, so steps do not leak into each other."""
+    with trio.move_on_after(timeout_s):
+        while True:
+            snapshot = await server.metrics()
+            if snapshot is None:
+                await trio.sleep(2.0)
+                return
+            if snapshot.total("voicegrow_sessions_active") == 0 and snapshot.total("voicegrow_asr_queue_depth") == 0:
+                return
+            await trio.sleep(0.25)
+
+
+def largest_ok(steps: Sequence[dict[str, Any]]) -> int | None:
+    """The largest session count up to which every step kept ingest lag p99 under the target."""
+    best = None
+    for step in sorted(steps, key=lambda s: s["sessions"]):
+        if not step["lag_ok"]:
+            break
+        best = step["sessions"]
+    return best
+
+
+async def run_load(args: argparse.Namespace, utterances_from: Sequence[Clip]) -> dict[str, Any]:
+    mode = "url" if args.url else ("in-process" if args.in_process else "subprocess")
+    async with server_under_test(mode, fake_ai=None if args.url else FakeAiKnobs.from_args(args),
+                                 overrides=parse_overrides(args.set), url=args.url, http_url=args.http_url,
+                                 pid=args.server_pid, admin_token=args.admin_token) as server:
+        utterances = prepare_utterances(utterances_from, assumed_settings(server, args.env_file))
+        xiaoai = args.xiaoai_share > 0 and (mode == "url" or xiaoai_driver_present())
+        behaviour = Behaviour(gap_s=(args.gap_min_s, args.gap_max_s), xiaoai_share=args.xiaoai_share)
+        steps = []
+        with progress(len(args.sessions) * math.ceil(args.duration), "load", "s") as bar:
+            for number, count in enumerate(args.sessions):
+                bar.set_postfix_str(f"{count} sessions")
+                steps.append(await run_step(server, utterances, behaviour, count, args.duration, seed=number + 1,
+                                            xiaoai=xiaoai, bar=bar))
+        return {"server_mode": mode, "xiaoai_speakers": xiaoai, "utterances": [u.clip_id for u in utterances],
+                "steps": steps, "largest_sessions_lag_ok": largest_ok(steps), "lag_target_s": LAG_TARGET_S}
+
+
+# -- output --------------------------------------------------------------------------------------------------
+
+
+def render_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
+    rows = []
+    for step in results["steps"]:
+        srv, client, proc = step["server"], step["client"], step["process"]
+        turns = srv.get("turns", {})
+        latency = client["turn_latency_s"]
+        mix = step["by_protocol"]
+        rows.append([
+            f"{step['sessions']} ({mix['native']}+{mix['xiaoai']})", str(step["connected"]),
+            fmt(proc.get("cpu_cores"), 2), fmt(proc.get("rss_mb")),
+            fmt(srv.get("ingest_lag_p50_s"), 1, 1000), fmt(srv.get("ingest_lag_p99_s"), 1, 1000),
+            fmt(srv.get("frames_dropped")), f"{client['utterances']}/{client['replies']}/{fmt(turns.get('completed'))}",
+            fmt(latency["p50"], 2), fmt(latency["p99"], 2), fmt(step["asr_queue_max"]),
+            fmt(client["ping_rtt_s"]["p99"], 1, 1000), fmt(step["generator_cpu_cores"], 2),
+            "yes" if step["lag_ok"] else "NO",
+        ])
+    best = results["largest_sessions_lag_ok"]
+    header = ["sessions (native+xiaoai)", "connected", "server CPU (cores)", "RSS MB", "ingest lag p50 ms",
+              "ingest lag p99 ms", "frames dropped", "utterances/replies/turns done", "turn latency p50 s",
+              "turn latency p99 s", "ASR queue max", "ping RTT p99 ms", "generator CPU (cores)", "lag p99 < 50 ms"]
+    return "\n".join([
+        f"## Load: simulated speakers streaming in real time — {results['server_mode']} server, "
+        f"{args.duration:g} s per step",
+        "",
+        markdown_table(header, rows),
+        "",
+        f"Largest session count with ingest lag p99 under {results['lag_target_s'] * 1000:.0f} ms: "
+        f"**{best if best is not None else 'none'}**.",
+    ])
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Ingest lag, turn latency, CPU and memory against the number of sessions."""
+    plt = pyplot()
+    steps = results["steps"]
+    x = [s["sessions"] for s in steps]
+
+    def series(get: Any) -> list[float]:
+        return [math.nan if (v := get(s)) is None else v for s in steps]
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    ax = axes[0][0]
+    ax.plot(x, series(lambda s: _ms(s["server"].get("ingest_lag_p50_s"))), "o-", label="p50")
+    ax.plot(x, series(lambda s: _ms(s["server"].get("ingest_lag_p99_s"))), "o-", label="p99")
+    ax.axhline(results["lag_target_s"] * 1000, color="red", linestyle="--", linewidth=0.8, label="50 ms")
+    ax.set_title("frame-ingest lag (server)")
+    ax.set_ylabel("ms")
+    ax.legend()
+    ax = axes[0][1]
+    ax.plot(x, series(lambda s: s["client"]["turn_latency_s"]["p50"]), "o-", label="p50")
+    ax.plot(x, series(lambda s: s["client"]["turn_latency_s"]["p99"]), "o-", label="p99")
+    ax.set_title("turn latency: end of speech → first reply audio")
+    ax.set_ylabel("s")
+    ax.legend()
+    ax = axes[1][0]
+    ax.plot(x, series(lambda s: s["process"].get("cpu_cores")), "o-", label="server")
+    ax.plot(x, series(lambda s: s["generator_cpu_cores"]), "o-", label="load generator")
+    ax.set_title("CPU (cores busy)")
+    ax.legend()
+    ax = axes[1][1]
+    ax.plot(x, series(lambda s: s["process"].get("rss_mb")), "o-", label="RSS MB")
+    ax.plot(x, series(lambda s: s["asr_queue_max"]), "o-", label="ASR queue max")
+    ax.set_title("server memory and ASR queue")
+    ax.legend()
+    for ax in axes.flat:
+        ax.set_xlabel("sessions")
+        ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def _sessions(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("session counts must be positive")
+    return values
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench load", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=_sessions, default=[1, 10, 50, 100, 200],
+                        help="session counts, one step each (default 1,10,50,100,200)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per step (default 20)")
+    add_server_options(parser, default="subprocess")
+    add_crowd_options(parser, gap_s=(4.0, 12.0))
+    add_common_options(parser)
+    args = parser.parse_args(argv)
+    if args.duration <= 0:
+        parser.error("--duration must be positive")
+    return args
+
+
+def add_server_options(parser: argparse.ArgumentParser, *, default: str) -> None:
+    """Where the server runs: ``default`` (``subprocess`` or ``in-process``), the other one, or a URL."""
+    where = parser.add_mutually_exclusive_group()
+    if default == "subprocess":
+        where.add_argument("--in-process", action="store_true", help="run the server in this process")
+    else:
+        where.add_argument("--server-process", action="store_true",
+                           help="run the server as a subprocess (voicegrow serve)")
+    where.add_argument("--url", help="a running server's WebSocket URL (its limits must admit every session)")
+    parser.add_argument("--server-pid", type=int, help="with --url: the server's pid on this machine (CPU, memory)")
+
+
+def add_crowd_options(parser: argparse.ArgumentParser, *, gap_s: tuple[float, float]) -> None:
+    parser.add_argument("--xiaoai-share", type=_share, default=0.5, help="share of open-xiaoai speakers (default 0.5)")
+    parser.add_argument("--gap-min-s", type=float, default=gap_s[0],
+                        help=f"silence after a reply, at least (default {gap_s[0]:g})")
+    parser.add_argument("--gap-max-s", type=float, default=gap_s[1],
+                        help=f"silence after a reply, at most (default {gap_s[1]:g})")
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share from 0 to 1, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.gap_min_s > args.gap_max_s:
+        print("bench load: --gap-min-s must not exceed --gap-max-s", file=sys.stderr)
+        return 2
+    return run_command("load", args, run_load, clip_count=12, render=render_markdown, plot=plot,
+                       passed=lambda results: True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""bench latency, load and soak in tiny configurations, and the arithmetic their verdicts rest on.
+
+Each command runs through its ``main([...])`` exactly as ``python -m bench`` would (one clip, two
+sessions, a few seconds), and its JSON is checked field by field for plausible values: types,
+nothing negative, p50 ≤ p95 ≤ p99, counts that add up. No timing is asserted beyond "plausible".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bench import latency, load, soak
+from bench.common import (
+    SpeechSpan,
+    histogram_quantile,
+    load_clips,
+    locate_speech,
+    markdown_table,
+    percentiles,
+    select_clips,
+)
+from bench.load import LagHistogram
+from bench.soak import growth_verdicts
+from tests.conftest import make_settings
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+def assert_percentiles(p: dict[str, Any], *, at_least: int = 0, low: float = 0.0, high: float = math.inf) -> None:
+    assert set(p) == {"n", "mean", "min", "p50", "p95", "p99", "max"}
+    assert isinstance(p["n"], int) and p["n"] >= at_least
+    if p["n"] == 0:
+        assert all(p[k] is None for k in ("mean", "min", "p50", "p95", "p99", "max"))
+        return
+    assert low <= p["min"] <= p["p50"] <= p["p95"] <= p["p99"] <= p["max"] <= high, p
+    assert p["min"] <= p["mean"] <= p["max"]
+
+
+def assert_machine(report: dict[str, Any], command: str) -> None:
+    assert report["command"] == command
+    machine = report["machine"]
+    assert isinstance(machine["cpu_count"], int) and machine["cpu_count"] >= 1
+    assert machine["platform"] and machine["python"].count(".") == 2
+    assert machine["versions"]["trio"] and machine["versions"]["faster-whisper"]
+    assert isinstance(report["settings"], dict)
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    assert path.is_file(), f"{path} was not written"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the arithmetic ------------------------------------------------------------------------------------------
+
+
+def test_percentiles_are_ordered_and_skip_missing_values() -> None:
+    p = percentiles([5.0, None, 1.0, 3.0, float("nan"), 2.0, 4.0])
+    assert p["n"] == 5 and p["p50"] == 3.0 and p["min"] == 1.0 and p["max"] == 5.0
+    assert_percentiles(p)
+    assert_percentiles(percentiles([]))
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    buckets = [(0.01, 50.0), (0.05, 90.0), (0.1, 100.0), (math.inf, 100.0)]
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.01)
+    assert histogram_quantile(0.7, buckets) == pytest.approx(0.03)  # 20 of the 40 between 10 and 50 ms
+    assert histogram_quantile(0.99, buckets) == pytest.approx(0.095)
+    assert histogram_quantile(0.5, [(0.1, 0.0), (math.inf, 0.0)]) is None
+    assert histogram_quantile(0.99, [(0.1, 1.0), (math.inf, 10.0)]) == 0.1  # in +Inf: the last finite bound
+
+
+def test_lag_histogram_quantiles_match_its_counts() -> None:
+    lag = LagHistogram()
+    for value in [0.0005] * 98 + [0.03, 0.3]:
+        lag.add(value)
+    assert lag.total == 100 and lag.max_s == 0.3
+    assert lag.quantile(0.5) <= 0.001 < lag.quantile(0.99) <= 0.05
+
+
+def test_select_clips_alternates_voices(audio_fixtures: Path) -> None:
+    chosen = select_clips(load_clips(audio_fixtures), 12)
+    groups = [clip.id.rsplit("-", 1)[0] for clip in chosen]
+    assert groups[:3] == ["zh", "en", "en-espeak"] and groups.count("zh") == 4
+    assert len({clip.id for clip in chosen}) == 12
+    assert len(select_clips(chosen[:2], 5)) == 5  # cycles when asked for more
+
+
+def test_markdown_table_escapes_pipes() -> None:
+    table = markdown_table(["a", "b"], [["x|y", 1]])
+    assert table.splitlines() == ["| a | b |", "| --- | ---: |", "| x\\|y | 1 |"]
+
+
+def test_vad_replay_finds_the_speech_end_and_the_hangover(tmp_path: Path, audio_fixtures: Path) -> None:
+    settings = make_settings(tmp_path)
+    clip = load_clips(audio_fixtures)[0]
+    pcm = np.asarray(clip.pcm, dtype="<i2").tobytes()
+    span = locate_speech(pcm, settings, chunk_bytes=640)
+    assert isinstance(span, SpeechSpan) and span.utterances == 1
+    # The fixtures have ~0.3 s of silence before the speech and ~0.5 s after it.
+    assert 0.1 < span.start_s < span.end_s < clip.duration_s
+    assert 0.2 < span.trailing_s < 1.0
+    frames = math.ceil(settings.vad_silence_ms / settings.vad_frame_ms)
+    assert frames * settings.vad_frame_ms / 1000 <= span.hangover_s < frames * settings.vad_frame_ms / 1000 + 0.05
+    assert span.paused_audio is not None and span.utterance_audio.startswith(span.paused_audio)
+    # Cut differently, the same audio ends at the same place (the replay does not depend on chunking).
+    assert locate_speech(pcm, settings, chunk_bytes=2880).end_s == span.end_s
+    assert locate_speech(bytes(32000), settings, chunk_bytes=640) is None
+
+
+def test_growth_verdicts_flag_a_slope_not_noise() -> None:
+    bounds = {"rss_mb": 20.0, "fds": 16, "threads": 4, "server_tasks": 32}
+    flat = [{"t_s": t, "rss_mb": 300 + (t % 3) * 5, "fds": 100 + t % 7, "threads": 9, "server_tasks": None}
+            for t in range(60)]
+    verdicts = growth_verdicts(flat, 10, bounds)
+    assert all(verdicts[k]["ok"] for k in ("rss_mb", "fds", "threads"))
+    assert verdicts["server_tasks"]["ok"] is None  # not sampled: no verdict
+    leaking = [{**s, "rss_mb": 300 + s["t_s"], "fds": 100 + s["t_s"] // 2} for s in flat]
+    verdicts = growth_verdicts(leaking, 10, bounds)
+    assert verdicts["rss_mb"]["ok"] is False and verdicts["rss_mb"]["growth"] > 20
+    assert verdicts["fds"]["ok"] is False and verdicts["threads"]["ok"] is True
+    assert growth_verdicts(flat, 59, bounds)["rss_mb"]["ok"] is None  # too few samples after warm-up
+
+
+# -- the commands, tiny ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_latency_command_reports_every_stage(tmp_path: Path, audio_fixtures: Path) -> None:
+    out, png = tmp_path / "latency.json", tmp_path / "latency.png"
+    code = latency.main(["--turns", "1", "--warmup", "0", "--clips", str(audio_fixtures), "--json", str(out),
+                         "--plot", str(png)])
+    assert code == 0
+    report = read_report(out)
+    assert_machine(report, "latency")
+    assert report["server_mode"] == "in-process" and report["settings"]["turns"] == 1
+    summary = report["summary"]
+    assert summary["turns"] == summary["turns_ok"] == 1
+    headline = summary["headline_ms"]
+    assert_percentiles(headline, at_least=1, low=100, high=20_000)
+    assert summary["headline_method"] == ["same_clock"]
+    stages = [summary["stages_ms"][name]["p50"] for name, _ in latency.STAGES]
+    assert stages == sorted(stages) and stages[0] >= 0 and stages[-1] <= headline["p50"]
+    for name, _ in latency.COMPONENTS:
+        assert_percentiles(summary["components_ms"][name], at_least=1, high=20_000)
+    # Same clock and device side agree to a few ms in-process.
+    assert abs(summary["same_clock_minus_device_side_ms"]["p50"]) < 5
+    components = summary["components_ms"]
+    assert components["llm_ttft_ms"]["p50"] <= components["llm_first_sentence_ms"]["p50"]
+    assert components["critical_path_ms"]["p50"] >= components["hangover_ms"]["p50"]
+    overhead = summary["overhead_ms"]["p50"]
+    assert overhead == pytest.approx(headline["p50"] - components["critical_path_ms"]["p50"])
+    (turn,) = report["turns"]
+    assert turn["ok"] and turn["transcript"].strip() and turn["reply"].strip()
+    assert_png(png)
+
+
+@pytest.mark.slow
+def test_load_command_with_two_sessions(tmp_path: Path, audio_fixtures: Path) -> None:
+    out, png = tmp_path / "load.json", tmp_path / "load.png"
+    code = load.main(["--sessions", "2", "--duration", "8", "--clips", str(audio_fixtures), "--json", str(out),
+                      "--plot", str(png)])
+    assert code == 0
+    report = read_report(out)
+    assert_machine(report, "load")
+    assert report["server_mode"] == "subprocess"
+    (step,) = report["steps"]
+    assert step["sessions"] == step["connected"] == 2
+    assert sum(step["by_protocol"].values()) == 2
+    assert step["duration_s"] >= 8
+    server = step["server"]
+    assert server["available"]
+    assert 0 <= server["ingest_lag_p50_s"] <= server["ingest_lag_p99_s"] <= 2.0
+    assert server["frames_received"] > 0 and server["frames_dropped"] >= 0
+    assert server["ingest_lag_frames"] <= server["frames_received"]
+    assert all(count >= 0 for count in server["turns"].values())
+    process = step["process"]
+    assert process["cpu_cores"] >= 0 and process["rss_mb"] > 50 and process["fds"] > 0 and process["threads"] >= 1
+    assert step["generator_cpu_cores"] >= 0 and step["asr_queue_max"] >= 0
+    client = step["client"]
+    assert client["utterances"] >= client["replies"] >= 0 and client["no_reply"] >= 0
+    assert client["connect_failures"] == 0 and step["ramp_connect_failures"] == 0
+    assert_percentiles(client["turn_latency_s"], high=60)
+    assert client["turn_latency_s"]["n"] == client["replies"]
+    assert_percentiles(client["ping_rtt_s"], at_least=1, high=60)
+    assert step["lag_ok"] == (server["ingest_lag_p99_s"] < report["lag_target_s"])
+    assert report["largest_sessions_lag_ok"] == (2 if step["lag_ok"] else None)
+    assert_png(png)
+
+
+@pytest.mark.slow
+def test_soak_command_short_run(tmp_path: Path, audio_fixtures: Path) -> None:
+    out, png = tmp_path / "soak.json", tmp_path / "soak.png"
+    code = soak.main(["--sessions", "2", "--minutes", "0.25", "--warmup-s", "3", "--sample-s", "1",
+                      "--gap-min-s", "1", "--gap-max-s", "2", "--barge-in", "0.5", "--reconnect", "0.5",
+                      "--clips", str(audio_fixtures), "--json", str(out), "--plot", str(png)])
+    report = read_report(out)
+    assert code == (0 if report["passed"] else 1)
+    assert report["passed"] == (not report["failures"])
+    assert_machine(report, "soak")
+    assert report["server_mode"] == "in-process" and report["warmup_s"] == 3
+    samples = report["samples"]
+    assert len(samples) >= 10
+    times = [s["t_s"] for s in samples]
+    assert times == sorted(times) and times[-1] <= 15 + 1
+    for sample in samples:
+        assert sample["rss_mb"] > 50 and sample["fds"] > 0 and sample["threads"] >= 1
+        assert sample["server_tasks"] > 0 and sample["all_tasks"] >= sample["server_tasks"]
+        assert 0 <= sample["sessions_connected"] <= 2
+    for key, _ in soak.RESOURCES:
+        verdict = report["verdicts"][key]
+        assert verdict["samples"] >= 3 and verdict["growth"] == pytest.approx(verdict["end"] - verdict["start"])
+        assert verdict["ok"] == (verdict["growth"] <= verdict["bound"])
+    activity = report["activity"]
+    assert activity["utterances"] >= activity["replies"] >= 1
+    assert_percentiles(report["turn_latency_s"], at_least=1, high=60)
+    assert_png(png)
