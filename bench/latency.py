@@ -183,7 +183,7 @@ async def _xiaoai_turn(server: ServerUnderTest, pcm: bytes, span: SpeechSpan, tu
             while trio.current_time() - emu.play_frames[-1].received_at < 1.0:
                 await trio.sleep(0.1)
     turn.device_side_headline_ms = 1000 * (first_audio_s + span.trailing_s)
-    records = await server.turn_records(serial, limit=1)
+    records = await _stored_turns(server, f"xiaoai-{serial}")  # the driver's device id for a serial
     if records:
         record = records[0]
         timings = record.get("timings_ms") or {}
@@ -192,6 +192,15 @@ async def _xiaoai_turn(server: ServerUnderTest, pcm: bytes, span: SpeechSpan, tu
         if end is not None:
             turn.stages_ms = {name: timings[name] - end for name, _ in STAGES if timings.get(name) is not None}
     turn.ok = True
+
+
+async def _stored_turns(server: ServerUnderTest, device_id: str) -> list[dict[str, Any]]:
+    """The device's turns from the admin API, once persistence has them (it writes through a spool)."""
+    with trio.move_on_after(5.0):
+        while not (records := await server.turn_records(device_id, limit=1)):
+            await trio.sleep(0.2)
+        return records
+    return []
 
 
 # -- the components alone ------------------------------------------------------------------------------------
