@@ -9,6 +9,7 @@ seconds. With the local audio directory (no S3), audio URLs point at ``/api/v1/a
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import datetime, timezone
 from typing import Any
@@ -20,9 +21,13 @@ from voicegrow.storage.blobs import check_key
 
 __all__ = ["make_data_blueprint", "parse_since", "MAX_LIMIT"]
 
+log = logging.getLogger(__name__)
+
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
 _MAX_ID = 128
+_MAX_KEY_BYTES = 1024
+_MAX_KEY_PART_BYTES = 255
 
 JsonResponse = tuple[dict[str, Any], int]
 
@@ -58,7 +63,8 @@ def parse_since(raw: str) -> float:
 def _limit(raw: str | None) -> int:
     if raw is None or raw == "":
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    # isdigit() alone admits '²' and other digits int() refuses, and int() refuses over 4300 digits.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9) or not 1 <= int(raw) <= MAX_LIMIT:
         raise BadRequest("invalid_limit", f"limit={raw[:20]!r}: expected an integer from 1 to {MAX_LIMIT}")
     return int(raw)
 
@@ -71,6 +77,15 @@ def _identifier(name: str, raw: str | None, *, required: bool) -> str | None:
     if len(raw) > _MAX_ID or not raw.isprintable():
         raise BadRequest(f"invalid_{name}", f"{name}: expected up to {_MAX_ID} printable characters")
     return raw
+
+
+def _check_audio_key(key: str) -> None:
+    """``check_key`` plus the file system's name limits, which a key we wrote never reaches: a longer
+    one is the client's mistake (400), not the audio store failing (ENAMETOOLONG)."""
+    check_key(key)
+    if len(key.encode("utf-8", "surrogatepass")) > _MAX_KEY_BYTES or any(
+            len(part.encode("utf-8", "surrogatepass")) > _MAX_KEY_PART_BYTES for part in key.split("/")):
+        raise InvalidKey(f"object key {key[:80]!r}... is longer than any audio key")
 
 
 def _iso(ts: float | None) -> str | None:
@@ -93,13 +108,16 @@ def make_data_blueprint(persistence: Persistence) -> Blueprint:
     async def bad_cursor(exc: InvalidCursor) -> JsonResponse:
         return _error(400, exc.code, str(exc))
 
+    # Storage errors name hosts, directories and errno texts: they go to the log, not to the client.
     @bp.errorhandler(BackendUnavailable)
     async def unavailable(exc: BackendUnavailable) -> JsonResponse:
-        return _error(503, "storage_unavailable", str(exc))
+        log.warning("admin API: storage unavailable: %s", exc)
+        return _error(503, "storage_unavailable", "the record or audio store cannot answer now; see the server log")
 
     @bp.errorhandler(SpoolError)
     async def spool_failed(exc: SpoolError) -> JsonResponse:
-        return _error(503, exc.code, str(exc))
+        log.error("admin API: spool failure: %s", exc)
+        return _error(503, exc.code, "the server cannot keep records now; see the server log")
 
     @bp.get("/api/v1/devices")
     async def list_devices() -> JsonResponse:
@@ -141,7 +159,7 @@ def make_data_blueprint(persistence: Persistence) -> Blueprint:
         if not persistence.audio_is_local:
             return _error(404, "not_found", "audio is served by the object store (use the presigned URL)")
         try:
-            check_key(key)
+            _check_audio_key(key)
         except InvalidKey as exc:
             return _error(400, exc.code, str(exc))
         data = await persistence.read_audio(key)
