@@ -14,7 +14,7 @@ from typing import Any
 import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from voicegrow import __version__
 from voicegrow.metrics import CONTENT_TYPE_LATEST
@@ -34,6 +34,20 @@ def _error(status: int, error: str, reason: str) -> Response:
     return response
 
 
+async def _body_over(limit: int) -> bool:
+    """Whether the request body exceeds ``limit``: by its Content-Length, or, for a chunked body
+    (no length), once it has been read up to the limit (Quart keeps no more than that)."""
+    if request.content_length is not None:
+        return request.content_length > limit
+    if not request.headers.get("Transfer-Encoding"):
+        return False
+    try:
+        await request.get_data()
+    except RequestEntityTooLarge:
+        return True
+    return False
+
+
 def overall_status(accepting: bool, components: dict[str, dict[str, Any]]) -> str:
     """``down`` when no session can be taken, ``degraded`` when any dependency is not ok."""
     if not accepting:
@@ -48,13 +62,21 @@ def create_app(services: Services) -> QuartTrio:
     app = QuartTrio("voicegrow")
     app.config["MAX_CONTENT_LENGTH"] = settings.http_max_body_bytes
     app.config["PROPAGATE_EXCEPTIONS"] = False
+    # Werkzeug answers '//' in a path with an HTML redirect; here it reaches the route (and its JSON 400).
+    app.url_map.merge_slashes = False
     cors_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
 
     @app.before_request
-    async def check_admin_token() -> Response | None:
-        if (request.content_length or 0) > settings.http_max_body_bytes:
-            return _error(413, "request_too_large",
+    async def refuse_large_bodies() -> Response | None:
+        if not await _body_over(settings.http_max_body_bytes):
+            return None
+        response = _error(413, "request_too_large",
                           f"request body over {settings.http_max_body_bytes} bytes (HTTP_MAX_BODY_BYTES)")
+        response.headers["Connection"] = "close"  # the rest of the body is never read: no reuse
+        return response
+
+    @app.before_request
+    async def check_admin_token() -> Response | None:
         if not settings.admin_token or request.path in _PUBLIC_PATHS:
             return None
         header = request.headers.get("Authorization", "")
