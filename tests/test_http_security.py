@@ -356,11 +356,11 @@ async def test_presigned_urls_are_signed_for_the_configured_ttl(tmp_path, s3_buc
             assert (await http.get(url.split("?")[0])).status_code == 403  # the object is not public
 
 
+@pytest.mark.skipif(not os.environ.get("VOICEGROW_TEST_S3_ENDPOINT"), reason=(
+    "moto serves presigned URLs whatever their expiry or signature; set VOICEGROW_TEST_S3_ENDPOINT to a "
+    "MinIO server to check refusal end to end (test_presigned_urls_are_signed_for_the_configured_ttl "
+    "checks the URLs themselves)"))
 async def test_expired_or_altered_presigned_urls_are_refused(tmp_path, s3_bucket: dict[str, Any]) -> None:
-    if not os.environ.get("VOICEGROW_TEST_S3_ENDPOINT"):
-        pytest.skip("moto serves presigned URLs whatever their expiry or signature; set "
-                    "VOICEGROW_TEST_S3_ENDPOINT to a MinIO server to check refusal end to end "
-                    "(test_presigned_urls_are_signed_for_the_configured_ttl checks the URLs themselves)")
     async with running_server(make_settings(tmp_path, **s3_bucket, presigned_url_ttl_s=1)) as server:
         async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
             url = await _presigned_audio_url(server, http)
