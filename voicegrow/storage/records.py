@@ -11,6 +11,7 @@ import binascii
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -113,8 +114,15 @@ def decode_cursor(token: str, kinds: tuple[type, ...]) -> tuple[Any, ...]:
         raise InvalidCursor(f"cursor {token[:40]!r} does not fit this listing")
     out: list[Any] = []
     for value, kind in zip(values, kinds):
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        try:
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError("not a finite number")
+            if isinstance(value, str):
+                value.encode("utf-8")  # lone surrogates cannot reach a database
+        except (OverflowError, ValueError):  # UnicodeEncodeError is a ValueError
+            raise InvalidCursor(f"cursor {token[:40]!r} is not one this server issued") from None
         if not isinstance(value, kind) or isinstance(value, bool):
             raise InvalidCursor(f"cursor {token[:40]!r} does not fit this listing")
         out.append(value)

@@ -100,7 +100,12 @@ class NativeSession:
         try:
             with trio.fail_at(self._handshake_deadline):
                 hello = await self._next_frame()
-                assert isinstance(hello, wire.Hello)  # the state machine admits nothing else first
+                while not isinstance(hello, wire.Hello):  # the state machine admits ERROR and CLOSE too
+                    if isinstance(hello, wire.Close):
+                        await self._answer_close()
+                        return None
+                    log.info("device error before HELLO: %s", hello)
+                    hello = await self._next_frame()
                 await self._authenticate(hello)
         except trio.TooSlowError:
             log.info("handshake not finished before its deadline; closing")
@@ -197,7 +202,7 @@ class NativeSession:
             elif isinstance(frame, wire.Ping):
                 await self.outbox.put(wire.encode(wire.Pong(nonce=frame.nonce)))
             elif isinstance(frame, wire.Close):
-                await self.connection.close(1000, "bye")
+                await self._answer_close()
                 return
 
     async def _on_control(self, frame: wire.Control, voice: VoiceSession) -> None:
@@ -209,6 +214,11 @@ class NativeSession:
             await voice.wake()
         else:
             log.debug("ignoring control event %r", frame.event)
+
+    async def _answer_close(self) -> None:
+        """The device said goodbye: answer with our CLOSE, then close the WebSocket normally."""
+        self.connection.outbox.put_nowait(_close_frame(1000, ""))
+        await self.connection.close(1000, "bye")
 
     async def _fail(self, exc: ProtocolError) -> None:
         """Answer a protocol error with an error frame, then close with the matching code."""

@@ -19,7 +19,7 @@ import uuid
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from voicegrow.logsetup import session_id_var
 from voicegrow.services import Services
@@ -63,6 +63,16 @@ class _ConnectRateLimiter:
         return True
 
 
+class _PortReporter:
+    """Reports the bound port (not trio's listener list) to whoever started the server."""
+
+    def __init__(self, task_status: trio.TaskStatus[int], port: int) -> None:
+        self._task_status, self._port = task_status, port
+
+    def started(self, _listeners: object = None) -> None:
+        self._task_status.started(self._port)
+
+
 class VoiceServer:
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -78,15 +88,35 @@ class VoiceServer:
         port = listeners[0].socket.getsockname()[1]
         # Room for an open-xiaoai audio frame as JSON (3-4 bytes per sample byte) over our frame limit.
         max_message = max(4 * s.max_frame_bytes, 1 << 20)
+        self._max_message = max_message
         async with trio.open_nursery() as handlers:
             self._handlers = handlers
-            server = WebSocketServer(self._handle, listeners, handler_nursery=handlers,
-                                     max_message_size=max_message, message_queue_size=8,
-                                     connect_timeout=s.handshake_timeout_s, disconnect_timeout=2.0)
             with self._listen_scope:
-                await handlers.start(server.run)
-                task_status.started(port)
-                await trio.sleep_forever()
+                await trio.serve_listeners(self._serve_stream, listeners, handler_nursery=handlers,
+                                           task_status=_PortReporter(task_status, port))
+        # Listening stopped; the handlers nursery has waited for every session to end.
+
+    async def _serve_stream(self, stream: trio.SocketStream) -> None:
+        """One TCP connection: the WebSocket handshake, then the session, every failure contained.
+
+        trio-websocket runs its reader task in the nursery it is given; keeping that nursery per
+        connection means a library error on one socket (seen: a close raced by an oversized message)
+        ends that connection only, never the listener or another session.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(self.services.settings.handshake_timeout_s) as handshake:
+                    request = await wrap_server_stream(nursery, stream, message_queue_size=8,
+                                                       max_message_size=self._max_message)
+                if not handshake.cancelled_caught:
+                    await self._handle(request)
+                nursery.cancel_scope.cancel()
+        except Exception as exc:  # contained: this connection only
+            log.warning("connection failed: %s: %s", type(exc).__name__, exc)
+        finally:
+            with trio.move_on_after(1.0) as cleanup:
+                cleanup.shield = True
+                await stream.aclose()
 
     def stop_accepting(self) -> None:
         self.services.accepting = False
