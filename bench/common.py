@@ -40,6 +40,7 @@ __all__ = [
     "add_common_options",
     "assumed_settings",
     "bench_settings",
+    "beyond_last_bucket",
     "BenchError",
     "Clip",
     "clip_pcm",
@@ -227,6 +228,13 @@ def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> floa
             return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
         lower_bound, lower_count = bound, count
     return lower_bound
+
+
+def beyond_last_bucket(q: float, buckets: Sequence[tuple[float, float]]) -> bool:
+    """Whether the ``q`` quantile lies past the largest finite bound (so the histogram can only say "≥")."""
+    ordered = sorted(buckets)
+    finite = [count for bound, count in ordered if not math.isinf(bound)]
+    return bool(ordered) and ordered[-1][1] > 0 and (not finite or finite[-1] < q * ordered[-1][1])
 
 
 @dataclasses.dataclass(frozen=True)

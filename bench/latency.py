@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import statistics
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,6 +110,8 @@ class TurnMeasurement:
     tts_first_audio_ms: float | None = None
     critical_path_ms: float | None = None
     overhead_ms: float | None = None
+    #: every run of each component (the medians are above)
+    component_runs: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
 
 # -- one turn, as a device ---------------------------------------------------------------------------------
@@ -215,22 +218,35 @@ class Components:
     tts: Any
     settings: Any
 
+    repeat: int = 3
+
     async def measure(self, turn: TurnMeasurement, span: SpeechSpan) -> None:
+        """Each component ``repeat`` times back to back; the median goes into the turn, every run into
+        ``component_runs`` (one run caught by a busy moment of the machine must not make the overhead)."""
         from voicegrow.language import detect_language
 
         speculative = bool(self.settings.asr_speculative and span.paused_audio is not None)
         audio = span.paused_audio if speculative and span.paused_audio is not None else span.utterance_audio
         language = None if self.settings.asr_language == "auto" else self.settings.asr_language
-        started = trio.current_time()
-        transcript = await self.asr.transcribe(audio, language=language)
-        turn.asr_ms = 1000 * (trio.current_time() - started)
-        turn.asr_text = transcript.text
-        heard = turn.transcript or transcript.text
+        runs: dict[str, list[float]] = {"asr_ms": [], "llm_ttft_ms": [], "llm_first_sentence_ms": [],
+                                        "tts_first_audio_ms": []}
+        for _ in range(self.repeat):
+            elapsed_ms, turn.asr_text = await self._asr_once(audio, language)
+            runs["asr_ms"].append(elapsed_ms)
+        heard = turn.transcript or turn.asr_text
         lang = detect_language(heard) if heard else (turn.lang or "en")
-        sentence = await self._measure_llm(turn, heard)
-        if sentence:
-            await self._measure_tts(turn, sentence, lang)
+        sentence = ""
+        for _ in range(self.repeat if heard.strip() else 0):
+            ttft, first_sentence, sentence = await self._llm_once(heard)
+            _append(runs["llm_ttft_ms"], ttft)
+            _append(runs["llm_first_sentence_ms"], first_sentence)
+        for _ in range(self.repeat if sentence else 0):
+            _append(runs["tts_first_audio_ms"], await self._tts_once(sentence, lang))
+        turn.component_runs = runs
+        for name, values in runs.items():
+            setattr(turn, name, statistics.median(values) if values else None)
         turn.hangover_ms = 1000 * span.hangover_s
+        assert turn.asr_ms is not None
         if speculative and span.paused_at_s is not None:
             turn.speculation_delay_ms = 1000 * (span.paused_at_s - span.end_s)
             asr_path = max(turn.hangover_ms, turn.speculation_delay_ms + turn.asr_ms)
@@ -241,45 +257,52 @@ class Components:
             if turn.headline_ms is not None:
                 turn.overhead_ms = turn.headline_ms - turn.critical_path_ms
 
-    async def _measure_llm(self, turn: TurnMeasurement, heard: str) -> str:
+    async def _asr_once(self, audio: bytes, language: str | None) -> tuple[float, str]:
+        started = trio.current_time()
+        transcript = await self.asr.transcribe(audio, language=language)
+        return 1000 * (trio.current_time() - started), transcript.text
+
+    async def _llm_once(self, heard: str) -> tuple[float | None, float | None, str]:
+        """Time to first token and to the first sentence (the splitter the turn uses), and that sentence."""
         from voicegrow.llm import DEFAULT_SYSTEM_PROMPT, ConversationHistory
         from voicegrow.sentences import SentenceSplitter
 
-        if not heard.strip():
-            return ""
         messages = ConversationHistory(max_turns=0, max_chars=0).messages(
             self.settings.llm_system_prompt or DEFAULT_SYSTEM_PROMPT, heard[: self.settings.max_llm_input_chars])
         splitter = SentenceSplitter()
+        ttft: float | None = None
         started = trio.current_time()
         async with contextlib.aclosing(self.llm.stream(messages)) as deltas:
             async for delta in deltas:
                 if not delta:
                     continue
-                if turn.llm_ttft_ms is None:
-                    turn.llm_ttft_ms = 1000 * (trio.current_time() - started)
+                if ttft is None:
+                    ttft = 1000 * (trio.current_time() - started)
                 sentences = splitter.feed(delta)
                 if sentences:
-                    turn.llm_first_sentence_ms = 1000 * (trio.current_time() - started)
-                    return sentences[0]
+                    return ttft, 1000 * (trio.current_time() - started), sentences[0]
         rest = splitter.flush()
-        if rest:
-            turn.llm_first_sentence_ms = 1000 * (trio.current_time() - started)
-        return rest[0] if rest else ""
+        return ttft, (1000 * (trio.current_time() - started) if rest else None), (rest[0] if rest else "")
 
-    async def _measure_tts(self, turn: TurnMeasurement, sentence: str, lang: str) -> None:
+    async def _tts_once(self, sentence: str, lang: str) -> float | None:
         started = trio.current_time()
         async with contextlib.aclosing(self.tts.synthesize(sentence, lang)) as chunks:
             async for chunk in chunks:
                 if chunk:
-                    turn.tts_first_audio_ms = 1000 * (trio.current_time() - started)
-                    break
+                    return 1000 * (trio.current_time() - started)
+        return None
+
+
+def _append(values: list[float], value: float | None) -> None:
+    if value is not None:
+        values.append(value)
 
 
 @contextlib.asynccontextmanager
-async def _components_for(server: ServerUnderTest, settings: Any) -> Any:
+async def _components_for(server: ServerUnderTest, settings: Any, repeat: int) -> Any:
     if server.handle is not None:
         services = server.handle.services
-        yield Components(services.asr, services.llm, services.tts, settings)
+        yield Components(services.asr, services.llm, services.tts, settings, repeat)
         return
     from voicegrow.asr import build_asr_service
     from voicegrow.llm import build_llm
@@ -288,7 +311,8 @@ async def _components_for(server: ServerUnderTest, settings: Any) -> Any:
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as http:
         asr = build_asr_service(settings)
         await asr.warm_up()
-        yield Components(asr, build_llm(settings, http_client=http), build_tts(settings, http_client=http), settings)
+        yield Components(asr, build_llm(settings, http_client=http), build_tts(settings, http_client=http), settings,
+                         repeat)
 
 
 # -- the run ------------------------------------------------------------------------------------------------
@@ -306,7 +330,7 @@ async def run_latency(args: argparse.Namespace, clips: Sequence[Clip]) -> dict[s
                                  admin_token=args.admin_token) as server:
         settings = assumed_settings(server, args.env_file)
         chunk = NATIVE_FRAME_MS * 32 if args.protocol == "native" else XIAOAI_FRAME_BYTES
-        async with _components_for(server, settings) as components:
+        async with _components_for(server, settings, args.repeat) as components:
             run_id = uuid.uuid4().hex[:8]
             turns: list[TurnMeasurement] = []
             plan = [(-1 - i, clip) for i, clip in enumerate(clips[: args.warmup])] + list(enumerate(clips))
@@ -448,11 +472,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--protocol", choices=("native", "xiaoai"), default="native")
     parser.add_argument("--turns", type=int, default=12, help="measured turns, clips mixed zh/en (default 12)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured turns first (default 1)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each component alone per turn; the median counts (default 3)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a reply (default 60)")
     add_common_options(parser)
     args = parser.parse_args(argv)
-    if args.turns < 1 or args.warmup < 0:
-        parser.error("--turns must be at least 1 and --warmup not negative")
+    if args.turns < 1 or args.warmup < 0 or args.repeat < 1:
+        parser.error("--turns and --repeat must be at least 1, --warmup not negative")
     return args
 
 

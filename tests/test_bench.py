@@ -18,6 +18,7 @@ import pytest
 from bench import latency, load, soak
 from bench.common import (
     SpeechSpan,
+    beyond_last_bucket,
     histogram_quantile,
     load_clips,
     locate_speech,
@@ -51,13 +52,15 @@ def assert_machine(report: dict[str, Any], command: str) -> None:
     assert isinstance(report["settings"], dict)
 
 
-def read_report(path: Path) -> dict[str, Any]:
-    assert path.is_file(), f"{path} was not written"
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def assert_png(path: Path) -> None:
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def run_command(command: Any, name: str, tmp_path: Path, clips: Path, *options: str) -> tuple[int, dict[str, Any]]:
+    """``command.main`` with the fixtures, a JSON and a PNG; the exit code and the checked report."""
+    out, png = tmp_path / f"{name}.json", tmp_path / f"{name}.png"
+    code = command.main([*options, "--clips", str(clips), "--json", str(out), "--plot", str(png)])
+    assert out.is_file(), f"{out} was not written"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert_machine(report, name)
+    return code, report
 
 
 # -- the arithmetic ------------------------------------------------------------------------------------------
@@ -77,6 +80,8 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
     assert histogram_quantile(0.99, buckets) == pytest.approx(0.095)
     assert histogram_quantile(0.5, [(0.1, 0.0), (math.inf, 0.0)]) is None
     assert histogram_quantile(0.99, [(0.1, 1.0), (math.inf, 10.0)]) == 0.1  # in +Inf: the last finite bound
+    assert beyond_last_bucket(0.99, [(0.1, 1.0), (math.inf, 10.0)])
+    assert not beyond_last_bucket(0.99, buckets) and not beyond_last_bucket(0.5, [(0.1, 0.0), (math.inf, 0.0)])
 
 
 def test_lag_histogram_quantiles_match_its_counts() -> None:
@@ -136,12 +141,8 @@ def test_growth_verdicts_flag_a_slope_not_noise() -> None:
 
 @pytest.mark.slow
 def test_latency_command_reports_every_stage(tmp_path: Path, audio_fixtures: Path) -> None:
-    out, png = tmp_path / "latency.json", tmp_path / "latency.png"
-    code = latency.main(["--turns", "1", "--warmup", "0", "--clips", str(audio_fixtures), "--json", str(out),
-                         "--plot", str(png)])
+    code, report = run_command(latency, "latency", tmp_path, audio_fixtures, "--turns", "1", "--warmup", "0")
     assert code == 0
-    report = read_report(out)
-    assert_machine(report, "latency")
     assert report["server_mode"] == "in-process" and report["settings"]["turns"] == 1
     summary = report["summary"]
     assert summary["turns"] == summary["turns_ok"] == 1
@@ -161,17 +162,12 @@ def test_latency_command_reports_every_stage(tmp_path: Path, audio_fixtures: Pat
     assert overhead == pytest.approx(headline["p50"] - components["critical_path_ms"]["p50"])
     (turn,) = report["turns"]
     assert turn["ok"] and turn["transcript"].strip() and turn["reply"].strip()
-    assert_png(png)
 
 
 @pytest.mark.slow
 def test_load_command_with_two_sessions(tmp_path: Path, audio_fixtures: Path) -> None:
-    out, png = tmp_path / "load.json", tmp_path / "load.png"
-    code = load.main(["--sessions", "2", "--duration", "8", "--clips", str(audio_fixtures), "--json", str(out),
-                      "--plot", str(png)])
+    code, report = run_command(load, "load", tmp_path, audio_fixtures, "--sessions", "2", "--duration", "8")
     assert code == 0
-    report = read_report(out)
-    assert_machine(report, "load")
     assert report["server_mode"] == "subprocess"
     (step,) = report["steps"]
     assert step["sessions"] == step["connected"] == 2
@@ -194,19 +190,15 @@ def test_load_command_with_two_sessions(tmp_path: Path, audio_fixtures: Path) ->
     assert_percentiles(client["ping_rtt_s"], at_least=1, high=60)
     assert step["lag_ok"] == (server["ingest_lag_p99_s"] < report["lag_target_s"])
     assert report["largest_sessions_lag_ok"] == (2 if step["lag_ok"] else None)
-    assert_png(png)
 
 
 @pytest.mark.slow
 def test_soak_command_short_run(tmp_path: Path, audio_fixtures: Path) -> None:
-    out, png = tmp_path / "soak.json", tmp_path / "soak.png"
-    code = soak.main(["--sessions", "2", "--minutes", "0.25", "--warmup-s", "3", "--sample-s", "1",
-                      "--gap-min-s", "1", "--gap-max-s", "2", "--barge-in", "0.5", "--reconnect", "0.5",
-                      "--clips", str(audio_fixtures), "--json", str(out), "--plot", str(png)])
-    report = read_report(out)
+    code, report = run_command(soak, "soak", tmp_path, audio_fixtures, "--sessions", "2", "--minutes", "0.25",
+                               "--warmup-s", "3", "--sample-s", "1", "--gap-min-s", "1", "--gap-max-s", "2",
+                               "--barge-in", "0.5", "--reconnect", "0.5")
     assert code == (0 if report["passed"] else 1)
     assert report["passed"] == (not report["failures"])
-    assert_machine(report, "soak")
     assert report["server_mode"] == "in-process" and report["warmup_s"] == 3
     samples = report["samples"]
     assert len(samples) >= 10
@@ -223,4 +215,3 @@ def test_soak_command_short_run(tmp_path: Path, audio_fixtures: Path) -> None:
     activity = report["activity"]
     assert activity["utterances"] >= activity["replies"] >= 1
     assert_percentiles(report["turn_latency_s"], at_least=1, high=60)
-    assert_png(png)
