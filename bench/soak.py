@@ -110,6 +110,7 @@ async def run_soak(args: argparse.Namespace, clips: Sequence[Clip]) -> dict[str,
         crowd = Crowd(server.ws_url, prepare_utterances(clips, settings), behaviour, seed=7, xiaoai=xiaoai)
         samples: list[dict[str, Any]] = []
         totals: dict[str, int] = {}
+        errors: dict[str, int] = {}
         latencies: list[float] = []
         async with trio.open_nursery() as nursery:
             await crowd.populate(nursery, args.sessions, ramp_s=min(5.0, 0.05 * args.sessions))
@@ -123,6 +124,8 @@ async def run_soak(args: argparse.Namespace, clips: Sequence[Clip]) -> dict[str,
                     for key, value in window.figures().items():
                         if isinstance(value, int):
                             totals[key] = totals.get(key, 0) + value
+                    for name, count in window.errors.items():
+                        errors[name] = errors.get(name, 0) + count
                     latencies += window.latencies_s
                     sample["turn_latency_p50_s"] = percentiles(window.latencies_s)["p50"]
                     samples.append(sample)
@@ -141,7 +144,7 @@ async def run_soak(args: argparse.Namespace, clips: Sequence[Clip]) -> dict[str,
         failures.append("no_replies")
     return {"server_mode": mode, "xiaoai_speakers": xiaoai, "duration_s": duration_s, "warmup_s": warmup_s,
             "samples": samples, "verdicts": verdicts, "activity": totals, "turn_latency_s": percentiles(latencies),
-            "server": server_side, "failures": failures, "passed": not failures}
+            "server": server_side, "errors": errors, "failures": failures, "passed": not failures}
 
 
 # -- output -----------------------------------------------------------------------------------------------
@@ -172,6 +175,8 @@ def render_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
                 f"empty {fmt(turns.get('empty'))}; turn latency p50 {fmt(latency['p50'], 2)} s, "
                 f"p99 {fmt(latency['p99'], 2)} s.")
     verdict = "PASSED" if results["passed"] else f"FAILED ({', '.join(results['failures'])})"
+    if results["errors"]:
+        activity += f" Speaker errors (connection refused or dropped): {results['errors']}."
     return "\n".join([
         f"## Soak: {verdict}", "", activity, "",
         markdown_table(["resource (floor of first vs last third after warm-up)", "start", "end", "growth",
