@@ -19,8 +19,7 @@ from voicegrow.llm import ConversationHistory
 from voicegrow.services import Services
 from voicegrow.streaming.registry import SessionInfo
 from voicegrow.streaming.turn import DeviceLink, Turn, Utterance, history_from_messages
-from voicegrow.streaming.vad import (SpeechPaused, SpeechResumed, SpeechStarted, UtteranceDropped,
-                                     UtteranceEnded, VadSegmenter)
+from voicegrow.streaming.vad import SpeechPaused, SpeechResumed, UtteranceDropped, UtteranceEnded, VadSegmenter
 
 __all__ = ["VoiceSession", "begin_device_session"]
 
@@ -77,7 +76,6 @@ class VoiceSession:
                                 min_speech_ms=s.vad_min_speech_ms, max_utterance_s=s.vad_max_utterance_s)
         self._resampler = StreamResampler(input_rate, VAD_RATE) if input_rate != VAD_RATE else None
         self._stream_pos_s = 0.0  # seconds of audio fed to the VAD
-        self._speech_start_at: float | None = None
         self._nursery: trio.Nursery | None = None
         self._turn: Turn | None = None
         self._turn_scope: trio.CancelScope | None = None
@@ -131,9 +129,7 @@ class VoiceSession:
         return now - (self._stream_pos_s - stream_pos_s)
 
     async def _on_vad_event(self, event: object, now: float) -> None:
-        if isinstance(event, SpeechStarted):
-            self._speech_start_at = self._wall(event.at_s, now)
-        elif isinstance(event, SpeechPaused):
+        if isinstance(event, SpeechPaused):
             self._cancel_speculation()
             if self.services.settings.asr_speculative and self._nursery is not None:
                 spec = self._speculation = _Speculation(event.audio)
@@ -188,11 +184,16 @@ class VoiceSession:
         await self.link.interrupt(turn.turn_id)
         if was_playing:
             await self.link.send_event("tts_stop", {"reason": "aborted", "cause": reason}, turn.turn_id)
-        await turn.done.wait()
 
     async def _start_turn(self, utterance: Utterance, transcribe: Any) -> None:
+        """Start the utterance's turn; a turn still running is superseded (one turn at a time).
+
+        Called from the reader, so it never waits for the old turn to wind down: the new turn's task
+        does, so that the old turn's history and record come first.
+        """
         assert self._nursery is not None
-        if self._turn is not None and not self._turn.done.is_set():
+        previous = self._turn
+        if previous is not None and not previous.done.is_set():
             await self._interrupt("new_utterance")
         self._turn_ids += 1
         self.info.turns += 1
@@ -203,11 +204,15 @@ class VoiceSession:
         self._turn, self._turn_scope = turn, scope
 
         async def run_turn() -> None:
-            with scope:
-                try:
+            try:
+                with scope:
+                    if previous is not None:
+                        await previous.done.wait()
                     await turn.run()
-                except Exception:  # a bug in one turn must not end the session
-                    log.exception("turn %s crashed", turn.turn_id)
+            except Exception:  # a bug in one turn must not end the session
+                log.exception("turn %s crashed", turn.turn_id)
+            finally:
+                turn.done.set()  # also when it was superseded before it began
 
         self._nursery.start_soon(run_turn)
 
