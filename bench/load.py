@@ -636,7 +636,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.plot(x, series(lambda s: _ms(s["server"].get("ingest_lag_p99_s"))), "o-", label="p99")
     ax.axhline(results["lag_target_s"] * 1000, color="red", linestyle="--", linewidth=0.8, label="50 ms")
     ax.set_title("frame-ingest lag (server)")
-    ax.set_ylabel("ms")
+    ax.set_ylabel("ms (log)")
+    ax.set_yscale("log")
     ax.legend()
     ax = axes[0][1]
     ax.plot(x, series(lambda s: s["client"]["turn_latency_s"]["p50"]), "o-", label="p50")
