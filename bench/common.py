@@ -422,6 +422,13 @@ class ServerUnderTest:
     server_task: trio.lowlevel.Task | None = None
     ai_url: str | None = None
     admin_token: str = ""
+    fake_ai: Any = None  # the in-process fake LLM/TTS service, if any
+
+    def forget_ai_requests(self) -> None:
+        """Empty the in-process fake AI's request log, which keeps every request (tests read it) and
+        would otherwise grow this process's memory through a soak."""
+        if self.fake_ai is not None:
+            self.fake_ai.requests.clear()
 
     async def metrics(self) -> MetricsSnapshot | None:
         """The server's Prometheus figures now, from ``GET /metrics`` in every mode (the handler also
@@ -498,23 +505,24 @@ async def _in_process(tmp: str, fake_ai: FakeAiKnobs | None, overrides: Mapping[
     from voicegrow.app import running_server
 
     async with contextlib.AsyncExitStack() as stack:
-        ai_url = None
-        if fake_ai is not None:
-            ai_url = (await stack.enter_async_context(run_fake_ai(fake_ai.config()))).url
+        ai = await stack.enter_async_context(run_fake_ai(fake_ai.config())) if fake_ai is not None else None
+        ai_url = ai.url if ai is not None else None
         settings = bench_settings(server_environment(str(Path(tmp) / "data"), ai_url=ai_url, overrides=overrides))
+
+        stop = trio.Event()
 
         async def host(task_status: trio.TaskStatus[tuple[Any, trio.lowlevel.Task]] = trio.TASK_STATUS_IGNORED) -> None:
             # Its own task, so that the server's task tree can be counted apart from the devices'.
             async with running_server(settings) as handle:
                 task_status.started((handle, trio.lowlevel.current_task()))
-                await trio.sleep_forever()
+                await stop.wait()  # then leave the block: a graceful stop, persistence still running
 
         nursery = await stack.enter_async_context(trio.open_nursery())
         handle, task = await nursery.start(host)
-        stack.callback(nursery.cancel_scope.cancel)
+        stack.callback(stop.set)
         await handle.services.asr.warm_up()
         yield ServerUnderTest("in-process", handle.ws_url, handle.http_url, os.getpid(), settings, http,
-                              handle=handle, server_task=task, ai_url=ai_url)
+                              handle=handle, server_task=task, ai_url=ai_url, fake_ai=ai)
 
 
 @contextlib.asynccontextmanager

@@ -155,9 +155,8 @@ async def _native_turn(server: ServerUnderTest, pcm: bytes, span: SpeechSpan, tu
     if result.failure or result.timed_out or result.client_first_audio_s is None or first is None:
         turn.failure = result.failure or ("timed out" if result.timed_out else "no reply audio")
         return
+    turn.stages_ms = _stages(timings)
     end = timings.get("speech_end")
-    if end is not None:
-        turn.stages_ms = {name: timings[name] - end for name, _ in STAGES if timings.get(name) is not None}
     turn.device_side_headline_ms = 1000 * (result.client_first_audio_s + span.trailing_s)
     if server.mode == "in-process" and end is not None and "first_audio_sent" in timings:
         arrival, stamp = first
@@ -189,12 +188,17 @@ async def _xiaoai_turn(server: ServerUnderTest, pcm: bytes, span: SpeechSpan, tu
     records = await _stored_turns(server, f"xiaoai-{serial}")  # the driver's device id for a serial
     if records:
         record = records[0]
-        timings = record.get("timings_ms") or {}
+        turn.stages_ms = _stages(record.get("timings_ms") or {})
         turn.transcript, turn.reply = record.get("transcript", ""), record.get("reply_text", "")
-        end = timings.get("speech_end")
-        if end is not None:
-            turn.stages_ms = {name: timings[name] - end for name, _ in STAGES if timings.get(name) is not None}
     turn.ok = True
+
+
+def _stages(timings: dict[str, Any]) -> dict[str, float]:
+    """The server's marks (ms since speech start) as ms since its end-of-speech mark."""
+    end = timings.get("speech_end")
+    if end is None:
+        return {}
+    return {name: timings[name] - end for name, _ in STAGES if timings.get(name) is not None}
 
 
 async def _stored_turns(server: ServerUnderTest, device_id: str) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from bench.common import (
     progress,
     pyplot,
     run_command,
+    sample_process,
     save_figure,
     server_under_test,
     xiaoai_driver_present,
@@ -93,6 +95,8 @@ async def _sample(server: ServerUnderTest, crowd: Crowd, started: float) -> dict
         "sessions_server": metrics.total("voicegrow_sessions_active") if metrics else None,
         "sessions_connected": sum(crowd.connected.values()),
         "asr_queue": metrics.total("voicegrow_asr_queue_depth") if metrics else None,
+        # The speakers' own memory, when it is not mixed into the server's: a creeping generator is ours.
+        "generator_rss_mb": sample_process(os.getpid()).rss_bytes / 2**20 if server.mode != "in-process" else None,
     }
 
 
@@ -119,6 +123,7 @@ async def run_soak(args: argparse.Namespace, clips: Sequence[Clip]) -> dict[str,
             with progress(math.ceil(duration_s), "soak", "s") as bar:
                 while (elapsed := trio.current_time() - started) < duration_s:
                     await trio.sleep(min(args.sample_s, duration_s - elapsed))
+                    server.forget_ai_requests()
                     sample = await _sample(server, crowd, started)
                     window = crowd.take_stats()
                     for key, value in window.figures().items():
