@@ -395,8 +395,9 @@ class Crowd:
         talk = _Conversation(self, rng)
         while True:
             try:
-                async with run_emulator(self.url, serial=f"bench-{self.run_id}-{index}", connect_timeout=30) as emu:
-                    _keep_no_played_audio(emu)
+                # The speakers here never listen to what they played: count it, keep none of it.
+                async with run_emulator(self.url, serial=f"bench-{self.run_id}-{index}", connect_timeout=30,
+                                        keep_played_audio=False) as emu:
                     self.stats.connects += 1
                     self.connected["xiaoai"] += 1
                     try:
@@ -447,27 +448,6 @@ class Crowd:
             while trio.current_time() - emu.play_frames[-1].received_at < 1.0 and emu.connected:
                 await trio.sleep(0.2)
         talk.turn_over(trio.current_time())
-
-
-class _PlayedBytes:
-    """Stands in for the emulator's copy of everything it played: counts the bytes, keeps none."""
-
-    def __init__(self) -> None:
-        self.nbytes = 0
-
-    def __iadd__(self, data: bytes) -> _PlayedBytes:
-        self.nbytes += len(data)
-        return self
-
-    def __len__(self) -> int:
-        return self.nbytes
-
-
-def _keep_no_played_audio(emu: Any) -> None:
-    """The emulator keeps all played audio (``played_pcm``), 48 kB per second of reply: right for a test
-    that listens to it, a steady climb in a soak. The speakers here never read it, so it is not kept."""
-    if isinstance(getattr(emu, "_played", None), bytearray):
-        emu._played = _PlayedBytes()
 
 
 # -- server-side figures -------------------------------------------------------------------------------------

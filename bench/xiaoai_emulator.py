@@ -179,8 +179,10 @@ class SpeakerEmulator:
                  play_queue_chunks: int = CLIENT_PLAY_QUEUE_CHUNKS,
                  play_write_timeout: float = CLIENT_PLAY_WRITE_TIMEOUT_S,
                  pipe_buffer_bytes: int = PIPE_BUFFER_BYTES,
-                 max_message_size: int = CLIENT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_size: int = CLIENT_MAX_MESSAGE_BYTES, keep_played_audio: bool = True) -> None:
+        """``keep_played_audio=False`` counts played bytes without keeping them (long soak runs)."""
         self.url = url
+        self.keep_played_audio = keep_played_audio
         self.serial = serial
         self.model = model
         self.version = version
@@ -206,6 +208,7 @@ class SpeakerEmulator:
         self.play_config: AudioConfig | None = None
 
         self._played = bytearray()
+        self.played_bytes = 0
         self._answered: list[Request] = []
         self._claimed: dict[str, int] = {}
         self._changed = trio.Event()
@@ -508,7 +511,9 @@ class SpeakerEmulator:
                     now = trio.current_time()
                     plays_from = max(pipe.playing_until, now)
                     blocked, accepted = pipe.write(now, len(chunk))
-                    self._played += chunk[:accepted]
+                    self.played_bytes += accepted
+                    if self.keep_played_audio:
+                        self._played += chunk[:accepted]
                     self.play_writes.append(PlayWrite(now, len(chunk), accepted, plays_from, pipe.playing_until))
                     self._notify()
                     if blocked > 0:
@@ -542,7 +547,7 @@ class SpeakerEmulator:
 
     async def wait_until_played(self, nbytes: int, timeout: float = 5.0) -> None:
         """Return once at least ``nbytes`` have been written to the emulated ``aplay``."""
-        await self._wait_until(lambda: len(self._played) >= nbytes, timeout)
+        await self._wait_until(lambda: self.played_bytes >= nbytes, timeout)
 
     async def wait_until(self, predicate: Callable[[SpeakerEmulator], bool], timeout: float = 5.0) -> None:
         """Return once ``predicate(emulator)`` holds; it is re-checked after every state change."""
@@ -612,8 +617,8 @@ class SpeakerEmulator:
             "events_sent": [e.event for e in self.events_sent],
             "play_frames_received": len(self.play_frames),
             "play_frames_dropped_before_start_play": self.play_frames_dropped,
-            "played_bytes": len(self._played),
-            "played_seconds": round(len(self._played) / rate, 3),
+            "played_bytes": self.played_bytes,
+            "played_seconds": round(self.played_bytes / rate, 3),
             "play_bytes_cut_by_write_timeout": self.play_bytes_cut,
         }
 
