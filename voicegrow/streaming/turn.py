@@ -9,6 +9,7 @@ what was actually played, and when each stage finished.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -111,9 +112,8 @@ class Turn:
             return
         self._mark("asr_done")
         self.transcript = transcript.text.strip()
-        self.language = transcript.language or detect_language(self.transcript or "")
-        if self.language not in ("zh", "en"):
-            self.language = detect_language(self.transcript) if self.transcript else "en"
+        language = transcript.language
+        self.language = language if language in ("zh", "en") else detect_language(self.transcript)
         await self.link.send_event("asr_final", {"text": self.transcript, "lang": self.language,
                                                  "dropped": transcript.dropped}, self.turn_id)
         if not self.transcript:
@@ -138,15 +138,17 @@ class Turn:
         metrics = self.services.metrics
         async with sentences:
             try:
-                async for delta in self.services.llm.stream(messages):
-                    if not delta:
-                        continue
-                    if "llm_first_token" not in self.marks:
-                        self._mark("llm_first_token")
-                    self.reply_text += delta
-                    await self.link.send_event("llm_text", {"text": delta}, self.turn_id)
-                    for sentence in splitter.feed(delta):
-                        await self._emit_sentence(sentence, sentences)
+                # aclosing: a cancelled turn closes its HTTP stream now, not when the GC gets to it.
+                async with contextlib.aclosing(self.services.llm.stream(messages)) as deltas:
+                    async for delta in deltas:
+                        if not delta:
+                            continue
+                        if "llm_first_token" not in self.marks:
+                            self._mark("llm_first_token")
+                        self.reply_text += delta
+                        await self.link.send_event("llm_text", {"text": delta}, self.turn_id)
+                        for sentence in splitter.feed(delta):
+                            await self._emit_sentence(sentence, sentences)
                 for sentence in splitter.flush():
                     await self._emit_sentence(sentence, sentences)
                 metrics.llm_requests.labels("success").inc()
@@ -173,14 +175,15 @@ class Turn:
             async for index, sentence in _enumerate(sentences):
                 resampler = StreamResampler(tts.output_rate, out_rate) if tts.output_rate != out_rate else None
                 try:
-                    async for chunk in tts.synthesize(sentence, self.language):
-                        if not chunk:
-                            continue
-                        if "tts_first_audio" not in self.marks:
-                            self._mark("tts_first_audio")
-                        if resampler is not None:
-                            chunk = _pcm_bytes(resampler.process(np.frombuffer(chunk, dtype="<i2")))
-                        await audio.send((index, sentence, chunk))
+                    async with contextlib.aclosing(tts.synthesize(sentence, self.language)) as chunks:
+                        async for chunk in chunks:
+                            if not chunk:
+                                continue
+                            if "tts_first_audio" not in self.marks:
+                                self._mark("tts_first_audio")
+                            if resampler is not None:
+                                chunk = _pcm_bytes(resampler.process(np.frombuffer(chunk, dtype="<i2")))
+                            await audio.send((index, sentence, chunk))
                     if resampler is not None:
                         await audio.send((index, sentence, _pcm_bytes(resampler.flush())))
                     self.services.metrics.tts_requests.labels("success").inc()
