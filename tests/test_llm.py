@@ -360,3 +360,13 @@ async def test_build_llm_picks_by_base_url() -> None:
         assert (client.url, client.service.api_key, client.model, client.service.timeout_s) == (
             "http://gw:9/v1/chat/completions", "k", "m", 7.0)
         assert client.service.http_client is http
+
+
+def test_history_round_trips_through_stored_messages() -> None:
+    history = ConversationHistory(max_turns=5, max_chars=1000)
+    history.append("几点了？", "现在三点。")
+    history.append("thanks", "You're welcome.")
+    restored = ConversationHistory(max_turns=5, max_chars=1000)
+    restored.load_messages([{"role": "system", "content": "ignored"}, *history.to_messages(),
+                            {"role": "user", "content": "an unanswered question is not a turn"}])
+    assert restored.turns == history.turns

@@ -121,6 +121,24 @@ class ConversationHistory:
     def clear(self) -> None:
         self._turns.clear()
 
+    def to_messages(self) -> list[ChatMessage]:
+        """The exchanges as chat messages: the form the session state store keeps between sessions."""
+        return [m for user, assistant in self._turns
+                for m in ({"role": "user", "content": user}, {"role": "assistant", "content": assistant})]
+
+    def load_messages(self, messages: Sequence[dict[str, object]]) -> None:
+        """Append stored chat messages (user/assistant pairs; anything else is skipped)."""
+        pending_user: str | None = None
+        for message in messages:
+            role, content = message.get("role"), message.get("content")
+            if not isinstance(content, str):
+                continue
+            if role == "user":
+                pending_user = content
+            elif role == "assistant" and pending_user is not None:
+                self.append(pending_user, content)
+                pending_user = None
+
     def messages(self, system_prompt: str, user_text: str) -> list[ChatMessage]:
         """The request for a new user utterance: system prompt (if any), history, then the utterance."""
         out: list[ChatMessage] = []

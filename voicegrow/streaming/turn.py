@@ -275,7 +275,7 @@ class Turn:
         if self.transcript:
             with trio.move_on_after(2.0):
                 try:
-                    await services.persistence.save_history(self.device_id, history_to_messages(self.history))
+                    await services.persistence.save_history(self.device_id, self.history.to_messages())
                 except Exception:
                     log.exception("could not save the conversation history of %s", self.device_id)
 
@@ -299,26 +299,6 @@ async def _enumerate(channel: trio.MemoryReceiveChannel[str]) -> Any:
     async for item in channel:
         yield index, item
         index += 1
-
-
-def history_to_messages(history: ConversationHistory) -> list[dict[str, str]]:
-    """The history as chat messages, the form the session state store keeps."""
-    return [m for user, assistant in history.turns
-            for m in ({"role": "user", "content": user}, {"role": "assistant", "content": assistant})]
-
-
-def history_from_messages(history: ConversationHistory, messages: list[dict[str, str]]) -> None:
-    """Refill ``history`` from stored chat messages (user/assistant pairs; anything else is skipped)."""
-    pending_user: str | None = None
-    for message in messages:
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(content, str):
-            continue
-        if role == "user":
-            pending_user = content
-        elif role == "assistant" and pending_user is not None:
-            history.append(pending_user, content)
-            pending_user = None
 
 
 def _pcm_bytes(samples: np.ndarray) -> bytes:

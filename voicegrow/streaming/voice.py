@@ -18,7 +18,7 @@ from voicegrow.audio import StreamResampler
 from voicegrow.llm import ConversationHistory
 from voicegrow.services import Services
 from voicegrow.streaming.registry import SessionInfo
-from voicegrow.streaming.turn import DeviceLink, Turn, Utterance, history_from_messages
+from voicegrow.streaming.turn import DeviceLink, Turn, Utterance
 from voicegrow.streaming.vad import SpeechPaused, SpeechResumed, UtteranceDropped, UtteranceEnded, VadSegmenter
 
 __all__ = ["VoiceSession", "begin_device_session"]
@@ -235,7 +235,7 @@ async def begin_device_session(services: Services, info: SessionInfo) -> Convers
         await persistence.device_seen(info.device_id, {"protocol": info.protocol, "remote_addr": info.remote_addr})
         await persistence.claim_device(info.device_id, info.session_id)
         with trio.move_on_after(2.0):
-            history_from_messages(history, await persistence.load_history(info.device_id))
+            history.load_messages(await persistence.load_history(info.device_id))
     except Exception:
         log.exception("could not restore the conversation of %s", info.device_id)
     return history
