@@ -115,7 +115,6 @@ class Settings:
     tts_speaking_rate: float = _field(0.9, float, low=0.25, high=4.0)
     tts_pitch: float = _field(0.0, float, low=-20.0, high=20.0)
     tts_timeout: float = _field(30.0, float, low=0.1, high=3600)
-    tts_output_rate: int = _field(24000, int, low=8000, high=48000)
     tts_lead_ms: int = _field(200, int, low=0, high=5000)
 
     # -- LLM

@@ -48,7 +48,7 @@ class NativeLink:
                                                         seq=self._next_seq())))
 
     async def send_audio(self, pcm: bytes, turn_id: int) -> None:
-        frame = wire.Audio(pcm=pcm, turn_id=turn_id, seq=self._next_seq(), timestamp_ms=_now_ms())
+        frame = wire.Audio(pcm=pcm, turn_id=turn_id, seq=self._next_seq(), timestamp_ms=wire.wire_ms(trio.current_time()))
         await self._outbox.put_audio(wire.encode(frame), turn_id)
 
     async def interrupt(self, turn_id: int) -> None:
@@ -57,10 +57,6 @@ class NativeLink:
 
 #: Audio a device may send ahead of the MAX_AUDIO_RATE allowance (a buffered start after a reconnect).
 _AUDIO_BURST_S = 3.0
-
-
-def _now_ms() -> int:
-    return int(trio.current_time() * 1000) & 0xFFFFFFFF
 
 
 class NativeSession:

@@ -172,7 +172,9 @@ class Turn:
         tts = self.services.tts
         out_rate = self.link.output_rate
         async with audio, sentences:
-            async for index, sentence in _enumerate(sentences):
+            index = -1
+            async for sentence in sentences:
+                index += 1
                 resampler = StreamResampler(tts.output_rate, out_rate) if tts.output_rate != out_rate else None
                 try:
                     async with contextlib.aclosing(tts.synthesize(sentence, self.language)) as chunks:
@@ -292,13 +294,6 @@ class Turn:
                                                             bytes(self.reply_audio), self.link.output_rate)
             except Exception:
                 log.exception("could not hand turn %s to persistence", self.turn_id)
-
-
-async def _enumerate(channel: trio.MemoryReceiveChannel[str]) -> Any:
-    index = 0
-    async for item in channel:
-        yield index, item
-        index += 1
 
 
 def _pcm_bytes(samples: np.ndarray) -> bytes:

@@ -69,7 +69,6 @@ class VoiceSession:
         self.services = services
         self.link = link
         self.info = info
-        self.input_rate = input_rate
         self.history = history or ConversationHistory(max_turns=s.llm_history_turns, max_chars=s.llm_history_chars)
         self.vad = VadSegmenter(sample_rate=VAD_RATE, frame_ms=s.vad_frame_ms, aggressiveness=s.vad_aggressiveness,
                                 preroll_ms=s.vad_preroll_ms, silence_ms=s.vad_silence_ms,
