@@ -17,6 +17,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from voicegrow import __version__
+from voicegrow.memprofile import memory_report, release_memory
 from voicegrow.metrics import CONTENT_TYPE_LATEST
 from voicegrow.services import Services
 
@@ -55,6 +56,13 @@ def overall_status(accepting: bool, components: dict[str, dict[str, Any]]) -> st
     worst = max((_STATUS_RANK.get(c.get("status", "down"), 2) for c in components.values()), default=0)
     # The server still takes sessions when a dependency is down: spool, apology, offline engines.
     return "ok" if worst == 0 else "degraded"
+
+
+def _memory_debug_refusal(services: Services) -> Response | None:
+    """The memory report names source files and lines: only for an operator, never on an open port."""
+    if not services.settings.admin_token:
+        return _error(403, "admin_token_required", "the memory report needs ADMIN_TOKEN to be set")
+    return None
 
 
 def create_app(services: Services) -> QuartTrio:
@@ -138,6 +146,38 @@ def create_app(services: Services) -> QuartTrio:
         for protocol in ("native", "xiaoai", "detecting"):
             m.sessions_active.labels(protocol).set(counts.get(protocol, 0))
         return Response(m.render(), content_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/v1/debug/memory")
+    async def memory_growth() -> Response:
+        refusal = _memory_debug_refusal(services)
+        if refusal is not None:
+            return refusal
+        group_by = request.args.get("group_by", "lineno")
+        raw_limit = request.args.get("limit", "20")
+        if group_by not in ("lineno", "traceback"):
+            return _error(400, "invalid_group_by", "group_by: expected lineno or traceback")
+        if not (raw_limit.isascii() and raw_limit.isdigit() and int(raw_limit[:4]) <= 200):
+            return _error(400, "invalid_limit", "limit: expected an integer from 0 (no growth sites) to 200")
+        # A snapshot of a big heap takes a while: in a thread, so that audio keeps flowing meanwhile.
+        report = await trio.to_thread.run_sync(lambda: memory_report(
+            services.memory_tracer, limit=int(raw_limit), group_by=group_by))
+        return jsonify(report)
+
+    @app.post("/api/v1/debug/memory/baseline")
+    async def memory_baseline() -> Response:
+        refusal = _memory_debug_refusal(services)
+        if refusal is not None:
+            return refusal
+        if services.memory_tracer is None:
+            return _error(404, "memory_trace_off", "allocation tracing is off (set MEMORY_TRACE_FRAMES)")
+        return jsonify(await trio.to_thread.run_sync(services.memory_tracer.reset_baseline))
+
+    @app.post("/api/v1/debug/memory/release")
+    async def memory_release() -> Response:
+        refusal = _memory_debug_refusal(services)
+        if refusal is not None:
+            return refusal
+        return jsonify(release_memory())  # in this thread: the collector must not race the event loop
 
     from voicegrow.admin_api import make_data_blueprint
 

@@ -33,6 +33,7 @@ class Services:
     tts: Any  # voicegrow.tts.TtsEngine
     persistence: Any  # voicegrow.storage.persistence.Persistence
     device_credentials: Any = None  # voicegrow.device_auth.DeviceCredentials when DEVICE_AUTH is on
+    memory_tracer: Any = None  # voicegrow.memprofile.MemoryTracer when MEMORY_TRACE_FRAMES is set
     started_monotonic: float = dataclasses.field(default_factory=time.monotonic)
     accepting: bool = True
 
@@ -87,17 +88,27 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
         from voicegrow.device_auth import DeviceCredentials
 
         credentials = DeviceCredentials(settings.device_credentials_file)  # a bad file fails start-up
+    tracer = None
+    if settings.memory_trace_frames:
+        from voicegrow.memprofile import MemoryTracer
+
+        tracer = MemoryTracer(settings.memory_trace_frames)  # first, so the baseline precedes the sessions
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0)) as http:
-        yield Services(
-            settings=settings,
-            metrics=metrics,
-            registry=SessionRegistry(),
-            http=http,
-            asr=build_asr_service(settings, metrics=metrics),
-            llm=build_llm(settings, http_client=http),
-            tts=build_tts(settings, http_client=http),
-            persistence=Persistence.from_settings(settings, metrics=metrics, key_prefix=settings.redis_key_prefix,
-                                                  **(persistence_options or {})),
-            device_credentials=credentials,
-        )
+    try:
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0)) as http:
+            yield Services(
+                settings=settings,
+                metrics=metrics,
+                registry=SessionRegistry(),
+                http=http,
+                asr=build_asr_service(settings, metrics=metrics),
+                llm=build_llm(settings, http_client=http),
+                tts=build_tts(settings, http_client=http),
+                persistence=Persistence.from_settings(settings, metrics=metrics, key_prefix=settings.redis_key_prefix,
+                                                      **(persistence_options or {})),
+                device_credentials=credentials,
+                memory_tracer=tracer,
+            )
+    finally:
+        if tracer is not None:
+            tracer.close()

@@ -68,6 +68,8 @@ class Settings:
     slow_reader_timeout_s: float = _field(10.0, float, low=0.1, high=3600)
     max_frame_bytes: int = _field(256 * 1024, int, low=1024, high=16 * 1024 * 1024)
     protocol_detect_ms: int = _field(1500, int, low=10, high=60_000)
+    # tracemalloc frames per allocation, 0: off; the growth report is GET /api/v1/debug/memory
+    memory_trace_frames: int = _field(0, int, low=0, high=100)
 
     # -- limits (hostile input)
     max_sessions: int = _field(500, int, low=1, high=100_000)

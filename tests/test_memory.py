@@ -1,0 +1,99 @@
+"""Memory that must stay bounded over a long run, and the allocation report that finds what does not.
+
+No timing and no RSS figures here (the machine is shared and RSS is noisy): each test drives a
+structure through many lifetimes of what it holds and checks that nothing of them is left.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import make_settings
+from voicegrow.app import running_server
+from voicegrow.memprofile import MemoryTracer
+
+
+# -- the allocation report ------------------------------------------------------------------------------
+
+
+def test_tracer_reports_the_growing_line() -> None:
+    tracer = MemoryTracer(4)
+    try:
+        kept = [bytearray(10_000) for _ in range(200)]  # ~2 MB allocated on this line after the baseline
+        report = tracer.report(limit=5)
+    finally:
+        tracer.close()
+    assert report["frames"] == 4
+    assert report["traced_growth_bytes"] >= 200 * 10_000
+    top = report["top"][0]
+    assert top["site"].endswith("test_memory.py:" + str(_line_of("kept = [bytearray(10_000)")))
+    assert top["size_diff_bytes"] >= 200 * 10_000 and top["count_diff"] >= 200
+    assert top["traceback"][0] == top["site"]  # most recent frame first
+    assert len(kept) == 200
+
+
+def test_tracer_baseline_reset_forgets_earlier_growth() -> None:
+    tracer = MemoryTracer(1)
+    try:
+        kept = [bytearray(10_000) for _ in range(100)]
+        tracer.reset_baseline()
+        report = tracer.report(limit=5)
+    finally:
+        tracer.close()
+    assert all(s["size_diff_bytes"] < 100 * 10_000 for s in report["top"])
+    assert len(kept) == 100
+    with pytest.raises(ValueError):
+        MemoryTracer(0)
+
+
+def _line_of(text: str) -> int:
+    for number, line in enumerate(Path(__file__).read_text(encoding="utf-8").splitlines(), 1):
+        if text in line and "_line_of" not in line:
+            return number
+    raise AssertionError(text)
+
+
+async def test_memory_endpoints_need_the_admin_token_and_tracing_for_sites(tmp_path: Path) -> None:
+    async with running_server(make_settings(tmp_path)) as server:  # no token: never open
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            for method, path in (("GET", "/api/v1/debug/memory"), ("POST", "/api/v1/debug/memory/release"),
+                                 ("POST", "/api/v1/debug/memory/baseline")):
+                response = await http.request(method, path)
+                assert response.status_code == 403 and response.json()["error"] == "admin_token_required"
+    async with running_server(make_settings(tmp_path, admin_token="t0ken")) as server:  # token, no tracing
+        async with httpx.AsyncClient(base_url=server.http_url, headers={"Authorization": "Bearer t0ken"}) as http:
+            report = (await http.get("/api/v1/debug/memory")).json()
+            assert report["tracing"] is None and report["rss_bytes"] > 0
+            assert report["malloc"]["in_use_bytes"] > 0 and report["malloc"]["free_held_bytes"] >= 0
+            response = await http.post("/api/v1/debug/memory/baseline")
+            assert response.status_code == 404 and response.json()["error"] == "memory_trace_off"
+            assert len(report["gc"]["collections"]) == 3 and report["gc"]["uncollectable"] >= 0
+            released = (await http.post("/api/v1/debug/memory/release")).json()
+            assert released["gc_collected_objects"] >= 0 and released["rss_after_trim_bytes"] > 0
+            assert released["rss_after_gc_bytes"] > 0 and released["malloc_after_trim"]["in_use_bytes"] > 0
+
+
+async def test_memory_endpoint_reports_growth_since_the_baseline(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, admin_token="t0ken", memory_trace_frames=3)
+    async with running_server(settings) as server:
+        assert server.services.memory_tracer is not None
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            assert (await http.get("/api/v1/debug/memory")).status_code == 401
+            http.headers["Authorization"] = "Bearer t0ken"
+            baseline = await http.post("/api/v1/debug/memory/baseline")
+            assert baseline.status_code == 200 and baseline.json()["traced_bytes"] > 0
+            report = (await http.get("/api/v1/debug/memory", params={"limit": "3"})).json()["tracing"]
+            assert report["frames"] == 3 and len(report["top"]) <= 3
+            assert report["seconds_since_baseline"] >= 0 and report["tracer_overhead_bytes"] > 0
+            for site in report["top"]:
+                assert site["size_diff_bytes"] > 0 and 1 <= len(site["traceback"]) <= 3
+            assert (await http.get("/api/v1/debug/memory", params={"limit": "0"})).json()["tracing"] is None
+            for bad in ({"limit": "201"}, {"limit": "x"}, {"group_by": "file"}):
+                response = await http.get("/api/v1/debug/memory", params=bad)
+                assert response.status_code == 400 and response.json()["error"].startswith("invalid_")
+            by_stack = await http.get("/api/v1/debug/memory", params={"group_by": "traceback"})
+            assert by_stack.status_code == 200
+
