@@ -89,22 +89,24 @@ async def test_outbox_gives_up_on_a_reader_that_never_reads(autojump_clock: trio
     with pytest.raises(SlowReader):
         for _ in range(10):
             await outbox.put(b"x")  # nobody drains: the fifth put waits, then gives up
-    assert trio.current_time() == pytest.approx(3)
+    assert trio.current_time() == pytest.approx(3) and outbox.stalled.is_set()
 
 
-async def test_outbox_stall_callback_cancels_the_session(autojump_clock: trio.testing.MockClock) -> None:
+async def test_outbox_stall_lets_its_owner_cancel_the_session(autojump_clock: trio.testing.MockClock) -> None:
     async def never(message: bytes | str) -> None:
         await trio.sleep_forever()
 
     stalls: list[float] = []
+    outbox = Outbox(never, size=2, slow_reader_timeout_s=7, wait_when_stalled=True)
     with trio.CancelScope() as session:
-        def on_stall() -> None:
+        async def owner() -> None:
+            await outbox.stalled.wait()
             stalls.append(trio.current_time())
             session.cancel()
 
-        outbox = Outbox(never, size=2, slow_reader_timeout_s=7, on_stall=on_stall)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(owner)
             nursery.start_soon(outbox.run)
             for _ in range(10):
-                await outbox.put(b"x")
+                await outbox.put(b"x")  # the stalled put waits for the owner instead of raising
     assert session.cancelled_caught and stalls == [pytest.approx(7)]

@@ -33,7 +33,7 @@ class DeviceConnection:
         self.services = services
         self.ws = ws
         self.outbox = Outbox(ws.send_message, size=settings.write_queue_frames,
-                             slow_reader_timeout_s=settings.slow_reader_timeout_s, on_stall=self._on_stall)
+                             slow_reader_timeout_s=settings.slow_reader_timeout_s, wait_when_stalled=True)
         self._goodbye = goodbye
         self._nursery: trio.Nursery | None = None
         self.closing = False
@@ -49,6 +49,7 @@ class DeviceConnection:
             info.request_close = self.request_close
             nursery.start_soon(self._writer)
             nursery.start_soon(self._close_when_asked)
+            nursery.start_soon(self._end_when_stalled)
             yield nursery
             nursery.cancel_scope.cancel()
         if self._stalled:
@@ -94,8 +95,9 @@ class DeviceConnection:
         except ConnectionClosed:
             self.end()
 
-    def _on_stall(self) -> None:
+    async def _end_when_stalled(self) -> None:
         """The device stopped reading: end the session rather than buffer without bound."""
+        await self.outbox.stalled.wait()
         log.warning("closing slow reader: write queue full for %.0f s", self.services.settings.slow_reader_timeout_s)
         self.services.metrics.limit_hits.labels("slow_reader").inc()
         self._stalled = True

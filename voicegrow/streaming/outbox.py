@@ -3,7 +3,10 @@
 Every task of a session that wants to talk to the device puts a message here; a single writer task
 sends them in order. The bound is the backpressure: a device that stops reading fills the queue, the
 producers wait, and if the queue stays full for ``slow_reader_timeout_s`` the session is closed rather
-than letting memory grow. Reply audio is tagged with its turn so that, after a barge-in, audio of the
+than letting memory grow. The outbox only reports the stall (:attr:`Outbox.stalled`); its owner
+watches for it and ends the session. It keeps no reference to its owner: a callback into the session
+would tie the two in a reference cycle, and a session in a cycle outlives its connection until the
+cycle collector's next full pass, hours later in a process holding a big model. Reply audio is tagged with its turn so that, after a barge-in, audio of the
 interrupted turn still sitting in the queue is dropped instead of reaching the speaker.
 """
 
@@ -30,13 +33,13 @@ class _Item:
 
 class Outbox:
     def __init__(self, send: Callable[[bytes | str], Awaitable[None]], *, size: int,
-                 slow_reader_timeout_s: float, on_stall: Callable[[], None] | None = None) -> None:
-        """``on_stall`` is called when the queue stayed full too long; it should cancel the session.
-
-        Without it, the stalled producer raises :class:`SlowReader`.
-        """
+                 slow_reader_timeout_s: float, wait_when_stalled: bool = False) -> None:
+        """When the queue stayed full too long, :attr:`stalled` is set and the stalled producer raises
+        :class:`SlowReader`, or, with ``wait_when_stalled``, waits to be cancelled by the owner
+        watching :attr:`stalled`."""
         self._send = send
-        self._on_stall = on_stall
+        self._wait_when_stalled = wait_when_stalled
+        self.stalled = trio.Event()
         self._tx, self._rx = trio.open_memory_channel[_Item](size)
         self._slow_reader_timeout_s = slow_reader_timeout_s
         self._dropped_through = -math.inf  # audio of turns <= this id is dropped
@@ -79,10 +82,10 @@ class Outbox:
             await self._tx.send(item)
             self._accepted += 1
             return
-        if self._on_stall is None:
+        self.stalled.set()
+        if not self._wait_when_stalled:
             raise SlowReader(f"write queue full for {self._slow_reader_timeout_s:g} s")
-        self._on_stall()
-        await trio.sleep_forever()  # the session is being cancelled around us
+        await trio.sleep_forever()  # the owner cancels the session around us
 
     async def drain(self) -> None:
         """Wait until everything queued so far has been written to the socket (or dropped)."""
