@@ -42,6 +42,7 @@ __all__ = [
     "PLAY_RATE",
     "RECORD_RATE",
     "RequestFailure",
+    "SpeakerCalls",
     "SpeakerIdentity",
     "SpeakerRequestError",
     "SpeakerRpc",
@@ -152,6 +153,34 @@ class SpeakerRpc:
     def _forget_expired(self) -> None:
         for request in self._tracker.expired(trio.current_time()):
             self._waiting.pop(request.id, None)
+
+
+class SpeakerCalls:
+    """Requests whose failure the session absorbs: a timeout means the speaker is gone, so the
+    connection is closed; a refusal is logged. Callable as ``await calls(request)``.
+
+    An object of its own rather than a method of the session, because the device link calls it too:
+    a link holding a method of the session that holds the link would be a reference cycle, and a
+    session in a cycle (its last turn's audio included) outlives its connection until the cycle
+    collector's next full pass, hours later in a process holding a big model.
+    """
+
+    def __init__(self, rpc: SpeakerRpc, connection: DeviceConnection, metrics: Any) -> None:
+        self._rpc = rpc
+        self._connection = connection
+        self._metrics = metrics
+
+    async def __call__(self, request: Request) -> Response | None:
+        try:
+            return await self._rpc.call(request)
+        except SpeakerRequestError as exc:
+            if exc.code is RequestFailure.TIMEOUT:
+                log.warning("the speaker stopped answering (%s); closing", exc)
+                self._metrics.protocol_errors.labels("xiaoai_request_timeout").inc()
+                await self._connection.close(CLOSE_UNRESPONSIVE, "the speaker stopped answering requests")
+            else:
+                log.warning("speaker request failed: %s", exc)
+            return None
 
 
 # -- who the speaker is and whether it may come in ------------------------------------------------------
@@ -307,6 +336,7 @@ class XiaoaiSession:
         self.connection = DeviceConnection(services, ws)
         self.outbox = self.connection.outbox
         self.rpc = SpeakerRpc(self.outbox, timeout_s=settings.xiaoai_request_timeout_s)
+        self.call = SpeakerCalls(self.rpc, self.connection, services.metrics)
         self.identity: SpeakerIdentity | None = None
         self.voice: VoiceSession | None = None
         self.link: XiaoaiLink | None = None
@@ -355,7 +385,7 @@ class XiaoaiSession:
         device_id_var.set(info.device_id)
         await self._supersede_older_sessions()
         history = await begin_device_session(services, info)
-        self.link = XiaoaiLink(self.outbox, self._call, nursery)
+        self.link = XiaoaiLink(self.outbox, self.call, nursery)
         self.voice = VoiceSession(services, self.link, info, input_rate=RECORD_RATE, history=history)
         await nursery.start(self.voice.run)
         await self._start_recording()
@@ -382,21 +412,8 @@ class XiaoaiSession:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    async def _call(self, request: Request) -> Response | None:
-        """A request whose failure the session absorbs: a timeout means the speaker is gone."""
-        try:
-            return await self.rpc.call(request)
-        except SpeakerRequestError as exc:
-            if exc.code is RequestFailure.TIMEOUT:
-                log.warning("the speaker stopped answering (%s); closing", exc)
-                self.services.metrics.protocol_errors.labels("xiaoai_request_timeout").inc()
-                await self.connection.close(CLOSE_UNRESPONSIVE, "the speaker stopped answering requests")
-            else:
-                log.warning("speaker request failed: %s", exc)
-            return None
-
     async def _start_recording(self) -> None:
-        await self._call(wire.start_recording(sample_rate=RECORD_RATE))
+        await self.call(wire.start_recording(sample_rate=RECORD_RATE))
         self._recording_armed_at = trio.current_time()
         self._recorded_s = 0.0
         self._lag_meter = IngestLagMeter()  # a new stream: its clock starts again
@@ -410,7 +427,7 @@ class XiaoaiSession:
                 await trio.sleep_until(due)
                 continue
             log.info("no record frame for %.1f s: restarting the speaker's recorder", quiet_limit)
-            await self._call(wire.stop_recording())  # a running recorder would ignore start_recording
+            await self.call(wire.stop_recording())  # a running recorder would ignore start_recording
             await self._start_recording()
 
     def _spawn(self, action: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -428,7 +445,7 @@ class XiaoaiSession:
         async def silence() -> None:
             try:
                 for command in self.silence_commands:
-                    await self._call(wire.run_shell(command))
+                    await self.call(wire.run_shell(command))
             finally:
                 self._silencing = False
 
