@@ -6,13 +6,17 @@ structure through many lifetimes of what it holds and checks that nothing of the
 
 from __future__ import annotations
 
+import collections
+import gc
 from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from tests.conftest import make_settings
 from voicegrow.app import running_server
+from voicegrow.asr import AsrError
 from voicegrow.memprofile import MemoryTracer
 
 
@@ -97,3 +101,74 @@ async def test_memory_endpoint_reports_growth_since_the_baseline(tmp_path: Path)
             by_stack = await http.get("/api/v1/debug/memory", params={"group_by": "traceback"})
             assert by_stack.status_code == 200
 
+
+# -- sessions leave nothing behind in reference cycles ----------------------------------------------
+
+
+class _FailingAsr:
+    """Every transcription fails: the speculative path stores the error, the turn re-raises it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def transcribe(self, audio: bytes, *, language: str | None = None) -> object:
+        self.calls += 1
+        await trio.sleep(0.01)
+        raise AsrError("the test's ASR always fails")
+
+    async def warm_up(self) -> None:
+        return None
+
+    def health(self) -> dict[str, object]:
+        return {"status": "ok"}
+
+
+def _ours_in_cycles() -> collections.Counter[str]:
+    """Objects of the project that only the cycle collector would free, by type."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        return collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage
+                                   if type(o).__module__.startswith("voicegrow."))
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+async def test_ended_sessions_and_failed_turns_are_freed_without_the_cycle_collector(
+        tmp_path: Path, audio_fixtures: Path, manifest: list[dict]) -> None:
+    """A session held in a reference cycle (with its last turn's audio) is freed only by a full
+    collection, which a process holding a big model runs hours apart: memory grows with every
+    reconnect. Native and open-xiaoai sessions, with speech whose speculative ASR fails, must be
+    freed by reference counting the moment they end."""
+    from bench.xiaoai_emulator import run_emulator
+    from voicegrow.audio import read_wav, resample
+    from voicegrow.client import open_native_client
+
+    entry = next(e for e in manifest if e["lang"] == "en")
+    samples, rate = read_wav(audio_fixtures / entry["file"])
+    speech = (resample(samples, rate, 16000) if rate != 16000 else samples).astype("<i2").tobytes()
+    asr = _FailingAsr()
+    async with running_server(make_settings(tmp_path, asr_speculative="true")) as server:
+        server.services.asr = asr
+        gc.collect()
+        gc.disable()  # from here on only reference counting frees anything
+        try:
+            for round_ in range(3):
+                async with run_emulator(server.ws_url, serial=f"cycle-{round_ % 2}", keep_played_audio=False) as emu:
+                    await emu.wait_for_request("start_recording", timeout=10)
+                    await emu.stream_pcm(speech + bytes(32000), realtime=False)
+                    with trio.fail_after(20):  # the turn failed with the speculation's stored error
+                        while server.services.metrics.turns.labels("failed")._value.get() < round_ + 1:
+                            await trio.sleep(0.05)
+                async with open_native_client(server.ws_url, device_id=f"cycle-native-{round_}") as client:
+                    for _ in range(5):
+                        await client.send_audio(bytes(960))
+                with trio.fail_after(10):
+                    await server.services.registry.wait_empty()
+            await trio.sleep(0.2)
+            leftovers = _ours_in_cycles()
+        finally:
+            gc.enable()
+    assert asr.calls >= 3
+    assert not leftovers, f"left in reference cycles: {dict(leftovers)}"

@@ -50,13 +50,19 @@ class _Speculation:
             except trio.Cancelled:
                 raise
             except Exception as exc:
-                self.error = exc
+                # Kept without its traceback: that holds this frame, and so this object, which holds
+                # the error: a cycle that keeps the turn (audio and all) until a full collection.
+                self.error = exc.with_traceback(None)
         self.done.set()
 
     async def wait(self) -> Any:
         await self.done.wait()
         if self.error is not None:
-            raise self.error
+            error, self.error = self.error, None  # one turn waits for it; raising adds this frame
+            try:
+                raise error
+            finally:
+                del error  # a local naming the error in a frame of its own traceback is a cycle too
         if self.result is None:
             raise trio.TooSlowError("speculative transcription was cancelled")
         return self.result
