@@ -42,6 +42,7 @@ __all__ = [
     "bench_settings",
     "beyond_last_bucket",
     "BenchError",
+    "child_process",
     "Clip",
     "clip_pcm",
     "count_tasks",
@@ -73,6 +74,7 @@ __all__ = [
     "ServerUnderTest",
     "SpeechSpan",
     "write_json",
+    "wait_for_port",
     "xiaoai_driver_present",
 ]
 
@@ -454,6 +456,42 @@ class ServerUnderTest:
         """Trio tasks of the server's own task tree (in-process only)."""
         return count_tasks(self.server_task) if self.server_task is not None else None
 
+    async def memory_baseline(self) -> bool:
+        """Ask the server's allocation tracer to measure growth from now on; False when it has none."""
+        if not self.http_url:
+            return False
+        try:
+            response = await self.http.post(f"{self.http_url}/api/v1/debug/memory/baseline", headers=self._auth(),
+                                            timeout=120.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def memory_release(self) -> dict[str, Any] | None:
+        """Ask the server to collect its garbage and return free pages (``POST /api/v1/debug/memory/release``)."""
+        if not self.http_url:
+            return None
+        try:
+            response = await self.http.post(f"{self.http_url}/api/v1/debug/memory/release", headers=self._auth(),
+                                            timeout=60.0)
+            response.raise_for_status()
+            return dict(response.json())
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    async def memory_report(self, limit: int = 15) -> dict[str, Any] | None:
+        """The server's RSS and allocator figures and, when it traces allocations and ``limit`` > 0,
+        its top growth sites since the baseline (``GET /api/v1/debug/memory``)."""
+        if not self.http_url:
+            return None
+        try:
+            response = await self.http.get(f"{self.http_url}/api/v1/debug/memory", params={"limit": str(limit)},
+                                           headers=self._auth(), timeout=120.0)
+            response.raise_for_status()
+            return dict(response.json())
+        except (httpx.HTTPError, ValueError):
+            return None
+
     async def turn_records(self, device_id: str, limit: int = 5) -> list[dict[str, Any]]:
         """The server's stored turns of a device, newest first (admin API); [] if unavailable."""
         if not self.http_url:
@@ -522,7 +560,8 @@ async def _in_process(tmp: str, fake_ai: FakeAiKnobs | None, overrides: Mapping[
         stack.callback(stop.set)
         await handle.services.asr.warm_up()
         yield ServerUnderTest("in-process", handle.ws_url, handle.http_url, os.getpid(), settings, http,
-                              handle=handle, server_task=task, ai_url=ai_url, fake_ai=ai)
+                              handle=handle, server_task=task, ai_url=ai_url, fake_ai=ai,
+                              admin_token=settings.admin_token)
 
 
 @contextlib.asynccontextmanager
@@ -536,18 +575,18 @@ async def _subprocess(tmp: str, fake_ai: FakeAiKnobs | None, overrides: Mapping[
         if fake_ai is not None:
             port = free_port()
             ai_url = f"http://127.0.0.1:{port}"
-            await stack.enter_async_context(_child(fake_ai.argv(port), child_env, logs / "fake_ai.log"))
-            await _wait_for_port(port, 30.0, logs / "fake_ai.log")
+            await stack.enter_async_context(child_process(fake_ai.argv(port), child_env, logs / "fake_ai.log"))
+            await wait_for_port(port, 30.0, logs / "fake_ai.log")
         ws_port, http_port = free_port(), free_port()
         env = server_environment(str(logs / "data"), ai_url=ai_url, overrides=overrides)
         env.update(WS_PORT=str(ws_port), HTTP_PORT=str(http_port))
         settings = bench_settings(env)
         argv = [sys.executable, "-m", "voicegrow", "--env-file", str(logs / "no.env"), "serve"]
-        proc = await stack.enter_async_context(_child(argv, {**child_env, **env}, logs / "server.log"))
+        proc = await stack.enter_async_context(child_process(argv, {**child_env, **env}, logs / "server.log"))
         http_url = f"http://127.0.0.1:{http_port}"
-        await _wait_until_ready(http, http_url, proc, startup_timeout_s, logs / "server.log")
+        await _wait_until_ready(http, http_url, proc, startup_timeout_s, logs / "server.log", settings.admin_token)
         yield ServerUnderTest("subprocess", f"ws://127.0.0.1:{ws_port}", http_url, proc.pid, settings, http,
-                              ai_url=ai_url)
+                              ai_url=ai_url, admin_token=settings.admin_token)
         if proc.returncode is not None:
             raise BenchError("server_died", f"the server exited with {proc.returncode} during the run:\n"
                              + _tail(logs / "server.log"))
@@ -562,7 +601,7 @@ def _environment_without_settings() -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def _child(argv: list[str], env: Mapping[str, str], log_path: Path) -> AsyncIterator[trio.Process]:
+async def child_process(argv: list[str], env: Mapping[str, str], log_path: Path) -> AsyncIterator[trio.Process]:
     with open(log_path, "wb") as log:
         proc = await trio.lowlevel.open_process(argv, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL, cwd=str(REPO_ROOT))
@@ -579,7 +618,7 @@ async def _child(argv: list[str], env: Mapping[str, str], log_path: Path) -> Asy
                     await proc.wait()
 
 
-async def _wait_for_port(port: int, timeout_s: float, log_path: Path) -> None:
+async def wait_for_port(port: int, timeout_s: float, log_path: Path) -> None:
     with trio.move_on_after(timeout_s):
         while True:
             try:
@@ -593,12 +632,13 @@ async def _wait_for_port(port: int, timeout_s: float, log_path: Path) -> None:
 
 
 async def _wait_until_ready(http: httpx.AsyncClient, http_url: str, proc: trio.Process, timeout_s: float,
-                            log_path: Path) -> None:
+                            log_path: Path, admin_token: str = "") -> None:
     """Health answers, and the ASR component no longer reports ``cold``/``loading``."""
+    headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
     with trio.move_on_after(timeout_s):
         while proc.returncode is None:
             try:
-                response = await http.get(f"{http_url}/api/v1/health/detail")
+                response = await http.get(f"{http_url}/api/v1/health/detail", headers=headers)
                 asr = response.json().get("components", {}).get("asr", {})
                 if response.status_code == 200 and "state" not in asr and asr.get("status") != "down":
                     return

@@ -102,6 +102,11 @@ class Behaviour:
     barge_in: float = 0.0  # chance of talking over a reply once it is heard
     barge_in_after_s: tuple[float, float] = (0.3, 1.0)
     reconnect: float = 0.0  # chance of hanging up and reconnecting after a turn
+    #: Hang up and dial again after this long connected (at the next moment no question is pending);
+    #: None: only ``reconnect`` ends a connection.
+    reconnect_after_s: tuple[float, float] | None = None
+    #: Share of the speakers (of each protocol) that ask questions; the others stream silence only.
+    talker_share: float = 1.0
     reply_timeout_s: float = 30.0
     xiaoai_share: float = 0.5
     ping_interval_s: float = 2.0
@@ -174,10 +179,12 @@ class _Conversation:
     same decisions (talk, wait, barge in, hang up) make the two kinds of speaker comparable.
     """
 
-    def __init__(self, crowd: Crowd, rng: random.Random) -> None:
+    def __init__(self, crowd: Crowd, rng: random.Random, *, talker: bool = True) -> None:
         self.crowd = crowd
         self.rng = rng
-        self.next_at = trio.current_time() + rng.uniform(*crowd.behaviour.first_delay_s)
+        self.talker = talker
+        self.next_at = trio.current_time() + rng.uniform(*crowd.behaviour.first_delay_s) if talker else math.inf
+        self.hang_up_at = math.inf
         self.awaiting = False
         self.heard = False
         self.turn_id: int | None = None
@@ -186,6 +193,21 @@ class _Conversation:
 
     def ready(self, now: float) -> bool:
         return not self.awaiting and now >= self.next_at
+
+    def connected(self, now: float) -> None:
+        """A new connection is up: when this one is to be hung up (``Behaviour.reconnect_after_s``)."""
+        self.hang_up = False
+        after = self.crowd.behaviour.reconnect_after_s
+        self.hang_up_at = now + self.rng.uniform(*after) if after else math.inf
+
+    def check_hang_up(self, now: float) -> None:
+        """Time to hang up, unless a question waits for its answer (it would go unanswered)."""
+        if not self.awaiting and now >= self.hang_up_at:
+            self.hang_up = True
+
+    def wake_at(self) -> float:
+        """The next moment this speaker acts by itself: talk, or hang up."""
+        return min(self.next_at, self.hang_up_at)
 
     def spoke(self, speech_end_at: float) -> None:
         self.crowd.stats.utterances += 1
@@ -240,8 +262,11 @@ class Crowd:
     """
 
     def __init__(self, url: str, utterances: Sequence[Utterance], behaviour: Behaviour, *, seed: int = 1,
-                 xiaoai: bool = True) -> None:
+                 xiaoai: bool = True, addresses: int = 1) -> None:
+        """``addresses`` > 1: speaker ``i`` dials from 127.0.0.(2 + i mod addresses), a fleet of homes
+        as the server sees it (the server must listen on loopback)."""
         self.url = url
+        self.addresses = addresses
         self.utterances = list(utterances)
         self.behaviour = behaviour
         self.seed = seed
@@ -258,7 +283,16 @@ class Crowd:
 
     def protocol_of(self, index: int) -> str:
         share = self.behaviour.xiaoai_share if self.xiaoai else 0.0
-        return "xiaoai" if int((index + 1) * share) > int(index * share) else "native"
+        return "xiaoai" if _picked(index, share) else "native"
+
+    def talks(self, index: int) -> bool:
+        """Whether speaker ``index`` asks questions: ``talker_share`` of each protocol's speakers."""
+        protocol = self.protocol_of(index)
+        rank = sum(1 for i in range(index) if self.protocol_of(i) == protocol)
+        return _picked(rank, self.behaviour.talker_share)
+
+    def source_address(self, index: int) -> str | None:
+        return f"127.0.0.{2 + index % self.addresses}" if self.addresses > 1 else None
 
     async def populate(self, nursery: trio.Nursery, count: int, *, ramp_s: float, connect_timeout_s: float = 60.0) -> int:
         """Start ``count`` more speakers over ``ramp_s``; returns once they are connected (or the timeout)."""
@@ -284,14 +318,16 @@ class Crowd:
     async def _native_speaker(self, index: int, rng: random.Random) -> None:
         from voicegrow.client import open_native_client
 
-        talk = _Conversation(self, rng)
+        talk = _Conversation(self, rng, talker=self.talks(index))
         frame_ms = rng.choice((20, 30, 40))
         while True:
             try:
                 async with open_native_client(self.url, device_id=f"bench-{self.run_id}-{index}",
-                                              connect_timeout_s=30) as client:
+                                              connect_timeout_s=30,
+                                              local_address=self.source_address(index)) as client:
                     self.stats.connects += 1
                     self.connected["native"] += 1
+                    talk.connected(trio.current_time())
                     pings: dict[int, float] = {}  # nonce -> when sent
                     try:
                         async with trio.open_nursery() as nursery:
@@ -342,6 +378,7 @@ class Crowd:
             now = trio.current_time()
             self.stats.send_lateness.add(now - due)
             talk.check_timeout(now)
+            talk.check_hang_up(now)
             if speaking is None and talk.ready(now) and position % VAD_ALIGN_SAMPLES == 0:
                 speaking, spoken = rng.choice(self.utterances), 0
                 talk.spoke(t0 + position / SAMPLE_RATE + speaking.speech_end_s)
@@ -392,16 +429,17 @@ class Crowd:
     async def _xiaoai_speaker(self, index: int, rng: random.Random) -> None:
         from bench.xiaoai_emulator import run_emulator
 
-        talk = _Conversation(self, rng)
+        talk = _Conversation(self, rng, talker=self.talks(index))
         while True:
             try:
                 # The speakers here never listen to what they played: count it, keep none of it.
                 async with run_emulator(self.url, serial=f"bench-{self.run_id}-{index}", connect_timeout=30,
-                                        keep_played_audio=False) as emu:
+                                        keep_played_audio=False, local_address=self.source_address(index)) as emu:
                     self.stats.connects += 1
                     self.connected["xiaoai"] += 1
                     try:
                         await emu.wait_for_request("start_recording", timeout=30)
+                        talk.connected(trio.current_time())
                         await self._xiaoai_conversation(emu, talk, rng)
                     finally:
                         self.connected["xiaoai"] -= 1
@@ -413,7 +451,10 @@ class Crowd:
     async def _xiaoai_conversation(self, emu: Any, talk: _Conversation, rng: random.Random) -> None:
         frame_bytes = 2 * XIAOAI_FRAME_SAMPLES
         while not talk.hang_up:
-            await trio.sleep_until(talk.next_at)
+            await trio.sleep_until(talk.wake_at())
+            talk.check_hang_up(trio.current_time())
+            if talk.hang_up:
+                return
             if not emu.connected:
                 self.stats.dropped_connections += 1
                 return
@@ -448,6 +489,11 @@ class Crowd:
             while trio.current_time() - emu.play_frames[-1].received_at < 1.0 and emu.connected:
                 await trio.sleep(0.2)
         talk.turn_over(trio.current_time())
+
+
+def _picked(index: int, share: float) -> bool:
+    """Whether item ``index`` is among a ``share`` spread evenly over a sequence (every 4th for 0.25)."""
+    return int((index + 1) * share) > int(index * share)
 
 
 # -- server-side figures -------------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
+from voicegrow.client import connect_websocket_from
 from voicegrow.protocol import xiaoai as proto
 from voicegrow.protocol.xiaoai import AudioConfig, Event, PlayingState, Request, Response, Stream, XiaoaiError
 
@@ -179,9 +180,12 @@ class SpeakerEmulator:
                  play_queue_chunks: int = CLIENT_PLAY_QUEUE_CHUNKS,
                  play_write_timeout: float = CLIENT_PLAY_WRITE_TIMEOUT_S,
                  pipe_buffer_bytes: int = PIPE_BUFFER_BYTES,
-                 max_message_size: int = CLIENT_MAX_MESSAGE_BYTES, keep_played_audio: bool = True) -> None:
-        """``keep_played_audio=False`` counts played bytes without keeping them (long soak runs)."""
+                 max_message_size: int = CLIENT_MAX_MESSAGE_BYTES, keep_played_audio: bool = True,
+                 local_address: str | None = None) -> None:
+        """``keep_played_audio=False`` counts played bytes without keeping them (long soak runs);
+        ``local_address`` dials from that source address (a fleet on one machine: 127.0.0.2, ...)."""
         self.url = url
+        self.local_address = local_address
         self.keep_played_audio = keep_played_audio
         self.serial = serial
         self.model = model
@@ -298,7 +302,8 @@ class SpeakerEmulator:
         deadline = math.inf if give_up_after is None else trio.current_time() + give_up_after
         while True:
             try:
-                return await connect_websocket_url(nursery, self.url, max_message_size=self.max_message_size)
+                return await connect_websocket_from(nursery, self.url, local_address=self.local_address,
+                                                    max_message_size=self.max_message_size)
             except (OSError, HandshakeError, ConnectionClosed) as exc:
                 if trio.current_time() + self.retry_interval > deadline:
                     raise EmulatorError(f"could not connect to {self.url}: {exc!r}") from exc

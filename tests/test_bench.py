@@ -27,7 +27,7 @@ from bench.common import (
     select_clips,
 )
 from bench.load import LagHistogram
-from bench.soak import growth_verdicts
+from bench.soak import growth_verdicts, rss_slope
 from tests.conftest import make_settings
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -123,17 +123,29 @@ def test_vad_replay_finds_the_speech_end_and_the_hangover(tmp_path: Path, audio_
 
 
 def test_growth_verdicts_flag_a_slope_not_noise() -> None:
-    bounds = {"rss_mb": 20.0, "fds": 16, "threads": 4, "server_tasks": 32}
+    bounds = {"fds": 16, "threads": 4, "server_tasks": 32}
     flat = [{"t_s": t, "rss_mb": 300 + (t % 3) * 5, "fds": 100 + t % 7, "threads": 9, "server_tasks": None}
             for t in range(60)]
     verdicts = growth_verdicts(flat, 10, bounds)
-    assert all(verdicts[k]["ok"] for k in ("rss_mb", "fds", "threads"))
+    assert all(verdicts[k]["ok"] for k in ("fds", "threads"))
     assert verdicts["server_tasks"]["ok"] is None  # not sampled: no verdict
-    leaking = [{**s, "rss_mb": 300 + s["t_s"], "fds": 100 + s["t_s"] // 2} for s in flat]
+    leaking = [{**s, "fds": 100 + s["t_s"] // 2} for s in flat]
     verdicts = growth_verdicts(leaking, 10, bounds)
-    assert verdicts["rss_mb"]["ok"] is False and verdicts["rss_mb"]["growth"] > 20
-    assert verdicts["fds"]["ok"] is False and verdicts["threads"]["ok"] is True
-    assert growth_verdicts(flat, 59, bounds)["rss_mb"]["ok"] is None  # too few samples after warm-up
+    assert verdicts["fds"]["ok"] is False and verdicts["fds"]["growth"] > 16 and verdicts["threads"]["ok"] is True
+    assert growth_verdicts(flat, 59, bounds)["fds"]["ok"] is None  # too few samples after warm-up
+
+
+def test_rss_slope_is_a_least_squares_fit_after_warm_up() -> None:
+    # Samples every 6 s; a sawtooth of 10 MB (turns in flight) over a rise of 0.5 MB a minute.
+    samples = [{"t_s": 6.0 * i, "rss_mb": 300 + 0.5 * (6.0 * i / 60) + (i % 5) * 2.5} for i in range(200)]
+    fit = rss_slope(samples, warmup_s=60)
+    assert fit["samples"] == 190
+    assert fit["slope_mb_per_min"] == pytest.approx(0.5, abs=0.05)
+    assert fit["stderr_mb_per_min"] > 0 and fit["fit_end_mb"] > fit["fit_start_mb"]
+    # A warm-up climb before the cut does not count: flat afterwards is flat.
+    warming = [{"t_s": 6.0 * i, "rss_mb": (200 + 6.0 * i if i < 10 else 260.0) + (i % 2)} for i in range(100)]
+    assert abs(rss_slope(warming, warmup_s=60)["slope_mb_per_min"]) < 0.05
+    assert rss_slope(samples[:3], warmup_s=60)["slope_mb_per_min"] is None
 
 
 # -- the commands, tiny ---------------------------------------------------------------------------------------
@@ -194,27 +206,39 @@ def test_load_command_with_two_sessions(tmp_path: Path, audio_fixtures: Path) ->
 
 @pytest.mark.slow
 def test_soak_command_short_run(tmp_path: Path, audio_fixtures: Path) -> None:
-    code, report = run_command(soak, "soak", tmp_path, audio_fixtures, "--sessions", "2", "--minutes", "0.25",
-                               "--warmup-s", "3", "--sample-s", "1", "--gap-min-s", "1", "--gap-max-s", "2",
-                               "--barge-in", "0.5", "--reconnect", "0.5")
+    """The server as its own process with allocation tracing, both protocols, questions, barge-ins and
+    timed reconnects from two source addresses: every figure of the report is there and adds up."""
+    code, report = run_command(soak, "soak", tmp_path, audio_fixtures, "--sessions", "4", "--minutes", "0.4",
+                               "--warmup-s", "4", "--sample-s", "1", "--gap-min-s", "1", "--gap-max-s", "2",
+                               "--talker-share", "0.5", "--barge-in", "0.5", "--reconnect-min-s", "6",
+                               "--reconnect-max-s", "9", "--addresses", "2", "--trace-frames", "2")
     assert code == (0 if report["passed"] else 1)
     assert report["passed"] == (not report["failures"])
-    assert report["server_mode"] == "in-process" and report["warmup_s"] == 3
+    assert report["server_mode"] == "subprocess" and report["stores"] == "embedded" and report["warmup_s"] == 4
+    assert report["source_addresses"] == 2 and report["xiaoai_speakers"] is True
     samples = report["samples"]
-    assert len(samples) >= 10
+    assert len(samples) >= 15
     times = [s["t_s"] for s in samples]
-    assert times == sorted(times) and times[-1] <= 15 + 1
+    assert times == sorted(times) and times[-1] <= 24 + 1
     for sample in samples:
         assert sample["rss_mb"] > 50 and sample["fds"] > 0 and sample["threads"] >= 1
-        assert sample["server_tasks"] > 0 and sample["all_tasks"] >= sample["server_tasks"]
-        assert 0 <= sample["sessions_connected"] <= 2
-    for key, _ in soak.RESOURCES:
+        assert sample["server_tasks"] is None and sample["generator_rss_mb"] > 0  # another process
+        assert 0 <= sample["sessions_connected"] <= 4
+    rss = report["rss"]
+    assert rss["samples"] >= 10 and rss["bound_mb_per_min"] == 0.2
+    assert rss["ok"] == (rss["slope_mb_per_min"] <= 0.2) and ("rss_slope" in report["failures"]) == (not rss["ok"])
+    for key in ("fds", "threads"):
         verdict = report["verdicts"][key]
         assert verdict["samples"] >= 3 and verdict["growth"] == pytest.approx(verdict["end"] - verdict["start"])
         assert verdict["ok"] == (verdict["growth"] <= verdict["bound"])
-    activity = report["activity"]
-    assert activity["utterances"] >= activity["replies"] >= 1
+    questions, activity = report["questions"], report["activity"]
+    assert questions["asked"] == activity["utterances"] >= questions["answered"] == activity["replies"] >= 1
+    assert ("unanswered_questions" in report["failures"]) == (questions["unanswered"] > 0)
+    assert activity["reconnects"] >= 1
     assert_percentiles(report["turn_latency_s"], at_least=1, high=60)
+    memory = report["memory"]
+    assert memory["frames"] == 2 and memory["seconds_since_baseline"] > 0 and memory["tracer_overhead_bytes"] > 0
+    assert all(site["size_diff_bytes"] > 0 and site["site"] for site in memory["top"])
 
 
 @pytest.mark.slow

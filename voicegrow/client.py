@@ -13,6 +13,7 @@ import dataclasses
 import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
@@ -47,6 +48,8 @@ __all__ = [
     "ConnectionClosed",
     "NativeClient",
     "open_native_client",
+    "open_websocket_from",
+    "connect_websocket_from",
     "TalkEvent",
     "TalkResult",
     "stream_wav_and_collect",
@@ -243,6 +246,55 @@ class NativeClient:
         return wire_ms(trio.current_time())
 
 
+async def connect_websocket_from(nursery: trio.Nursery, url: str, *, local_address: str | None = None,
+                                 max_message_size: int = 1 << 20) -> trio_websocket.WebSocketConnection:
+    """A client WebSocket to ``url`` whose reader runs in ``nursery``; with ``local_address``, dialled
+    from that source address.
+
+    trio-websocket dials from whatever address the kernel picks; a fleet of simulated speakers on one
+    machine needs one address each (127.0.0.2, 127.0.0.3, ...) to look like a fleet to the server's
+    per-address limits and maps. Raises OSError or HandshakeError as trio-websocket does.
+    """
+    if local_address is None:
+        return await trio_websocket.connect_websocket_url(nursery, url, max_message_size=max_message_size)
+    parts = urlsplit(url)
+    if parts.scheme != "ws" or not parts.hostname:
+        raise ValueError(f"a source address needs a ws://HOST:PORT URL, got {url!r}")
+    port = parts.port or 80
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    stream = await trio.open_tcp_stream(parts.hostname, port, local_address=local_address)
+    try:
+        return await trio_websocket.wrap_client_stream(nursery, stream, f"{parts.hostname}:{port}", resource,
+                                                       max_message_size=max_message_size)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+@contextlib.asynccontextmanager
+async def open_websocket_from(url: str, *, local_address: str | None = None, connect_timeout_s: float = 10.0,
+                              max_message_size: int = 1 << 20) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """:func:`connect_websocket_from` as a block: connected within ``connect_timeout_s`` (else
+    ``trio.TooSlowError``), closed on exit."""
+    if local_address is None:  # trio-websocket's own, with its close handshake timing
+        async with trio_websocket.open_websocket_url(url, connect_timeout=connect_timeout_s,
+                                                     disconnect_timeout=_CLOSE_GRACE_S,
+                                                     max_message_size=max_message_size) as ws:
+            yield ws
+        return
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(connect_timeout_s):
+            ws = await connect_websocket_from(nursery, url, local_address=local_address,
+                                              max_message_size=max_message_size)
+        try:
+            yield ws
+        finally:
+            with trio.move_on_after(_CLOSE_GRACE_S) as cleanup:
+                cleanup.shield = True
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+
 @contextlib.asynccontextmanager
 async def open_native_client(
     url: str,
@@ -256,8 +308,11 @@ async def open_native_client(
     client_name: str = f"voicegrow-talk/{__version__}",
     connect_timeout_s: float = 10.0,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
+    local_address: str | None = None,
 ) -> AsyncIterator[NativeClient]:
     """Connect, do the HELLO/HELLO_ACK handshake, and close cleanly on exit.
+
+    ``local_address``: the source address to dial from (see :func:`open_websocket_from`).
 
     Raises :class:`ConnectFailed` when no WebSocket could be opened and :class:`HandshakeFailed`
     when the server refused the session.
@@ -266,10 +321,10 @@ async def open_native_client(
                   client=client_name)
     async with contextlib.AsyncExitStack() as stack:
         try:
-            ws = await stack.enter_async_context(trio_websocket.open_websocket_url(
-                url, connect_timeout=connect_timeout_s, disconnect_timeout=_CLOSE_GRACE_S,
+            ws = await stack.enter_async_context(open_websocket_from(
+                url, local_address=local_address, connect_timeout_s=connect_timeout_s,
                 max_message_size=HEADER_SIZE + max_payload))
-        except (OSError, ValueError, trio_websocket.HandshakeError) as exc:
+        except (OSError, ValueError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
             cause = exc.__cause__ or exc.__context__ or exc
             raise ConnectFailed(f"cannot connect to {url}: {cause or type(exc).__name__}") from exc
         client = NativeClient(ws, max_payload=max_payload)
