@@ -74,8 +74,10 @@ class _PortReporter:
 
 
 class VoiceServer:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, listeners: list[trio.SocketListener] | None = None) -> None:
+        """``listeners``: already listening sockets (a worker's, inherited); None: open ``WS_PORT``."""
         self.services = services
+        self._given_listeners = listeners
         s = services.settings
         self._rate_limiter = _ConnectRateLimiter(s.max_connects_per_ip_per_min)
         self._listen_scope = trio.CancelScope()
@@ -84,7 +86,7 @@ class VoiceServer:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until :meth:`stop_accepting`; then keep running until every session has ended."""
         s = self.services.settings
-        listeners = await trio.open_tcp_listeners(s.ws_port, host=s.server_host or None)
+        listeners = self._given_listeners or await trio.open_tcp_listeners(s.ws_port, host=s.server_host or None)
         port = listeners[0].socket.getsockname()[1]
         # Room for an open-xiaoai audio frame as JSON (3-4 bytes per sample byte) over our frame limit.
         max_message = max(4 * s.max_frame_bytes, 1 << 20)
