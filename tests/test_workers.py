@@ -68,6 +68,27 @@ async def test_sqlite_state_is_shared_between_workers(tmp_path: Path) -> None:
         await second.aclose()
 
 
+async def test_spool_of_a_worker_beyond_workers_is_delivered(tmp_path: Path) -> None:
+    """WORKERS lowered from 2 to 1: what worker 1 left spooled reaches the records all the same."""
+    from tests.conftest import make_settings
+    from voicegrow.storage.persistence import Persistence
+    from voicegrow.storage.spool import Spool
+
+    settings = make_settings(tmp_path)
+    left = Spool(Path(settings.data_dir) / "spool" / "worker-1" / "mysql")
+    await left.open()
+    await left.append({"op": "device_seen", "device_id": "attic", "info": {"protocol": "xiaoai"}, "seen_at": 1.0})
+    persistence = Persistence.from_settings(settings, retry_initial_s=0.05, probe_interval_s=0.2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(persistence.run)
+        with trio.fail_after(10):
+            while not (await persistence.list_devices()).items:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert [d["device_id"] for d in (await persistence.list_devices()).items] == ["attic"]
+    assert not list((Path(settings.data_dir) / "spool" / "worker-1" / "mysql").glob("*.rec"))
+
+
 # -- the server as a subprocess ---------------------------------------------------------------------------------
 
 
