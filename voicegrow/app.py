@@ -93,12 +93,18 @@ async def _refresh_gauges(services: Services) -> None:
 async def serve(settings: Settings, worker: WorkerContext | None = None) -> int:
     """Run until SIGTERM or SIGINT (or, for a worker, until its supervisor is gone); then stop
     accepting, close sessions, wait the grace period, exit 0."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # A worker also takes SIGHUP, which its supervisor passes on: nothing is re-read on it yet, and
+    # its default action would end the worker.
+    wanted = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if worker is not None else ())
+    with trio.open_signal_receiver(*wanted) as signals:
         async with running_server(settings, worker=worker), trio.open_nursery() as waiting:
             stop = trio.Event()
 
             async def on_signal() -> None:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("received SIGHUP: nothing to re-read")
+                        continue
                     log.info("received %s: shutting down (grace %.0f s)", signal.Signals(signum).name,
                              settings.shutdown_grace_s)
                     break
