@@ -32,14 +32,15 @@ class ServerHandle:
     ws_port: int
     http_port: int
     host: str = "127.0.0.1"
+    tls: bool = False
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.host}:{self.ws_port}"
+        return f"{'wss' if self.tls else 'ws'}://{self.host}:{self.ws_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.http_port}"
 
 
 @contextlib.asynccontextmanager
@@ -59,7 +60,9 @@ async def running_server(settings: Settings, *,
         http_port = await nursery.start(lambda task_status: run_http_server(
             services, shutdown=http_stopped, task_status=task_status))
         host = settings.server_host if settings.server_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        handle = ServerHandle(services, ws_port, http_port, host)
+        if services.tls is not None:
+            nursery.start_soon(services.tls.watch)
+        handle = ServerHandle(services, ws_port, http_port, host, tls=services.tls is not None)
         log.info("voicegrow %s listening: WebSocket %s, HTTP %s", __version__, handle.ws_url, handle.http_url,
                  extra={"ws_port": ws_port, "http_port": http_port})
         try:
@@ -74,10 +77,17 @@ async def running_server(settings: Settings, *,
 
 
 async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT; then stop accepting, close sessions, wait the grace period, exit 0."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with running_server(settings):
+    """Run until SIGTERM or SIGINT; then stop accepting, close sessions, wait the grace period, exit 0.
+
+    SIGHUP re-reads the TLS certificate (when TLS_CERT_FILE is set) and keeps serving.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with running_server(settings) as server:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if server.services.tls is not None:
+                        server.services.tls.try_reload("SIGHUP")
+                    continue
                 log.info("received %s: shutting down (grace %.0f s)", signal.Signals(signum).name,
                          settings.shutdown_grace_s)
                 break

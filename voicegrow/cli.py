@@ -1,4 +1,4 @@
-"""The ``voicegrow`` command: ``serve``, ``config``, ``talk``, ``version``."""
+"""The ``voicegrow`` command: ``serve``, ``config``, ``admin-token``, ``talk``, ``version``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 
 from voicegrow import __version__
-from voicegrow.settings import ConfigError, load_settings
+from voicegrow.settings import ConfigError, Settings, load_settings
 
 __all__ = ["main"]
 
@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the WebSocket server and the HTTP API")
     config = sub.add_parser("config", help="print the effective settings, secrets masked")
     config.add_argument("--json", action="store_true", help="one JSON object instead of KEY=value lines")
+    sub.add_parser("admin-token", help="print the admin API token (made in DATA_DIR if ADMIN_TOKEN is unset)")
     sub.add_parser("talk", help="talk to a server with a WAV file (see: voicegrow talk -h)", add_help=False)
     sub.add_parser("version", help="print the version")
     return parser
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(__version__)
         return 0
-    if args.command not in ("serve", "config"):
+    if args.command not in ("serve", "config", "admin-token"):
         parser.print_help()
         return 2
     try:
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"voicegrow: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "admin-token":
+        return _print_admin_token(settings)
     if args.command == "config":
         masked = settings.masked()
         if args.json:
@@ -65,6 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # found while starting, e.g. an unreadable DEVICE_CREDENTIALS_FILE
         print(f"voicegrow: configuration error: {exc}", file=sys.stderr)
         return 2
+
+
+def _print_admin_token(settings: Settings) -> int:
+    """The token alone on stdout (``curl -H "Authorization: Bearer $(voicegrow admin-token)"``), where it
+    lives on stderr."""
+    if settings.admin_token:
+        print("voicegrow: the admin token is ADMIN_TOKEN from the environment", file=sys.stderr)
+        print(settings.admin_token)
+        return 0
+    from voicegrow.admin_auth import ensure_admin_token
+
+    try:
+        token, path, created = ensure_admin_token(settings.data_dir)
+    except ConfigError as exc:
+        print(f"voicegrow: configuration error: {exc}", file=sys.stderr)
+        return 2
+    print(f"voicegrow: admin token {'created in' if created else 'from'} {path}", file=sys.stderr)
+    print(token)
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import trio
 
+from voicegrow.auth_throttle import AuthThrottle
 from voicegrow.metrics import Metrics
 from voicegrow.settings import Settings
 from voicegrow.streaming.registry import SessionRegistry
@@ -33,6 +34,9 @@ class Services:
     tts: Any  # voicegrow.tts.TtsEngine
     persistence: Any  # voicegrow.storage.persistence.Persistence
     device_credentials: Any = None  # voicegrow.device_auth.DeviceCredentials when DEVICE_AUTH is on
+    auth_throttle: AuthThrottle = dataclasses.field(default_factory=AuthThrottle)  # every credential's guesses
+    admin_auth: Any = None  # voicegrow.admin_auth.AdminAuth: the admin token and ADMIN_ALLOW_FROM
+    tls: Any = None  # voicegrow.tls.CertificateStore when TLS_CERT_FILE is set
     started_monotonic: float = dataclasses.field(default_factory=time.monotonic)
     accepting: bool = True
 
@@ -76,6 +80,7 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
 
     ``persistence_options`` tunes the storage layer's retry timing (tests shorten it).
     """
+    from voicegrow.admin_auth import AdminAuth
     from voicegrow.asr import build_asr_service
     from voicegrow.llm import build_llm
     from voicegrow.storage.persistence import Persistence
@@ -87,6 +92,13 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
         from voicegrow.device_auth import DeviceCredentials
 
         credentials = DeviceCredentials(settings.device_credentials_file)  # a bad file fails start-up
+    throttle = AuthThrottle(max_failures=settings.auth_max_failures, backoff_s=settings.auth_backoff_s)
+    admin_auth = AdminAuth.from_settings(settings, throttle, metrics)
+    tls = None
+    if settings.tls_cert_file:
+        from voicegrow.tls import CertificateStore
+
+        tls = CertificateStore(settings.tls_cert_file, settings.tls_key_file)  # a bad pair fails start-up
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0)) as http:
         yield Services(
@@ -100,4 +112,7 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
             persistence=Persistence.from_settings(settings, metrics=metrics, key_prefix=settings.redis_key_prefix,
                                                   **(persistence_options or {})),
             device_credentials=credentials,
+            auth_throttle=throttle,
+            admin_auth=admin_auth,
+            tls=tls,
         )
