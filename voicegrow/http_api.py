@@ -157,28 +157,39 @@ def create_app(services: Services) -> QuartTrio:
     @app.get("/api/v1/health/detail")
     async def health_detail() -> Response:
         components = await services.component_health()
+        workers = await services.box.workers()
+        status = overall_status(services.accepting, components)
+        if status == "ok" and any(w["status"] != "ok" for w in workers):
+            status = "degraded"  # a worker is restarting: its share of new speakers waits for it
         return jsonify({
-            "status": overall_status(services.accepting, components),
+            "status": status,
             "version": __version__,
             "uptime_s": round(services.uptime_s, 3),
-            "sessions": len(services.registry),
+            "sessions": sum(w.get("sessions", 0) for w in workers),
             "components": components,
+            "workers": workers,
         })
 
     @app.get("/api/v1/sessions")
     async def sessions() -> Response:
-        items = sorted((s.public() for s in services.registry), key=lambda s: s["since"])
-        return jsonify({"sessions": items, "count": len(items)})
+        items, missing = await services.box.sessions()
+        items.sort(key=lambda s: s["since"])
+        return jsonify({"sessions": items, "count": len(items), "workers_missing": missing})
+
+    @app.delete("/api/v1/sessions/<session_id>")
+    async def close_session(session_id: str) -> Response:
+        if len(session_id) > 64 or not session_id.isprintable():
+            return _error(400, "invalid_session_id", "session_id: expected up to 64 printable characters")
+        if not await services.box.close_session(session_id):
+            return _error(404, "not_found", f"no live session {session_id!r}")
+        response = jsonify({"session_id": session_id, "closing": True})
+        response.status_code = 202
+        return response
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        m = services.metrics
-        m.uptime.set(services.uptime_s)
-        m.up.set(1 if services.accepting else 0)
-        counts = services.registry.count_by_protocol()
-        for protocol in ("native", "xiaoai", "detecting"):
-            m.sessions_active.labels(protocol).set(counts.get(protocol, 0))
-        return Response(m.render(), content_type=CONTENT_TYPE_LATEST)
+        services.refresh_gauges()
+        return Response(services.metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
     from voicegrow.admin_api import make_data_blueprint
 
@@ -186,16 +197,21 @@ def create_app(services: Services) -> QuartTrio:
     return app
 
 
-async def run_http_server(services: Services, *, shutdown: trio.Event,
+async def run_http_server(services: Services, *, shutdown: trio.Event, fd: int | None = None,
                           task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the API until ``shutdown`` is set; reports the bound port through ``task_status``."""
+    """Serve the API until ``shutdown`` is set; reports the bound port through ``task_status``.
+
+    ``fd``: an inherited listening socket (a worker's) instead of binding ``HTTP_PORT``."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
     config = services.tls.hypercorn_config() if services.tls is not None else Config()
     host = services.settings.server_host
-    config.bind = [f"[{host}]:{services.settings.http_port}" if ":" in host else
-                   f"{host}:{services.settings.http_port}"]
+    if fd is not None:
+        config.bind = [f"fd://{fd}"]
+    else:
+        config.bind = [f"[{host}]:{services.settings.http_port}" if ":" in host else
+                       f"{host}:{services.settings.http_port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 2.0

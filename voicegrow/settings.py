@@ -277,10 +277,6 @@ def _check_cross_field(s: Settings) -> None:
         url = getattr(s, name)
         if url and not url.startswith(("http://", "https://")):
             raise ConfigError(f"{name.upper()}={url!r} is not allowed: expected an http:// or https:// URL")
-    if s.workers != 1:
-        raise ConfigError(
-            f"WORKERS={str(s.workers)!r} is not allowed: expected 1 (one process serves many sessions; scale out "
-            "with replicas, see deploy/docker-compose.scale.yml)")
     if s.ws_port and s.ws_port == s.http_port:
         raise ConfigError(f"HTTP_PORT={s.http_port} is not allowed: it must differ from WS_PORT")
     if s.admin_allow_from.strip().lower() not in ("auto", "none"):

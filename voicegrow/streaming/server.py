@@ -74,8 +74,10 @@ class _PortReporter:
 
 
 class VoiceServer:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, listeners: list[trio.SocketListener] | None = None) -> None:
+        """``listeners``: already listening sockets (a worker's, inherited); None: open ``WS_PORT``."""
         self.services = services
+        self._given_listeners = listeners
         s = services.settings
         self._rate_limiter = _ConnectRateLimiter(s.max_connects_per_ip_per_min)
         self._listen_scope = trio.CancelScope()
@@ -84,7 +86,7 @@ class VoiceServer:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until :meth:`stop_accepting`; then keep running until every session has ended."""
         s = self.services.settings
-        tcp_listeners = await trio.open_tcp_listeners(s.ws_port, host=s.server_host or None)
+        tcp_listeners = self._given_listeners or await trio.open_tcp_listeners(s.ws_port, host=s.server_host or None)
         port = tcp_listeners[0].socket.getsockname()[1]
         listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
         if self.services.tls is not None:  # wss://: the TLS handshake runs inside the handshake deadline
