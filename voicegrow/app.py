@@ -35,14 +35,15 @@ class ServerHandle:
     ws_port: int
     http_port: int
     host: str = "127.0.0.1"
+    tls: bool = False
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.host}:{self.ws_port}"
+        return f"{'wss' if self.tls else 'ws'}://{self.host}:{self.ws_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.http_port}"
 
 
 @contextlib.asynccontextmanager
@@ -69,7 +70,9 @@ async def running_server(settings: Settings, *, persistence_options: dict[str, A
             services, shutdown=http_stopped, fd=None if worker is None else worker.http_fd,
             task_status=task_status))
         host = settings.server_host if settings.server_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        handle = ServerHandle(services, ws_port, http_port, host)
+        if services.tls is not None:
+            nursery.start_soon(services.tls.watch)
+        handle = ServerHandle(services, ws_port, http_port, host, tls=services.tls is not None)
         log.info("voicegrow %s listening: WebSocket %s, HTTP %s", __version__, handle.ws_url, handle.http_url,
                  extra={"ws_port": ws_port, "http_port": http_port})
         try:
@@ -92,18 +95,19 @@ async def _refresh_gauges(services: Services) -> None:
 
 async def serve(settings: Settings, worker: WorkerContext | None = None) -> int:
     """Run until SIGTERM or SIGINT (or, for a worker, until its supervisor is gone); then stop
-    accepting, close sessions, wait the grace period, exit 0."""
-    # A worker also takes SIGHUP, which its supervisor passes on: nothing is re-read on it yet, and
-    # its default action would end the worker.
-    wanted = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if worker is not None else ())
-    with trio.open_signal_receiver(*wanted) as signals:
-        async with running_server(settings, worker=worker), trio.open_nursery() as waiting:
+    accepting, close sessions, wait the grace period, exit 0. SIGHUP re-reads the TLS certificate
+    (when TLS_CERT_FILE is set) and keeps serving."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with running_server(settings, worker=worker) as server, trio.open_nursery() as waiting:
             stop = trio.Event()
 
             async def on_signal() -> None:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        log.info("received SIGHUP: nothing to re-read")
+                        if server.services.tls is not None:
+                            server.services.tls.try_reload("SIGHUP")
+                        else:
+                            log.info("received SIGHUP: nothing to re-read (no TLS_CERT_FILE)")
                         continue
                     log.info("received %s: shutting down (grace %.0f s)", signal.Signals(signum).name,
                              settings.shutdown_grace_s)

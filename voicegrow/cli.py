@@ -1,5 +1,5 @@
-"""The ``voicegrow`` command: ``serve``, ``config``, ``talk``, ``version`` (and ``worker``, which ``serve``
-starts WORKERS times when WORKERS is over 1)."""
+"""The ``voicegrow`` command: ``serve``, ``config``, ``admin-token``, ``talk``, ``version`` (and ``worker``,
+which ``serve`` starts WORKERS times when WORKERS is over 1)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from voicegrow import __version__
-from voicegrow.settings import ConfigError, load_settings
+from voicegrow.settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
     from voicegrow.workers.context import WorkerContext
@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the WebSocket server and the HTTP API")
     config = sub.add_parser("config", help="print the effective settings, secrets masked")
     config.add_argument("--json", action="store_true", help="one JSON object instead of KEY=value lines")
+    sub.add_parser("admin-token", help="print the admin API token (made in DATA_DIR if ADMIN_TOKEN is unset)")
     sub.add_parser("talk", help="talk to a server with a WAV file (see: voicegrow talk -h)", add_help=False)
     sub.add_parser("version", help="print the version")
     worker = sub.add_parser("worker", help="(internal) one of WORKERS processes, started by serve")
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(__version__)
         return 0
-    if args.command not in ("serve", "config", "worker"):
+    if args.command not in ("serve", "config", "admin-token", "worker"):
         parser.print_help()
         return 2
     try:
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"voicegrow: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "admin-token":
+        return _print_admin_token(settings)
     if args.command == "config":
         masked = settings.masked()
         if args.json:
@@ -81,6 +84,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # found while starting, e.g. an unreadable DEVICE_CREDENTIALS_FILE
         print(f"voicegrow: configuration error: {exc}", file=sys.stderr)
         return 2
+
+
+def _print_admin_token(settings: Settings) -> int:
+    """The token alone on stdout (``curl -H "Authorization: Bearer $(voicegrow admin-token)"``), where it
+    lives on stderr."""
+    if settings.admin_token:
+        print("voicegrow: the admin token is ADMIN_TOKEN from the environment", file=sys.stderr)
+        print(settings.admin_token)
+        return 0
+    from voicegrow.admin_auth import ensure_admin_token
+
+    try:
+        token, path, created = ensure_admin_token(settings.data_dir)
+    except ConfigError as exc:
+        print(f"voicegrow: configuration error: {exc}", file=sys.stderr)
+        return 2
+    print(f"voicegrow: admin token {'created in' if created else 'from'} {path}", file=sys.stderr)
+    print(token)
+    return 0
 
 
 def _worker_context(args: argparse.Namespace) -> WorkerContext:

@@ -7,9 +7,9 @@ leaves the process.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from quart import Response, jsonify, request
@@ -17,6 +17,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from voicegrow import __version__
+from voicegrow.admin_auth import PROXY_HEADERS, AdminAuth
 from voicegrow.metrics import CONTENT_TYPE_LATEST
 from voicegrow.services import Services
 
@@ -48,6 +49,45 @@ async def _body_over(limit: int) -> bool:
     return False
 
 
+def admin_refusal(auth: AdminAuth) -> Response | None:
+    """The admin credential check for the current request: None to go on, else the JSON 401 or 429.
+
+    Every route that is not public goes through this one function (the console's API too), so the rule
+    (bearer token, ``ADMIN_ALLOW_FROM``, throttling) lives in :class:`~voicegrow.admin_auth.AdminAuth` only.
+    """
+    headers = request.headers
+    refusal = auth.check(request.remote_addr, headers.get("Authorization"),
+                         proxied=any(name in headers for name in PROXY_HEADERS))
+    if refusal is None:
+        return None
+    response = _error(refusal.status, refusal.error, refusal.reason)
+    if refusal.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="voicegrow"'
+    if refusal.retry_after_s is not None:
+        response.headers["Retry-After"] = str(refusal.retry_after_s)
+    return response
+
+
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-:")  # urlsplit lower-cases the name
+
+
+def html_csp(host: str, ws_port: int) -> str:
+    """The Content-Security-Policy of every HTML page: scripts from this server only, no framing, and
+    WebSocket connections to this host's speaker port (the talk page) besides this origin."""
+    connect = "'self'"
+    try:
+        hostname = urlsplit(f"//{host}").hostname or ""
+    except ValueError:
+        hostname = ""
+    if hostname and set(hostname) <= _HOST_CHARS and ws_port:
+        if ":" in hostname:
+            hostname = f"[{hostname}]"
+        connect += f" ws://{hostname}:{ws_port} wss://{hostname}:{ws_port}"
+    return ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+            f"media-src 'self' blob:; worker-src 'self' blob:; connect-src {connect}; object-src 'none'; "
+            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
 def overall_status(accepting: bool, components: dict[str, dict[str, Any]]) -> str:
     """``down`` when no session can be taken, ``degraded`` when any dependency is not ok."""
     if not accepting:
@@ -65,6 +105,7 @@ def create_app(services: Services) -> QuartTrio:
     # Werkzeug answers '//' in a path with an HTML redirect; here it reaches the route (and its JSON 400).
     app.url_map.merge_slashes = False
     cors_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
+    public_paths = _PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set())
 
     @app.before_request
     async def refuse_large_bodies() -> Response | None:
@@ -76,25 +117,25 @@ def create_app(services: Services) -> QuartTrio:
         return response
 
     @app.before_request
-    async def check_admin_token() -> Response | None:
-        if not settings.admin_token or request.path in _PUBLIC_PATHS:
+    async def check_admin_credential() -> Response | None:
+        if request.path in public_paths:
             return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
-            response = _error(401, "unauthorized", "missing or wrong bearer token (ADMIN_TOKEN)")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="voicegrow"'
-            return response
-        return None
+        return admin_refusal(services.admin_auth)
 
     @app.after_request
     async def security_headers(response: Response) -> Response:
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Cache-Control", "no-store")
+        headers = response.headers
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        headers.setdefault("Referrer-Policy", "no-referrer")
+        headers.setdefault("X-Frame-Options", "DENY")
+        # Recordings, transcripts and admin JSON must not linger in browser or proxy caches.
+        headers.setdefault("Cache-Control", "no-store")
+        if (response.mimetype or "") == "text/html":
+            headers.setdefault("Content-Security-Policy", html_csp(request.host, settings.ws_port))
         origin = request.headers.get("Origin")
         if origin and origin in cors_origins:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Vary"] = "Origin"
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Vary"] = "Origin"
         return response
 
     @app.errorhandler(HTTPException)
@@ -164,7 +205,7 @@ async def run_http_server(services: Services, *, shutdown: trio.Event, fd: int |
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
-    config = Config()
+    config = services.tls.hypercorn_config() if services.tls is not None else Config()
     host = services.settings.server_host
     if fd is not None:
         config.bind = [f"fd://{fd}"]

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import trio
 
+from voicegrow.auth_throttle import AuthThrottle
 from voicegrow.metrics import Metrics
 from voicegrow.settings import Settings
 from voicegrow.streaming.registry import SessionRegistry
@@ -35,6 +36,9 @@ class Services:
     tts: Any  # voicegrow.tts.TtsEngine
     persistence: Any  # voicegrow.storage.persistence.Persistence
     device_credentials: Any = None  # voicegrow.device_auth.DeviceCredentials when DEVICE_AUTH is on
+    auth_throttle: AuthThrottle = dataclasses.field(default_factory=AuthThrottle)  # every credential's guesses
+    admin_auth: Any = None  # voicegrow.admin_auth.AdminAuth: the admin token and ADMIN_ALLOW_FROM
+    tls: Any = None  # voicegrow.tls.CertificateStore when TLS_CERT_FILE is set
     #: This process's place among WORKERS (None: the single-process server).
     worker: WorkerContext | None = None
     #: Every worker's sessions and state (just this process with WORKERS=1); set by open_services.
@@ -105,6 +109,7 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
     ``persistence_options`` tunes the storage layer's retry timing (tests shorten it). ``worker``: this
     process is one of WORKERS (its own spool; embedded live state shared through SQLite).
     """
+    from voicegrow.admin_auth import AdminAuth
     from voicegrow.asr import build_asr_service
     from voicegrow.llm import build_llm
     from voicegrow.storage.persistence import Persistence
@@ -116,6 +121,13 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
         from voicegrow.device_auth import DeviceCredentials
 
         credentials = DeviceCredentials(settings.device_credentials_file)  # a bad file fails start-up
+    throttle = AuthThrottle(max_failures=settings.auth_max_failures, backoff_s=settings.auth_backoff_s)
+    admin_auth = AdminAuth.from_settings(settings, throttle, metrics)
+    tls = None
+    if settings.tls_cert_file:
+        from voicegrow.tls import CertificateStore
+
+        tls = CertificateStore(settings.tls_cert_file, settings.tls_key_file)  # a bad pair fails start-up
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0)) as http:
         yield Services(
@@ -130,5 +142,8 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
                                                   worker=None if worker is None else worker.index,
                                                   **(persistence_options or {})),
             device_credentials=credentials,
+            auth_throttle=throttle,
+            admin_auth=admin_auth,
+            tls=tls,
             worker=worker,
         )
