@@ -54,7 +54,7 @@ async def running_server(settings: Settings, *,
             if hasattr(services.tts, "preload"):
                 nursery.start_soon(services.tts.preload)
         voice = VoiceServer(services)
-        ws_port = await nursery.start(voice.run)
+        ws_port = services.ws_port = await nursery.start(voice.run)
         http_stopped = trio.Event()
         http_port = await nursery.start(lambda task_status: run_http_server(
             services, shutdown=http_stopped, task_status=task_status))

@@ -135,7 +135,7 @@ def create_app(services: Services) -> QuartTrio:
         m.uptime.set(services.uptime_s)
         m.up.set(1 if services.accepting else 0)
         counts = services.registry.count_by_protocol()
-        for protocol in ("native", "xiaoai", "detecting"):
+        for protocol in ("native", "xiaoai", "xiaozhi", "detecting"):
             m.sessions_active.labels(protocol).set(counts.get(protocol, 0))
         return Response(m.render(), content_type=CONTENT_TYPE_LATEST)
 

@@ -35,6 +35,7 @@ class Services:
     device_credentials: Any = None  # voicegrow.device_auth.DeviceCredentials when DEVICE_AUTH is on
     started_monotonic: float = dataclasses.field(default_factory=time.monotonic)
     accepting: bool = True
+    ws_port: int = 0  # the speaker port as bound (WS_PORT may be 0); the xiaozhi OTA answer hands it out
 
     @property
     def uptime_s(self) -> float:
