@@ -269,7 +269,7 @@ def _loads(data: str | bytes | bytearray | memoryview, max_bytes: int) -> dict[s
         raise XiaozhiError(XiaozhiErrorCode.INVALID_JSON, str(exc)[:200]) from None
     if not isinstance(value, dict):
         raise XiaozhiError(XiaozhiErrorCode.BAD_SHAPE, f"expected a JSON object, got {type(value).__name__}")
-    _check_finite(value)
+    _check_values(value)
     return value
 
 
@@ -289,17 +289,29 @@ def _nesting(text: str) -> int:
     return deepest
 
 
-def _check_finite(value: Any) -> None:
-    """1e400 parses as inf; the firmware's cJSON would not produce it, and we could not send it back."""
+def _check_values(value: Any) -> None:
+    """Values we could not send back: 1e400 parses as inf, ``\\ud800`` as a lone surrogate (cJSON
+    would produce neither, and neither is valid UTF-8 JSON to answer with)."""
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, float) and not math.isfinite(item):
             raise XiaozhiError(XiaozhiErrorCode.BAD_FIELD, "number out of range")
-        if isinstance(item, dict):
+        if isinstance(item, str):
+            _check_unicode(item)
+        elif isinstance(item, dict):
+            for key in item:
+                _check_unicode(key)
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise XiaozhiError(XiaozhiErrorCode.BAD_FIELD, "a lone surrogate escape in a string") from None
 
 
 def _string(obj: Mapping[str, Any], key: str, *, required: bool = False, choices: tuple[str, ...] | None = None,
