@@ -93,12 +93,12 @@ if [[ "$MODE" == docker && "$check_only" == 0 && "$stop" == 0 ]]; then
     if [[ "$VG_INSTALLED" == 0 ]]; then
         vg_install_layout
         make_env_file "$VG_HOME"
+        if [[ "$install_only" == 1 ]]; then
+            log "installed $VG_HOME$([[ "$created_env" == 1 ]] && echo "; set the secrets in $VG_HOME/.env")"
+            exit 0
+        fi
         if [[ "$created_env" == 1 ]]; then
             die "created $VG_HOME/.env ($environment): set its secrets (openssl rand -hex 24), then run $VG_HOME/scripts/deploy.sh"
-        fi
-        if [[ "$install_only" == 1 ]]; then
-            log "installed $VG_HOME"
-            exit 0
         fi
         export VG_HOME
         exec "$VG_HOME/scripts/deploy.sh" "${passed[@]}"

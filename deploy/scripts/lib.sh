@@ -424,8 +424,7 @@ VG_LAYOUT_DIRS=(config/mysql config/redis config/nginx data/mysql data/redis dat
 # first (an operator may have edited config/), and files are replaced by new inodes, so that a script
 # that is running while it is updated keeps reading its old copy.
 vg_copy_tree() {
-    local src="$1" dest="$2" file rel stamp
-    stamp="$(timestamp)"
+    local src="$1" dest="$2" file rel stamp="${VG_STAMP:=$(timestamp)}"
     if [[ -d "$src" ]]; then
         while IFS= read -r -d '' file; do
             rel="${file#"$src"/}"
