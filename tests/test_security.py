@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from tests.conftest import make_settings
+from tests.service_fixtures import free_port
 from tests.test_storage_behaviour import PCM_IN, delivered, make_turn
 from voicegrow import cli
 from voicegrow.admin_auth import TOKEN_FILE_NAME, AdminAuth, allowed_networks, ensure_admin_token
@@ -427,7 +428,6 @@ async def test_speaker_session_and_http_over_tls_and_a_renewed_certificate(tmp_p
 def test_serve_rereads_the_certificate_on_sighup(tmp_path) -> None:
     """``voicegrow serve`` with TLS: SIGHUP swaps the certificate at once and the server keeps serving."""
     import signal
-    import socket
     import subprocess
     import sys
     import time
@@ -437,11 +437,7 @@ def test_serve_rereads_the_certificate_on_sighup(tmp_path) -> None:
     live_cert, live_key = tmp_path / "live.crt", tmp_path / "live.key"
     shutil.copy(first, live_cert)
     shutil.copy(first_key, live_key)
-    ports = []
-    for _ in range(2):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(probe.getsockname()[1])
+    ports = [free_port(), free_port()]
     env = {**os.environ, "WS_PORT": str(ports[0]), "HTTP_PORT": str(ports[1]), "SERVER_HOST": "127.0.0.1",
            "DATA_DIR": str(tmp_path / "data"), "ASR_MODEL_SIZE": "base", "ASR_PRELOAD": "false",
            "SHUTDOWN_GRACE_S": "1", "LOG_FORMAT": "text", "TLS_CERT_FILE": str(live_cert),
