@@ -275,25 +275,36 @@ async def test_native_device_guesses_are_throttled_per_address(tmp_path) -> None
         assert 'voicegrow_auth_refusals_total{protocol="native",reason="throttled"} 2.0' in metrics
 
 
-async def test_xiaoai_url_token_guesses_are_throttled(tmp_path) -> None:
+async def _close_code(url: str, headers: list[tuple[bytes, bytes]] | None = None) -> int | None:
     from trio_websocket import ConnectionClosed, open_websocket_url
 
-    async def close_code(url: str) -> int | None:
-        async with open_websocket_url(url) as ws:
-            with trio.fail_after(10):
-                try:
-                    while True:
-                        await ws.get_message()
-                except ConnectionClosed as closed:
-                    return closed.reason.code
-        return None
+    async with open_websocket_url(url, extra_headers=headers) as ws:
+        with trio.fail_after(10):
+            try:
+                while True:
+                    await ws.get_message()
+            except ConnectionClosed as closed:
+                return closed.reason.code
+    return None
 
-    async with running_server(make_settings(tmp_path, xiaoai_token="s3cret-speaker", auth_max_failures=2)) as server:
-        assert await close_code(server.ws_url + "/?token=guess-1") == 4403
-        assert await close_code(server.ws_url + "/?token=guess-2") == 4403  # the second guess locks
-        assert await close_code(server.ws_url + "/?token=s3cret-speaker") == 4403  # locked: the right one too
+
+@pytest.mark.parametrize("protocol", ["xiaoai", "xiaozhi"])
+async def test_speaker_token_guesses_are_throttled(tmp_path, protocol: str) -> None:
+    """XIAOAI_TOKEN (in the URL) and XIAOZHI_TOKEN (a bearer header) share the lock-out."""
+    def attempt(token: str) -> tuple[str, list[tuple[bytes, bytes]] | None]:
+        if protocol == "xiaoai":
+            return f"{server.ws_url}/?token={token}", None
+        return f"{server.ws_url}/xiaozhi/v1/", [(b"Authorization", f"Bearer {token}".encode()),
+                                                (b"Device-Id", b"aa:bb:cc:dd:ee:ff"), (b"Protocol-Version", b"1")]
+
+    settings = make_settings(tmp_path, auth_max_failures=2, **{f"{protocol}_token": "s3cret-speaker"})
+    async with running_server(settings) as server:
+        assert await _close_code(*attempt("guess-1")) == 4403
+        assert await _close_code(*attempt("guess-2")) == 4403  # the second guess locks
+        assert await _close_code(*attempt("s3cret-speaker")) == 4403  # locked: the right one too
         metrics = server.services.metrics
-        assert metrics.auth_refusals.labels("xiaoai", "throttled")._value.get() == 1
+        assert metrics.auth_refusals.labels(protocol, "throttled")._value.get() == 1
+        assert metrics.auth_refusals.labels(protocol, "bad_token")._value.get() == 2
         assert server.services.auth_throttle.retry_after("127.0.0.1") is not None
 
 
