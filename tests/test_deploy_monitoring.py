@@ -388,3 +388,31 @@ async def test_checklist_before_finds_busy_ports_placeholders_and_missing_keys(t
     assert found[".env"] == "FAIL" and "ADMIN_TOKEN is still the placeholder" in result.stdout
     assert found["LLM API key"] == "FAIL" and found["TTS API key"] == "ok"
     assert "ak_" in result.stdout and "ak_test" not in result.stdout, "the key itself is never printed"
+
+
+def test_checklist_before_checks_docker_and_compose_versions(tmp_path: Path) -> None:
+    from tests.test_deploy import STACK_SECRETS, env_example, free_port, script_env
+
+    require_tool("curl", "curl")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text('#!/usr/bin/env bash\n'
+                                    'case "$*" in\n'
+                                    '  "version --format {{.Server.Version}}") echo 23.0.6 ;;\n'
+                                    '  "compose version --short") echo v2.29.1 ;;\n'
+                                    '  *) exit 1 ;;\n'
+                                    'esac\n')
+    (bin_dir / "docker").chmod(0o755)
+    env_file = tmp_path / "stack.env"
+    values = {**env_example(), **STACK_SECRETS, "WS_PORT": str(free_port()), "HTTP_PORT": str(free_port())}
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    env = script_env(tmp_path, ENV_FILE=str(env_file))
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    result = subprocess.run([str(DEPLOY / "scripts" / "checklist.sh"), "--before"], env=env, capture_output=True,
+                            encoding="utf-8", timeout=60)
+    found = checks(result)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert found["docker"] == "FAIL" and "23.0.6: 24.0 or newer is needed" in result.stdout
+    assert found["compose"] == "ok" and found["docker-compose"] == "WARN"
+    assert found[".env"] == "ok" and {found["cpu"], found["memory"], found["disk"]} <= {"ok", "WARN"}
+    assert found["LLM service"] == "WARN", "no LLM_BASE_URL in the example: offline replies only"

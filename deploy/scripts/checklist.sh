@@ -86,28 +86,26 @@ check_hardware() {
     fi
 }
 
+# check_version NAME VERSION WANTED WHEN-MISSING WHY: ok, or FAIL when VERSION is empty or older.
+check_version() {
+    if [[ -z "$2" ]]; then
+        report FAIL "$1" "$4"
+    elif version_at_least "$2" "$3"; then
+        report ok "$1" "$2"
+    else
+        report FAIL "$1" "$2: $3 or newer is needed$5"
+    fi
+}
+
 check_docker() {
-    local version
     if ! command -v docker >/dev/null 2>&1; then
         report FAIL docker "not installed (Docker 24.0 or newer)"
         return
     fi
-    version="$(docker version --format '{{.Server.Version}}' 2>/dev/null || true)"
-    if [[ -z "$version" ]]; then
-        report FAIL docker "the Docker daemon does not answer (is it running? are you in the docker group?)"
-    elif version_at_least "$version" 24.0; then
-        report ok docker "$version"
-    else
-        report FAIL docker "$version: 24.0 or newer is needed"
-    fi
-    version="$(docker compose version --short 2>/dev/null || true)"
-    if [[ -z "$version" ]]; then
-        report FAIL compose "Docker Compose v2 ('docker compose') is not installed"
-    elif version_at_least "$version" 2.24; then
-        report ok compose "$version"
-    else
-        report FAIL compose "$version: 2.24 or newer is needed (the document says 2.20; the scale file uses !reset)"
-    fi
+    check_version docker "$(docker version --format '{{.Server.Version}}' 2>/dev/null || true)" 24.0 \
+        "the Docker daemon does not answer (is it running? are you in the docker group?)" ""
+    check_version compose "$(docker compose version --short 2>/dev/null || true)" 2.24 \
+        "Docker Compose v2 ('docker compose') is not installed" " (the document says 2.20; the scale file uses !reset)"
     if docker-compose version 2>/dev/null | grep -q 'v2\.'; then
         report ok docker-compose "the document's docker-compose commands work"
     else
