@@ -15,7 +15,6 @@ API, the console's API) goes through it. It knows nothing of Quart: it takes the
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hmac
 import ipaddress
 import logging
@@ -95,9 +94,8 @@ def _read_token(path: Path) -> str:
         log.warning("admin token file %s is readable by others (mode %o); making it 0600", path, mode & 0o777)
         try:
             path.chmod(0o600)
-        except OSError as exc:
-            if exc.errno != errno.EPERM:
-                raise
+        except OSError as exc:  # not ours to change (another owner, a read-only mount): say so, go on
+            log.warning("admin token file %s: cannot make it 0600: %s", path, exc.strerror or exc)
     if len(token) < 16:
         raise ConfigError(f"admin token file {str(path)!r} holds no usable token (under 16 characters); "
                           "delete it to have a new one made")
