@@ -102,6 +102,11 @@ def _read_token(path: Path) -> str:
     return token
 
 
+def _locked_out(retry_after_s: int) -> Refusal:
+    return Refusal(429, "too_many_failures",
+                   f"too many failed authentications from this address; retry in {retry_after_s} s", retry_after_s)
+
+
 def allowed_networks(settings: Settings) -> tuple[Network, ...]:
     """The networks that may skip the token: ``auto`` is loopback while the token is generated, else none."""
     value = settings.admin_allow_from.strip()
@@ -150,8 +155,7 @@ class AdminAuth:
         retry = self.throttle.retry_after(key)
         if retry is not None:
             self._count("throttled")
-            return Refusal(429, "too_many_failures",
-                           f"too many failed authentications from this address; retry in {retry} s", retry)
+            return _locked_out(retry)
         scheme, _, token = (authorization or "").partition(" ")
         if not authorization:
             if self.allowed_without_token(address, proxied):
@@ -165,8 +169,7 @@ class AdminAuth:
         if scheme.lower() == "bearer" and token:
             locked = self.throttle.failed(key, token)
             if locked is not None:
-                return Refusal(429, "too_many_failures",
-                               f"too many failed authentications from this address; retry in {locked} s", locked)
+                return _locked_out(locked)
         return Refusal(401, "unauthorized", "missing or wrong bearer token (ADMIN_TOKEN)")
 
     def _count(self, reason: str) -> None:
