@@ -57,7 +57,7 @@ async def running_server(settings: Settings, *,
         ws_port = await nursery.start(voice.run)
         http_stopped = trio.Event()
         http_port = await nursery.start(lambda task_status: run_http_server(
-            services, shutdown=http_stopped, task_status=task_status))
+            services, shutdown=http_stopped, voice_server=voice, task_status=task_status))
         host = settings.server_host if settings.server_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         handle = ServerHandle(services, ws_port, http_port, host)
         log.info("voicegrow %s listening: WebSocket %s, HTTP %s", __version__, handle.ws_url, handle.http_url,

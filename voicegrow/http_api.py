@@ -19,8 +19,10 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from voicegrow import __version__
 from voicegrow.metrics import CONTENT_TYPE_LATEST
 from voicegrow.services import Services
+from voicegrow.settings import Settings
+from voicegrow.web import is_public_path, make_web_blueprint
 
-__all__ = ["create_app", "run_http_server"]
+__all__ = ["admin_authorized", "create_app", "run_http_server"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,14 @@ async def _body_over(limit: int) -> bool:
     return False
 
 
+def admin_authorized(settings: Settings, authorization: str) -> bool:
+    """The one admin-token check: ``Authorization: Bearer <ADMIN_TOKEN>`` (always true without a token)."""
+    if not settings.admin_token:
+        return True
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), settings.admin_token.encode())
+
+
 def overall_status(accepting: bool, components: dict[str, dict[str, Any]]) -> str:
     """``down`` when no session can be taken, ``degraded`` when any dependency is not ok."""
     if not accepting:
@@ -57,9 +67,10 @@ def overall_status(accepting: bool, components: dict[str, dict[str, Any]]) -> st
     return "ok" if worst == 0 else "degraded"
 
 
-def create_app(services: Services) -> QuartTrio:
+def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
+    """The application; ``voice_server`` (the speaker port's server) also serves the talk page's socket."""
     settings = services.settings
-    app = QuartTrio("voicegrow")
+    app = QuartTrio("voicegrow", static_folder=None)  # the pages serve their own files (voicegrow.web)
     app.config["MAX_CONTENT_LENGTH"] = settings.http_max_body_bytes
     app.config["PROPAGATE_EXCEPTIONS"] = False
     # Werkzeug answers '//' in a path with an HTML redirect; here it reaches the route (and its JSON 400).
@@ -77,11 +88,9 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.before_request
     async def check_admin_token() -> Response | None:
-        if not settings.admin_token or request.path in _PUBLIC_PATHS:
+        if request.path in _PUBLIC_PATHS or is_public_path(request.path):
             return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
+        if not admin_authorized(settings, request.headers.get("Authorization", "")):
             response = _error(401, "unauthorized", "missing or wrong bearer token (ADMIN_TOKEN)")
             response.headers["WWW-Authenticate"] = 'Bearer realm="voicegrow"'
             return response
@@ -142,10 +151,12 @@ def create_app(services: Services) -> QuartTrio:
     from voicegrow.admin_api import make_data_blueprint
 
     app.register_blueprint(make_data_blueprint(services.persistence))
+    app.register_blueprint(make_web_blueprint(
+        services, admin_ok=lambda header: admin_authorized(settings, header), voice_server=voice_server))
     return app
 
 
-async def run_http_server(services: Services, *, shutdown: trio.Event,
+async def run_http_server(services: Services, *, shutdown: trio.Event, voice_server: Any = None,
                           task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API until ``shutdown`` is set; reports the bound port through ``task_status``."""
     from hypercorn.config import Config
@@ -160,7 +171,7 @@ async def run_http_server(services: Services, *, shutdown: trio.Event,
     config.graceful_timeout = 2.0
     config.include_server_header = False
 
-    app = create_app(services)
+    app = create_app(services, voice_server=voice_server)
 
     async def started(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)
