@@ -9,6 +9,7 @@ Screenshots: tests/output/browser-*.png.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -137,3 +138,27 @@ def test_console_search_and_delete_a_device(server) -> None:
         wait_for(lambda: DEVICE not in _text(driver, "#devices tbody"), 15, "the device deleted", driver)
         screenshot(driver, "browser-console-deleted")
     assert httpx.get(f"{server.url}/api/v1/conversations", params={"device_id": DEVICE}).json()["turns"] == []
+
+
+def test_pages_fit_a_phone_screen_in_chinese(server) -> None:
+    with chromium() as driver:
+        # A phone's viewport (Chromium's window has a minimum width; the emulated one has not).
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+        for path, name in (("/talk", "talk"), ("/", "console")):
+            driver.get(f"{server.url}{path}")
+            switch = wait_for(lambda: driver.find_element("id", "lang"), 10, "the language button", driver)
+            if driver.execute_script("return document.documentElement.lang") != "zh-CN":
+                switch.click()
+            wait_for(lambda: driver.execute_script("return document.documentElement.lang") == "zh-CN", 5,
+                     "the Chinese UI", driver)
+            if path == "/talk":
+                assert driver.find_element("id", "talk").accessible_name == "对话"
+            else:
+                wait_for(lambda: driver.find_element("id", "console").is_displayed(), 10, "the console", driver)
+                assert driver.find_element("id", "sessions-title").text == "在线会话"
+                time.sleep(1.5)  # a poll or two drew the panels
+            overflow = driver.execute_script(
+                "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+            assert overflow <= 0, f"{path} is {overflow} px wider than a phone screen"
+            screenshot(driver, f"browser-phone-zh-{name}")

@@ -128,7 +128,7 @@ const TEXT = {
     "talk.status.closed": "已断开。",
     "talk.status.refused": "被拒绝：{reason}",
     "talk.status.nomic": "没有麦克风：{reason}",
-    "talk.log": "对话",
+    "talk.log": "对话记录",
     "talk.you": "你",
     "talk.assistant": "助手",
     "talk.timings": "耗时",
