@@ -32,6 +32,11 @@ class SessionInfo:
     #: Asks the session to say goodbye (close frame) before it is cancelled.
     request_close: Callable[[int, str], None] | None = None
 
+    @property
+    def remote_host(self) -> str:
+        """The peer's address without its port."""
+        return self.remote_addr.rsplit(":", 1)[0]
+
     def public(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id,
@@ -78,7 +83,7 @@ class SessionRegistry:
         return counts
 
     def count_from(self, remote_host: str) -> int:
-        return sum(1 for info in self._sessions.values() if info.remote_addr.rsplit(":", 1)[0] == remote_host)
+        return sum(1 for info in self._sessions.values() if info.remote_host == remote_host)
 
     async def wait_empty(self) -> None:
         while self._sessions:

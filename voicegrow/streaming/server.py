@@ -75,8 +75,10 @@ class _PortReporter:
 
 
 class VoiceServer:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, listeners: list[trio.SocketListener] | None = None) -> None:
+        """``listeners``: already listening sockets (a worker's, inherited); None: open ``WS_PORT``."""
         self.services = services
+        self._given_listeners = listeners
         s = services.settings
         self._rate_limiter = _ConnectRateLimiter(s.max_connects_per_ip_per_min)
         self._listen_scope = trio.CancelScope()
@@ -85,8 +87,11 @@ class VoiceServer:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until :meth:`stop_accepting`; then keep running until every session has ended."""
         s = self.services.settings
-        listeners = await trio.open_tcp_listeners(s.ws_port, host=s.server_host or None)
-        port = listeners[0].socket.getsockname()[1]
+        tcp_listeners = self._given_listeners or await trio.open_tcp_listeners(s.ws_port, host=s.server_host or None)
+        port = tcp_listeners[0].socket.getsockname()[1]
+        listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
+        if self.services.tls is not None:  # wss://: the TLS handshake runs inside the handshake deadline
+            listeners = [trio.SSLListener(listener, self.services.tls.ws_context) for listener in tcp_listeners]
         # Room for an open-xiaoai audio frame as JSON (3-4 bytes per sample byte) over our frame limit.
         max_message = max(4 * s.max_frame_bytes, 1 << 20)
         self._max_message = max_message
@@ -97,7 +102,7 @@ class VoiceServer:
                                            task_status=_PortReporter(task_status, port))
         # Listening stopped; the handlers nursery has waited for every session to end.
 
-    async def _serve_stream(self, stream: trio.SocketStream) -> None:
+    async def _serve_stream(self, stream: trio.abc.Stream) -> None:
         """One TCP connection: the WebSocket handshake, then the session, every failure contained.
 
         trio-websocket runs its reader task in the nursery it is given; keeping that nursery per

@@ -14,21 +14,21 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from quart import Blueprint, Response, jsonify, send_from_directory, websocket
+from quart import Blueprint, Response, jsonify, request, send_from_directory, websocket
 from trio_websocket import CloseReason, ConnectionClosed
 
 from voicegrow import __version__
+from voicegrow.admin_auth import PROXY_HEADERS
+from voicegrow.auth_throttle import parse_address
 from voicegrow.protocol import native as wire
 from voicegrow.protocol.errors import ErrorCode
 from voicegrow.services import Services
 
-__all__ = ["make_web_blueprint", "is_public_path", "content_security_policy", "TALK_SUBPROTOCOL",
-           "BEARER_SUBPROTOCOL_PREFIX"]
+__all__ = ["make_web_blueprint", "is_public_path", "TALK_SUBPROTOCOL", "BEARER_SUBPROTOCOL_PREFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -38,27 +38,9 @@ BEARER_SUBPROTOCOL_PREFIX = "voicegrow.bearer."
 _PAGES = {"/": "console.html", "/talk": "talk.html"}
 _PUBLIC_API = frozenset({"/api/v1/web/config"})
 
-#: Says whether an ``Authorization`` header value carries the admin token (the application's one check).
-AdminCheck = Callable[[str], bool]
-
-
 def is_public_path(path: str) -> bool:
     """The pages, their static files and the page configuration: no bearer token needed to fetch them."""
     return path in _PAGES or path in _PUBLIC_API or path.startswith("/static/")
-
-
-def content_security_policy(services: Services) -> str:
-    """Scripts, styles and workers from this origin only; no inline code; audio from here, from blob:
-    URLs (recordings fetched with the token) or from the object store's presigned URLs."""
-    media = ["'self'", "blob:"]
-    s = services.settings
-    if s.minio_endpoint:
-        media.append(f"{'https' if s.minio_secure else 'http'}://{s.minio_endpoint}")
-    return "; ".join((
-        "default-src 'none'", "script-src 'self'", "style-src 'self'", "img-src 'self' data:",
-        f"media-src {' '.join(media)}", "connect-src 'self'", "worker-src 'self'", "base-uri 'none'",
-        "form-action 'none'", "frame-ancestors 'none'",
-    ))
 
 
 def bearer_from_subprotocols(offered: list[str]) -> str | None:
@@ -113,20 +95,14 @@ class BrowserSocket:
             log.debug("closing the talk socket failed", exc_info=True)
 
 
-def make_web_blueprint(services: Services, *, admin_ok: AdminCheck, voice_server: Any = None) -> Blueprint:
-    """The pages, their files, ``/api/v1/web/config`` and the talk socket (when ``voice_server`` is given)."""
+def make_web_blueprint(services: Services, *, voice_server: Any = None) -> Blueprint:
+    """The pages, their files, ``/api/v1/web/config`` and the talk socket (when ``voice_server`` is given).
+
+    The application adds the security headers and the pages' Content-Security-Policy (``http_api``).
+    """
     bp = Blueprint("web", __name__)
     settings = services.settings
-    csp = content_security_policy(services)
     allowed_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
-
-    @bp.after_request
-    async def page_headers(response: Response) -> Response:
-        response.headers["Content-Security-Policy"] = csp
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Permissions-Policy"] = "microphone=(self), camera=(), geolocation=()"
-        return response
 
     async def page(name: str) -> Response:
         response = await send_from_directory(STATIC_DIR, name)
@@ -149,8 +125,10 @@ def make_web_blueprint(services: Services, *, admin_ok: AdminCheck, voice_server
 
     @bp.get("/api/v1/web/config")
     async def web_config() -> Response:
-        """What the pages need before sign-in: whether a token is asked, and how devices authenticate."""
-        return jsonify({"admin_token_required": bool(settings.admin_token), "device_auth": settings.device_auth,
+        """What the pages need before sign-in: whether this client must give the admin token, and how
+        devices authenticate."""
+        skip = services.admin_auth.allowed_without_token(parse_address(request.remote_addr), _proxied(request.headers))
+        return jsonify({"admin_token_required": not skip, "device_auth": settings.device_auth,
                         "version": __version__, "talk_subprotocol": TALK_SUBPROTOCOL})
 
     if voice_server is not None:
@@ -164,8 +142,17 @@ def make_web_blueprint(services: Services, *, admin_ok: AdminCheck, voice_server
             if not _same_origin(websocket.headers.get("Origin"), websocket.host, allowed_origins):
                 return _refusal(403, "foreign_origin", "the talk socket serves pages of this server only")
             token = bearer_from_subprotocols(websocket.requested_subprotocols)
-            header = websocket.headers.get("Authorization") or (f"Bearer {token}" if token is not None else "")
-            operator = admin_ok(header)
+            header = websocket.headers.get("Authorization") or (f"Bearer {token}" if token is not None else None)
+            auth, proxied = services.admin_auth, _proxied(websocket.headers)
+            if header is None:  # no credential offered: an operator only from ADMIN_ALLOW_FROM
+                operator = auth.allowed_without_token(parse_address(websocket.remote_addr), proxied)
+            else:  # the application's one admin check (token, throttling of wrong guesses)
+                denied = auth.check(websocket.remote_addr, header, proxied=proxied)
+                if denied is not None and denied.status == 429:
+                    response = _refusal(429, denied.error, denied.reason)
+                    response.headers["Retry-After"] = str(denied.retry_after_s)
+                    return response
+                operator = denied is None
             refusal = voice_server.admit(host)
             if refusal is not None:
                 return _refusal(*refusal)
@@ -182,6 +169,10 @@ def make_web_blueprint(services: Services, *, admin_ok: AdminCheck, voice_server
             return None
 
     return bp
+
+
+def _proxied(headers: Any) -> bool:
+    return any(name in headers for name in PROXY_HEADERS)
 
 
 def _refusal(status: int, error: str, reason: str) -> Response:
