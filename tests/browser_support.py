@@ -53,6 +53,7 @@ class ServerThread:
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
         self.handle: Any = None
+        self.fake_ai: FakeAiConfig | None = None  # mutable while it runs: a test may lengthen replies
 
     def __enter__(self) -> "ServerThread":
         self._thread.start()
@@ -91,7 +92,8 @@ class ServerThread:
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
         # Short replies (15 ms of audio a character) keep real-time playback short.
-        async with run_fake_ai(FakeAiConfig(ttft_ms=100, tokens_per_s=80, tts_ms_per_char=15)) as ai:
+        self.fake_ai = FakeAiConfig(ttft_ms=100, tokens_per_s=80, tts_ms_per_char=15)
+        async with run_fake_ai(self.fake_ai) as ai:
             settings = make_settings(self._tmp, llm_base_url=ai.url, tts_base_url=ai.url, asr_preload="true",
                                      asr_language="en", **self._overrides)
             async with running_server(settings) as handle:
@@ -101,15 +103,20 @@ class ServerThread:
                 await self._stop.wait()
 
 
-def padded_clip(source: Path, target: Path, *, lead_s: float = 1.0, tail_s: float = 4.0) -> Path:
-    """The clip with silence around it, so that the VAD hears its start and its end."""
-    with wave.open(str(source), "rb") as w:
-        params = w.getparams()
-        frames = w.readframes(params.nframes)
+def padded_clip(source: Path, target: Path, *, lead_s: float = 1.0, tail_s: float = 4.0,
+                then: Path | None = None, gap_s: float = 2.5) -> Path:
+    """The clip with silence around it, so that the VAD hears its start and its end; with ``then``, a
+    second clip ``gap_s`` after the first (to talk over the reply)."""
+    clips = []
+    for path in (source, then) if then is not None else (source,):
+        with wave.open(str(path), "rb") as w:
+            params = w.getparams()
+            clips.append(w.readframes(params.nframes))
     silence = b"\x00" * params.sampwidth * params.nchannels
+    gap = silence * int(gap_s * params.framerate)
     with wave.open(str(target), "wb") as out:
         out.setparams(params)
-        out.writeframes(silence * int(lead_s * params.framerate) + frames +
+        out.writeframes(silence * int(lead_s * params.framerate) + gap.join(clips) +
                         silence * int(tail_s * params.framerate))
     return target
 

@@ -162,3 +162,55 @@ def test_pages_fit_a_phone_screen_in_chinese(server) -> None:
                 "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
             assert overflow <= 0, f"{path} is {overflow} px wider than a phone screen"
             screenshot(driver, f"browser-phone-zh-{name}")
+
+
+LONG_REPLY = ("Here is a long answer, so that there is time to interrupt it. " * 8).strip()
+
+
+@pytest.fixture
+def long_replies(server):
+    server.fake_ai.reply = LONG_REPLY  # about 7 s of reply audio
+    yield
+    server.fake_ai.reply = None
+
+
+def _stored(server, device: str) -> list[dict]:
+    return httpx.get(f"{server.url}/api/v1/conversations", params={"device_id": device}).json()["turns"]
+
+
+def test_stop_button_silences_the_reply(server, long_replies, audio_fixtures: Path, tmp_path: Path) -> None:
+    device = "browser-stop"
+    with chromium(padded_clip(audio_fixtures / "en-02.wav", tmp_path / "q.wav")) as driver:
+        _start_talking(driver, server.url, device)
+        stop = driver.find_element("id", "stop")
+        meter = driver.find_element("id", "meter")
+        wait_for(lambda: stop.is_enabled() and int(meter.get_attribute("data-played-ms")) > 300, 60,
+                 "the reply playing", driver)
+        stop.click()
+        wait_for(lambda: "(interrupted)" in _text(driver, "#log .entry.assistant"), 10, "the reply marked", driver)
+        wait_for(lambda: not stop.is_enabled(), 5, "nothing left to stop", driver)
+        played = int(meter.get_attribute("data-played-ms"))
+        time.sleep(1.0)
+        assert int(meter.get_attribute("data-played-ms")) == played  # silent at once, nothing queued plays on
+        assert played < 5000
+        screenshot(driver, "browser-talk-stopped")
+    turn = wait_for(lambda: _stored(server, device), 15, "the stored turn")[0]
+    assert turn["outcome"] == "interrupted"
+
+
+def test_talking_over_the_reply_interrupts_it(server, long_replies, audio_fixtures: Path, tmp_path: Path) -> None:
+    device = "browser-barge"
+    clip = padded_clip(audio_fixtures / "en-02.wav", tmp_path / "q.wav", then=audio_fixtures / "en-00.wav")
+    with chromium(clip) as driver:
+        _start_talking(driver, server.url, device)
+        wait_for(lambda: len(driver.find_elements("css selector", "#log .turn")) == 2
+                 and "weather" in _text(driver, "#log .turn:nth-child(2) .entry.user").lower(), 60,
+                 "the second question heard", driver)
+        first = driver.find_element("css selector", "#log .turn:nth-child(1)")
+        assert "volume" in first.find_element("css selector", ".entry.user").text.lower()
+        assert "(interrupted)" in first.find_element("css selector", ".entry.assistant").text
+        screenshot(driver, "browser-talk-barge-in")
+    outcomes = {t["transcript"].split()[0].lower(): t["outcome"]
+                for t in wait_for(lambda: len(_stored(server, device)) == 2 and _stored(server, device), 30,
+                                  "both turns stored")}
+    assert outcomes.get("please") == "interrupted", outcomes
