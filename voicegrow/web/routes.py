@@ -104,24 +104,22 @@ def make_web_blueprint(services: Services, *, voice_server: Any = None) -> Bluep
     settings = services.settings
     allowed_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
 
-    async def page(name: str) -> Response:
-        response = await send_from_directory(STATIC_DIR, name)
-        response.headers["Cache-Control"] = "no-cache"
+    async def shipped(name: str) -> Response:
+        response = await send_from_directory(STATIC_DIR, name)  # refuses paths outside the directory
+        response.headers["Cache-Control"] = "no-cache"  # revalidate: a new release's files come at once
         return response
 
     @bp.get("/")
     async def console() -> Response:
-        return await page("console.html")
+        return await shipped("console.html")
 
     @bp.get("/talk")
     async def talk() -> Response:
-        return await page("talk.html")
+        return await shipped("talk.html")
 
     @bp.get("/static/<path:name>")
     async def static_file(name: str) -> Response:
-        response = await send_from_directory(STATIC_DIR, name)  # refuses paths outside the directory
-        response.headers["Cache-Control"] = "no-cache"
-        return response
+        return await shipped(name)
 
     @bp.get("/api/v1/web/config")
     async def web_config() -> Response:
@@ -141,18 +139,9 @@ def make_web_blueprint(services: Services, *, voice_server: Any = None) -> Bluep
                 return _refusal(400, "bad_subprotocol", f"offer the subprotocol {TALK_SUBPROTOCOL}")
             if not _same_origin(websocket.headers.get("Origin"), websocket.host, allowed_origins):
                 return _refusal(403, "foreign_origin", "the talk socket serves pages of this server only")
-            token = bearer_from_subprotocols(websocket.requested_subprotocols)
-            header = websocket.headers.get("Authorization") or (f"Bearer {token}" if token is not None else None)
-            auth, proxied = services.admin_auth, _proxied(websocket.headers)
-            if header is None:  # no credential offered: an operator only from ADMIN_ALLOW_FROM
-                operator = auth.allowed_without_token(parse_address(websocket.remote_addr), proxied)
-            else:  # the application's one admin check (token, throttling of wrong guesses)
-                denied = auth.check(websocket.remote_addr, header, proxied=proxied)
-                if denied is not None and denied.status == 429:
-                    response = _refusal(429, denied.error, denied.reason)
-                    response.headers["Retry-After"] = str(denied.retry_after_s)
-                    return response
-                operator = denied is None
+            operator = _operator(services.admin_auth)
+            if isinstance(operator, Response):
+                return operator
             refusal = voice_server.admit(host)
             if refusal is not None:
                 return _refusal(*refusal)
@@ -169,6 +158,22 @@ def make_web_blueprint(services: Services, *, voice_server: Any = None) -> Bluep
             return None
 
     return bp
+
+
+def _operator(auth: Any) -> bool | Response:
+    """Whether the talk socket's peer is the operator, by the application's one admin check
+    (:class:`~voicegrow.admin_auth.AdminAuth`); a refusal to answer when its address is throttled."""
+    token = bearer_from_subprotocols(websocket.requested_subprotocols)
+    header = websocket.headers.get("Authorization") or (f"Bearer {token}" if token is not None else None)
+    proxied = _proxied(websocket.headers)
+    if header is None:  # no credential offered: the operator only from ADMIN_ALLOW_FROM
+        return auth.allowed_without_token(parse_address(websocket.remote_addr), proxied)
+    denied = auth.check(websocket.remote_addr, header, proxied=proxied)
+    if denied is not None and denied.status == 429:  # wrong guesses: no device session either
+        response = _refusal(429, denied.error, denied.reason)
+        response.headers["Retry-After"] = str(denied.retry_after_s)
+        return response
+    return denied is None
 
 
 def _proxied(headers: Any) -> bool:
