@@ -64,7 +64,7 @@ async def running_server(settings: Settings, *, persistence_options: dict[str, A
             await nursery.start(ControlServer(services.box.local, worker.control_socket(worker.index)).run)
             nursery.start_soon(_refresh_gauges, services)
         voice = VoiceServer(services, None if worker is None else [adopt_listener(worker.ws_fd)])
-        ws_port = await nursery.start(voice.run)
+        ws_port = services.ws_port = await nursery.start(voice.run)
         http_stopped = trio.Event()
         http_port = await nursery.start(lambda task_status: run_http_server(
             services, shutdown=http_stopped, fd=None if worker is None else worker.http_fd,
@@ -106,6 +106,8 @@ async def serve(settings: Settings, worker: WorkerContext | None = None) -> int:
                     if signum == signal.SIGHUP:
                         if server.services.tls is not None:
                             server.services.tls.try_reload("SIGHUP")
+                        else:
+                            log.info("received SIGHUP: nothing to re-read (no TLS_CERT_FILE)")
                         continue
                     log.info("received %s: shutting down (grace %.0f s)", signal.Signals(signum).name,
                              settings.shutdown_grace_s)

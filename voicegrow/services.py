@@ -45,6 +45,7 @@ class Services:
     box: Box = dataclasses.field(init=False)
     started_monotonic: float = dataclasses.field(default_factory=time.monotonic)
     accepting: bool = True
+    ws_port: int = 0  # the speaker port as bound (WS_PORT may be 0); the xiaozhi OTA answer hands it out
 
     def __post_init__(self) -> None:
         index, restarts = (self.worker.index, self.worker.restarts) if self.worker else (0, 0)
@@ -62,7 +63,7 @@ class Services:
         m.uptime.set(self.uptime_s)
         m.up.set(1 if self.accepting else 0)
         counts = self.registry.count_by_protocol()
-        for protocol in ("native", "xiaoai", "detecting"):
+        for protocol in ("native", "xiaoai", "xiaozhi", "detecting"):
             m.sessions_active.labels(protocol).set(counts.get(protocol, 0))
         label = str(local.index)
         m.worker_sessions.labels(label).set(len(self.registry))

@@ -164,6 +164,15 @@ class Settings:
     xiaoai_silence_builtin: bool = _field(True, bool)
     xiaoai_silence_commands: str = _field("", str)  # ';;'-separated fixed shell commands
 
+    # -- xiaozhi-esp32 boards
+    xiaozhi_token: str = _field("", str, secret=True)  # handed out by the OTA answer, checked as Bearer
+    xiaozhi_allowlist: str = _field("", str)  # comma separated Device-Id (MAC), Client-Id or IP addresses
+    xiaozhi_output_rate: int = _field(24000, int, choices=("16000", "24000", "48000"))
+    xiaozhi_mcp_timeout_s: float = _field(5.0, float, low=0.1, high=120)
+    xiaozhi_ws_url: str = _field("", str)  # what the OTA answer points boards to; empty: this host, WS_PORT
+    xiaozhi_firmware_version: str = _field("", str)
+    xiaozhi_firmware_url: str = _field("", str)
+
     # -- HTTP API
     http_max_body_bytes: int = _field(64 * 1024, int, low=1024, high=64 * 1024 * 1024)
     cors_origins: str = _field("", str)
@@ -277,6 +286,14 @@ def _check_cross_field(s: Settings) -> None:
         url = getattr(s, name)
         if url and not url.startswith(("http://", "https://")):
             raise ConfigError(f"{name.upper()}={url!r} is not allowed: expected an http:// or https:// URL")
+    if s.xiaozhi_ws_url and not s.xiaozhi_ws_url.startswith(("ws://", "wss://")):
+        raise ConfigError(f"XIAOZHI_WS_URL={s.xiaozhi_ws_url!r} is not allowed: expected a ws:// or wss:// URL")
+    if bool(s.xiaozhi_firmware_version) != bool(s.xiaozhi_firmware_url):
+        raise ConfigError("XIAOZHI_FIRMWARE_URL and XIAOZHI_FIRMWARE_VERSION are not allowed one without the other: "
+                          "set both to offer a firmware image, or neither")
+    if s.xiaozhi_firmware_url and not s.xiaozhi_firmware_url.startswith(("http://", "https://")):
+        raise ConfigError(f"XIAOZHI_FIRMWARE_URL={s.xiaozhi_firmware_url!r} is not allowed: expected an http:// "
+                          "or https:// URL")
     if s.ws_port and s.ws_port == s.http_port:
         raise ConfigError(f"HTTP_PORT={s.http_port} is not allowed: it must differ from WS_PORT")
     if s.admin_allow_from.strip().lower() not in ("auto", "none"):

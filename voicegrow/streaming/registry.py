@@ -31,6 +31,9 @@ class SessionInfo:
     cancel_scope: trio.CancelScope | None = None
     #: Asks the session to say goodbye (close frame) before it is cancelled.
     request_close: Callable[[int, str], None] | None = None
+    #: The device's own tools (a :class:`~voicegrow.streaming.device_mcp.DeviceMcpClient`), for
+    #: devices that serve MCP (xiaozhi boards); a tool registry offers them to the LLM.
+    device_tools: Any = None
 
     @property
     def remote_host(self) -> str:
@@ -46,6 +49,7 @@ class SessionInfo:
             "since": self.since,
             "turns": self.turns,
             "state": self.state_of() if self.state_of is not None else "handshake",
+            "device_tools": [tool.name for tool in self.device_tools.tools] if self.device_tools else [],
         }
 
 

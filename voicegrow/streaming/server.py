@@ -4,9 +4,11 @@ Each accepted connection gets its own cancel scope inside the server's handler n
 is in the registry from accept until its last task has exited. Shutdown stops the listener first,
 then asks every session to say goodbye, waits up to the grace period, and cancels what is left.
 
-Protocol detection: a native client speaks first (its hello). An open-xiaoai speaker says nothing
-after connecting, so silence for ``PROTOCOL_DETECT_MS`` — or a first message that is JSON text —
-means open-xiaoai, and the server starts that conversation itself.
+Protocol detection (:mod:`voicegrow.protocol.detect`): a xiaozhi board names itself in the
+handshake (path ``/xiaozhi/…``, its ``Device-Id`` headers). Otherwise a native client speaks first
+(its hello); an open-xiaoai speaker says nothing after connecting, so silence for
+``PROTOCOL_DETECT_MS`` — or a first message that is JSON text — means open-xiaoai, and the server
+starts that conversation itself.
 """
 
 from __future__ import annotations
@@ -23,26 +25,13 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from voicegrow.logsetup import session_id_var
+from voicegrow.protocol.detect import detect_from_handshake, detect_protocol
 from voicegrow.services import Services
 from voicegrow.streaming.registry import SessionInfo
 
 __all__ = ["VoiceServer", "detect_protocol"]
 
 log = logging.getLogger(__name__)
-
-_NATIVE_MAGIC_PREFIX = b"VG"
-
-
-def detect_protocol(first_message: bytes | str | None) -> str:
-    """``native`` or ``xiaoai`` from the first message a client sent within the detection window."""
-    if first_message is None:
-        return "xiaoai"
-    if isinstance(first_message, str):
-        return "xiaoai"
-    if first_message[:1] == b"{":
-        return "xiaoai"  # an open-xiaoai Stream frame is JSON in a binary message
-    return "native"  # a garbage first frame is answered by the native decoder's error frame
-
 
 class _ConnectRateLimiter:
     """Connection attempts per source address in a sliding minute."""
@@ -112,6 +101,12 @@ class VoiceServer:
         try:
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(self.services.settings.handshake_timeout_s) as handshake:
+                    if isinstance(stream, trio.SSLStream):  # a client that speaks no TLS fails here, at once
+                        try:
+                            await stream.do_handshake()
+                        except trio.BrokenResourceError as exc:
+                            log.info("TLS handshake failed: %s", exc.__cause__ or exc)
+                            return
                     request = await wrap_server_stream(nursery, stream, message_queue_size=8,
                                                        max_message_size=self._max_message)
                 if not handshake.cancelled_caught:
@@ -232,6 +227,13 @@ class VoiceServer:
     async def _serve(self, ws: WebSocketConnection, info: SessionInfo, request: WebSocketRequest,
                      connected_at: float) -> None:
         s = self.services.settings
+        handshake_deadline = connected_at + s.handshake_timeout_s
+        if detect_from_handshake(request.path, request.headers) == "xiaozhi":
+            from voicegrow.streaming.xiaozhi import XiaozhiSession
+
+            info.protocol = "xiaozhi"
+            await XiaozhiSession(self.services, ws, info, request, handshake_deadline).run()
+            return
         first: bytes | str | None = None
         with trio.move_on_after(s.protocol_detect_ms / 1000):
             try:
@@ -239,7 +241,6 @@ class VoiceServer:
             except ConnectionClosed:
                 return
         protocol = detect_protocol(first)
-        handshake_deadline = connected_at + s.handshake_timeout_s
         if protocol == "xiaoai":
             xiaoai = _xiaoai_driver()
             if xiaoai is not None:

@@ -121,6 +121,11 @@ class VoiceSession:
         finally:
             self._flushing = False
 
+    def set_push_to_talk(self, enabled: bool) -> None:
+        """Push-to-talk (a device that says when the user stops): pauses never end the utterance,
+        :meth:`end_of_speech` does."""
+        self.vad.hold_until_flush = enabled
+
     async def abort(self, reason: str = "abort") -> None:
         """The device asked to stop the reply."""
         await self._interrupt(reason)
