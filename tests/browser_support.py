@@ -103,27 +103,24 @@ class ServerThread:
                 await self._stop.wait()
 
 
-def padded_clip(source: Path, target: Path, *, lead_s: float = 1.0, tail_s: float = 4.0,
-                then: Path | None = None, gap_s: float = 2.5) -> Path:
-    """The clip with silence around it, so that the VAD hears its start and its end; with ``then``, a
-    second clip ``gap_s`` after the first (to talk over the reply)."""
-    clips = []
-    for path in (source, then) if then is not None else (source,):
-        with wave.open(str(path), "rb") as w:
-            params = w.getparams()
-            clips.append(w.readframes(params.nframes))
+def padded_clip(source: Path, target: Path, *, lead_s: float = 1.0, tail_s: float = 4.0) -> Path:
+    """The clip with silence around it, so that the VAD hears its start and its end."""
+    with wave.open(str(source), "rb") as w:
+        params = w.getparams()
+        frames = w.readframes(params.nframes)
     silence = b"\x00" * params.sampwidth * params.nchannels
-    gap = silence * int(gap_s * params.framerate)
     with wave.open(str(target), "wb") as out:
         out.setparams(params)
-        out.writeframes(silence * int(lead_s * params.framerate) + gap.join(clips) +
+        out.writeframes(silence * int(lead_s * params.framerate) + frames +
                         silence * int(tail_s * params.framerate))
     return target
 
 
 @contextmanager
-def chromium(capture_wav: Path | None = None, *, width: int = 1280, height: int = 900) -> Iterator[Any]:
-    """Headless Chromium with a fake microphone, its performance log (network requests) recorded."""
+def chromium(capture_wav: Path | None = None, *, loop: bool = False, width: int = 1280,
+             height: int = 900) -> Iterator[Any]:
+    """Headless Chromium with a fake microphone (the clip once, or over and over with ``loop``), its
+    performance log (network requests) recorded."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -137,7 +134,7 @@ def chromium(capture_wav: Path | None = None, *, width: int = 1280, height: int 
                  f"--user-data-dir={profile}", f"--window-size={width},{height}"):
         options.add_argument(flag)
     if capture_wav is not None:
-        options.add_argument(f"--use-file-for-fake-audio-capture={capture_wav}%noloop")
+        options.add_argument(f"--use-file-for-fake-audio-capture={capture_wav}{'' if loop else '%noloop'}")
     options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:

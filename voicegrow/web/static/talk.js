@@ -58,7 +58,11 @@ class TurnView {
   heard(text) { this.user.querySelector(".text").textContent = text; this.scroll(); }
   addReply(text) { this.reply.querySelector(".text").textContent += text; this.scroll(); }
   setReply(text) { this.reply.querySelector(".text").textContent = text; this.scroll(); }
-  interrupted() { this.reply.classList.add("interrupted"); this.reply.append(` ${t("talk.interrupted")}`); }
+  interrupted() {
+    if (this.reply.classList.contains("interrupted")) return;
+    this.reply.classList.add("interrupted");
+    this.reply.append(` ${t("talk.interrupted")}`);
+  }
 
   showTimings(timings) {
     const end = timings.speech_end ?? 0;
@@ -166,7 +170,9 @@ class Call {
     else if (event === "tts_stop" && data.reason === "aborted") {
       this.stopPlayback(turnId);
       this.turn(turnId).interrupted();
-    } else if (event === "turn_timings") this.turn(turnId).showTimings(data);
+      this.turn(turnId).node.dataset.stopped = data.cause || "aborted"; // barge_in, device_abort, …
+    } else if (event === "turn_end" && data.outcome === "interrupted") this.turn(turnId).interrupted();
+    else if (event === "turn_timings") this.turn(turnId).showTimings(data);
   }
 
   stopPlayback(turnId) {
