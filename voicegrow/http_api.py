@@ -141,7 +141,7 @@ def create_app(services: Services) -> QuartTrio:
 
     from voicegrow.admin_api import make_data_blueprint
 
-    app.register_blueprint(make_data_blueprint(services.persistence))
+    app.register_blueprint(make_data_blueprint(services.persistence, timers=services.timers))
     return app
 
 

@@ -118,7 +118,8 @@ class TimerBook:
 
     def forget_device(self, device_id: str) -> None:
         """The device's data was erased: its timers go too (the rows are deleted by the store)."""
-        self._forgotten.add(device_id)
+        if not self.loaded.is_set():
+            self._forgotten.add(device_id)
         for timer in [t for t in self._timers.values() if t.device_id == device_id]:
             del self._timers[timer.timer_id]
         self._wake()
@@ -158,6 +159,7 @@ class TimerBook:
             timer = Timer.from_row(row)
             if timer.timer_id not in self._timers and timer.device_id not in self._forgotten:
                 self._timers[timer.timer_id] = timer
+        self._forgotten.clear()
         log.info("timers loaded: %d pending", len(self._timers))
         self.loaded.set()
         self._wake()
