@@ -244,10 +244,11 @@ async def test_open_xiaoai_volume_and_a_timer_that_survives_a_restart(tmp_path, 
                 assert emu.volume == 30
                 scripts = [r.payload for r in emu.requests_seen if r.command == "run_shell"]
                 assert proto.volume_command("LX06", 30) in scripts
-                for bad in ('{"action": "set", "level": "30; reboot"}', '{"action": "set", "level": 150}'):
+                for turns, bad in enumerate(('{"action": "set", "level": "30; reboot"}',
+                                             '{"action": "set", "level": 150}'), start=2):
                     ai.config.tool_calls = [{"name": "set_volume", "arguments": bad}]
                     await emu.stream_pcm(clip, realtime=False)
-                    await wait_for(lambda: len(_chats(ai)) % 2 == 0 and completed(server) == len(_chats(ai)) // 2)
+                    await wait_for(lambda: completed(server) == turns and len(_chats(ai)) == 2 * turns)
                     told = _chats(ai)[-1]["messages"][-1]
                     assert told["role"] == "tool" and "invalid arguments" in told["content"]
                 assert emu.volume == 30
