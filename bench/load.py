@@ -60,7 +60,7 @@ from bench.common import (
 )
 
 __all__ = ["Behaviour", "Crowd", "CrowdStats", "LagHistogram", "Utterance", "add_crowd_options", "add_server_options",
-           "main", "prepare_utterances", "run_step", "server_figures"]
+           "main", "prepare_utterances", "process_usage", "run_step", "server_figures", "wait_until_idle"]
 
 SAMPLE_RATE = 16_000
 VAD_ALIGN_SAMPLES = 480  # utterances start on the server VAD's 30 ms grid, where the replay is exact
@@ -487,7 +487,7 @@ def server_figures(before: MetricsSnapshot | None, after: MetricsSnapshot | None
     }
 
 
-def _usage(before: ProcessSample | None, after: ProcessSample | None) -> dict[str, Any]:
+def process_usage(before: ProcessSample | None, after: ProcessSample | None) -> dict[str, Any]:
     if before is None or after is None:
         return {"cpu_cores": None, "rss_mb": None}
     wall = max(after.at - before.at, 1e-9)
@@ -523,14 +523,14 @@ async def run_step(server: ServerUnderTest, utterances: Sequence[Utterance], beh
         wall = trio.current_time() - wall_before
         stats = crowd.take_stats()
         nursery.cancel_scope.cancel()
-    await _wait_until_idle(server)
+    await wait_until_idle(server)
     figures = {
         "sessions": count,
         "connected": connected,
         "by_protocol": {p: sum(1 for i in range(count) if crowd.protocol_of(i) == p) for p in ("native", "xiaoai")},
         "duration_s": wall,
         "server": server_figures(metrics_before, metrics_after),
-        "process": _usage(process_before, process_after),
+        "process": process_usage(process_before, process_after),
         "generator_cpu_cores": (own_after - own_before) / wall if server.mode != "in-process" else None,
         "rss_max_mb": rss_max / 2**20 if rss_max else None,
         "asr_queue_max": queue_max,
@@ -542,7 +542,7 @@ async def run_step(server: ServerUnderTest, utterances: Sequence[Utterance], beh
     return figures
 
 
-async def _wait_until_idle(server: ServerUnderTest, timeout_s: float = 30.0) -> None:
+async def wait_until_idle(server: ServerUnderTest, timeout_s: float = 30.0) -> None:
     """Between steps: every session gone and the ASR queue empty, so steps do not leak into each other."""
     with trio.move_on_after(timeout_s):
         while True:

@@ -38,7 +38,6 @@ BAD_VALUES = [
     ("DEBUG", "maybe", "expected true or false"),
     ("LOG_LEVEL", "LOUD", "expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("WORKERS", "0", "expected an integer from 1 to 64"),
-    ("WORKERS", "4", "expected 1 (one process serves many sessions"),
     ("ASR_MODEL_SIZE", "huge", "expected one of tiny"),
     ("ASR_DEVICE", "tpu", "expected one of cpu, cuda, auto"),
     ("ASR_COMPUTE_TYPE", "int4", "expected one of int8"),

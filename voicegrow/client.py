@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -256,8 +257,12 @@ async def open_native_client(
     client_name: str = f"voicegrow-talk/{__version__}",
     connect_timeout_s: float = 10.0,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[NativeClient]:
     """Connect, do the HELLO/HELLO_ACK handshake, and close cleanly on exit.
+
+    A ``wss://`` URL verifies the server against the system's CAs, or against ``ssl_context`` when given
+    (a private CA or a self-signed certificate: ``ssl.create_default_context(cafile=...)``).
 
     Raises :class:`ConnectFailed` when no WebSocket could be opened and :class:`HandshakeFailed`
     when the server refused the session.
@@ -267,7 +272,7 @@ async def open_native_client(
     async with contextlib.AsyncExitStack() as stack:
         try:
             ws = await stack.enter_async_context(trio_websocket.open_websocket_url(
-                url, connect_timeout=connect_timeout_s, disconnect_timeout=_CLOSE_GRACE_S,
+                url, ssl_context=ssl_context, connect_timeout=connect_timeout_s, disconnect_timeout=_CLOSE_GRACE_S,
                 max_message_size=HEADER_SIZE + max_payload))
         except (OSError, ValueError, trio_websocket.HandshakeError) as exc:
             cause = exc.__cause__ or exc.__context__ or exc

@@ -57,9 +57,23 @@ class _TextFormatter(logging.Formatter):
         return f"{line} [session={session_id}]" if session_id else line
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+class _WorkerTag(logging.Filter):
+    """Under WORKERS>1 every line says which worker wrote it."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json", worker: int | None = None) -> None:
     """Route all logging to stdout at ``level``; idempotent, so tests may call it repeatedly."""
     handler = logging.StreamHandler(sys.stdout)
+    if worker is not None:
+        handler.addFilter(_WorkerTag(worker))
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

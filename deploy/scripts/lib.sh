@@ -15,7 +15,7 @@ VG_COMPOSE_FILES=(docker-compose.yml)
 VG_TEMP_PATHS=()
 
 # Settings that hold secrets (the `secret=True` fields of voicegrow/settings.py; tests keep this in sync).
-VG_SECRET_VARS=(ADMIN_TOKEN TTS_API_KEY TTS_SECRET_KEY LLM_API_KEY LLM_SECRET_KEY MYSQL_PASSWORD REDIS_PASSWORD MINIO_ACCESS_KEY MINIO_SECRET_KEY XIAOAI_TOKEN)
+VG_SECRET_VARS=(ADMIN_TOKEN TTS_API_KEY TTS_SECRET_KEY LLM_API_KEY LLM_SECRET_KEY MYSQL_PASSWORD REDIS_PASSWORD MINIO_ACCESS_KEY MINIO_SECRET_KEY XIAOAI_TOKEN XIAOZHI_TOKEN)
 # Secrets the Compose stack cannot start without (the databases take them as their credentials).
 VG_STACK_SECRET_VARS=(MYSQL_PASSWORD REDIS_PASSWORD MINIO_ACCESS_KEY MINIO_SECRET_KEY ADMIN_TOKEN)
 # Values copied from examples and tutorials; a deployment that still has one is not secured.

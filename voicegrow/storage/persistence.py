@@ -45,6 +45,7 @@ from voicegrow.storage.records import (
 )
 from voicegrow.storage.spool import Spool, lock_directory
 from voicegrow.storage.sqlite import SQLiteStore
+from voicegrow.storage.sqlite_state import SQLiteState
 from voicegrow.storage.sqlstore import SqlStore
 from voicegrow.storage.state import MemoryState, RedisState, StateStore
 from voicegrow.storage.writer import Acknowledgement, SpoolWriter
@@ -90,9 +91,17 @@ class Persistence:
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None, *, key_prefix: str = "voicegrow:",
                       spool_dir: str | Path | None = None, connect_timeout_s: float = 3.0,
-                      **tuning: Any) -> Persistence:
-        """Backends as the settings say; ``tuning`` passes the timing parameters of ``__init__``."""
+                      worker: int | None = None, **tuning: Any) -> Persistence:
+        """Backends as the settings say; ``tuning`` passes the timing parameters of ``__init__``.
+
+        ``worker``: this process is worker ``worker`` of several. A spool has one writer process, so
+        worker 0 keeps ``{DATA_DIR}/spool`` (that of a single-process server) and worker k takes
+        ``{DATA_DIR}/spool/worker-k`` (its replacement after a crash replays it). Without Redis, the live
+        state goes to ``{DATA_DIR}/state.sqlite3``, which all workers share, instead of process memory.
+        """
         data_dir = Path(settings.data_dir)
+        if spool_dir is None:
+            spool_dir = data_dir / "spool" if not worker else data_dir / "spool" / f"worker-{worker}"
         records: SqlStore
         if settings.mysql_host:
             records = MySQLStore(host=settings.mysql_host, port=settings.mysql_port, user=settings.mysql_user,
@@ -105,6 +114,8 @@ class Persistence:
             state = RedisState(host=settings.redis_host, port=settings.redis_port, password=settings.redis_password,
                                db=settings.redis_db, key_prefix=key_prefix,
                                socket_timeout_s=min(connect_timeout_s, 1.0))
+        elif worker is not None:
+            state = SQLiteState(data_dir / "state.sqlite3")
         else:
             state = MemoryState()
         blobs: BlobStore
@@ -115,10 +126,11 @@ class Persistence:
                             timeout_s=connect_timeout_s)
         else:
             blobs = LocalBlobs(data_dir / "audio")
-        return cls(records=records, state=state, blobs=blobs,
-                   spool_dir=Path(spool_dir) if spool_dir is not None else data_dir / "spool",
-                   replica_id=settings.replica_id or socket.gethostname(), session_ttl_s=settings.session_ttl_s,
-                   metrics=metrics, **tuning)
+        replica_id = settings.replica_id or socket.gethostname()
+        if worker is not None:
+            replica_id += f"/worker-{worker}"
+        return cls(records=records, state=state, blobs=blobs, spool_dir=Path(spool_dir), replica_id=replica_id,
+                   session_ttl_s=settings.session_ttl_s, metrics=metrics, **tuning)
 
     # -- lifetime
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

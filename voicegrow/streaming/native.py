@@ -13,6 +13,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from voicegrow import __version__
+from voicegrow.auth_throttle import address_key
 from voicegrow.device_auth import new_nonce
 from voicegrow.protocol import native as wire
 from voicegrow.protocol.errors import ErrorCode, ProtocolError
@@ -126,12 +127,14 @@ class NativeSession:
         credentials = self.services.device_credentials
         info = self.info
         nonce = new_nonce() if mode == "hmac" else ""
+        if mode != "off":
+            self._check_not_locked_out()
         if mode == "token":
             if not hello.token:
                 self._refuse("missing_token")
                 raise ProtocolError(ErrorCode.AUTH_REQUIRED, "this server requires a device token in HELLO")
             if not credentials.check_token(hello.device_id, hello.token):
-                self._refuse("bad_token")
+                self._refuse("bad_token", guess=f"{hello.device_id}\n{hello.token}")
                 raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown device or wrong token")
         await self.outbox.put(wire.encode(wire.HelloAck(
             session_id=info.session_id, audio_in=hello.audio_in, audio_out=hello.audio_out,
@@ -146,13 +149,24 @@ class NativeSession:
                                 "this server requires a CONTROL auth event with the HMAC of its nonce first")
         proof = answer.data.get("hmac")
         if not isinstance(proof, str) or not credentials.check_proof(hello.device_id, nonce, info.session_id, proof):
-            self._refuse("bad_proof")
+            self._refuse("bad_proof", guess=proof if isinstance(proof, str) and proof else None)
             raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown device or wrong HMAC")
         await self.outbox.put(wire.encode(wire.Control(event="auth_ok", data={})))
 
-    def _refuse(self, reason: str) -> None:
+    def _check_not_locked_out(self) -> None:
+        """An address that guessed too many credentials is refused before its credential is looked at."""
+        retry = self.services.auth_throttle.retry_after(address_key(self.info.remote_host))
+        if retry is not None:
+            self._refuse("throttled")
+            raise ProtocolError(ErrorCode.AUTH_THROTTLED,
+                                f"too many failed authentications from this address; retry in {retry} s")
+
+    def _refuse(self, reason: str, *, guess: str | None = None) -> None:
+        """Count a refusal; a wrong credential (``guess``) also counts towards this address's lock-out."""
         log.warning("device authentication refused: %s", reason)
         self.services.metrics.auth_refusals.labels("native", reason).inc()
+        if guess is not None:
+            self.services.auth_throttle.failed(address_key(self.info.remote_host), guess)
 
     async def _serve(self, hello: wire.Hello, nursery: trio.Nursery) -> None:
         services = self.services

@@ -30,6 +30,14 @@ class SessionInfo:
     request_close: Callable[[int, str], None] | None = None
     #: Speaks (text, language, data) on the device as a turn of its own; set once the voice session runs.
     announce: Callable[[str, str, dict[str, Any]], Awaitable[None]] | None = None
+    #: The device's own tools (a :class:`~voicegrow.streaming.device_mcp.DeviceMcpClient`), for
+    #: devices that serve MCP (xiaozhi boards); a tool registry offers them to the LLM.
+    device_tools: Any = None
+
+    @property
+    def remote_host(self) -> str:
+        """The peer's address without its port."""
+        return self.remote_addr.rsplit(":", 1)[0]
 
     def public(self) -> dict[str, Any]:
         return {
@@ -39,6 +47,7 @@ class SessionInfo:
             "protocol": self.protocol,
             "since": self.since,
             "turns": self.turns,
+            "device_tools": [tool.name for tool in self.device_tools.tools] if self.device_tools else [],
         }
 
 
@@ -81,7 +90,7 @@ class SessionRegistry:
         return counts
 
     def count_from(self, remote_host: str) -> int:
-        return sum(1 for info in self._sessions.values() if info.remote_addr.rsplit(":", 1)[0] == remote_host)
+        return sum(1 for info in self._sessions.values() if info.remote_host == remote_host)
 
     async def wait_empty(self) -> None:
         while self._sessions:

@@ -4,9 +4,11 @@ Each accepted connection gets its own cancel scope inside the server's handler n
 is in the registry from accept until its last task has exited. Shutdown stops the listener first,
 then asks every session to say goodbye, waits up to the grace period, and cancels what is left.
 
-Protocol detection: a native client speaks first (its hello). An open-xiaoai speaker says nothing
-after connecting, so silence for ``PROTOCOL_DETECT_MS`` — or a first message that is JSON text —
-means open-xiaoai, and the server starts that conversation itself.
+Protocol detection (:mod:`voicegrow.protocol.detect`): a xiaozhi board names itself in the
+handshake (path ``/xiaozhi/…``, its ``Device-Id`` headers). Otherwise a native client speaks first
+(its hello); an open-xiaoai speaker says nothing after connecting, so silence for
+``PROTOCOL_DETECT_MS`` — or a first message that is JSON text — means open-xiaoai, and the server
+starts that conversation itself.
 """
 
 from __future__ import annotations
@@ -22,26 +24,13 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from voicegrow.logsetup import session_id_var
+from voicegrow.protocol.detect import detect_from_handshake, detect_protocol
 from voicegrow.services import Services
 from voicegrow.streaming.registry import SessionInfo
 
 __all__ = ["VoiceServer", "detect_protocol"]
 
 log = logging.getLogger(__name__)
-
-_NATIVE_MAGIC_PREFIX = b"VG"
-
-
-def detect_protocol(first_message: bytes | str | None) -> str:
-    """``native`` or ``xiaoai`` from the first message a client sent within the detection window."""
-    if first_message is None:
-        return "xiaoai"
-    if isinstance(first_message, str):
-        return "xiaoai"
-    if first_message[:1] == b"{":
-        return "xiaoai"  # an open-xiaoai Stream frame is JSON in a binary message
-    return "native"  # a garbage first frame is answered by the native decoder's error frame
-
 
 class _ConnectRateLimiter:
     """Connection attempts per source address in a sliding minute."""
@@ -74,8 +63,10 @@ class _PortReporter:
 
 
 class VoiceServer:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, listeners: list[trio.SocketListener] | None = None) -> None:
+        """``listeners``: already listening sockets (a worker's, inherited); None: open ``WS_PORT``."""
         self.services = services
+        self._given_listeners = listeners
         s = services.settings
         self._rate_limiter = _ConnectRateLimiter(s.max_connects_per_ip_per_min)
         self._listen_scope = trio.CancelScope()
@@ -84,8 +75,11 @@ class VoiceServer:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until :meth:`stop_accepting`; then keep running until every session has ended."""
         s = self.services.settings
-        listeners = await trio.open_tcp_listeners(s.ws_port, host=s.server_host or None)
-        port = listeners[0].socket.getsockname()[1]
+        tcp_listeners = self._given_listeners or await trio.open_tcp_listeners(s.ws_port, host=s.server_host or None)
+        port = tcp_listeners[0].socket.getsockname()[1]
+        listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
+        if self.services.tls is not None:  # wss://: the TLS handshake runs inside the handshake deadline
+            listeners = [trio.SSLListener(listener, self.services.tls.ws_context) for listener in tcp_listeners]
         # Room for an open-xiaoai audio frame as JSON (3-4 bytes per sample byte) over our frame limit.
         max_message = max(4 * s.max_frame_bytes, 1 << 20)
         self._max_message = max_message
@@ -96,7 +90,7 @@ class VoiceServer:
                                            task_status=_PortReporter(task_status, port))
         # Listening stopped; the handlers nursery has waited for every session to end.
 
-    async def _serve_stream(self, stream: trio.SocketStream) -> None:
+    async def _serve_stream(self, stream: trio.abc.Stream) -> None:
         """One TCP connection: the WebSocket handshake, then the session, every failure contained.
 
         trio-websocket runs its reader task in the nursery it is given; keeping that nursery per
@@ -196,6 +190,13 @@ class VoiceServer:
     async def _serve(self, ws: WebSocketConnection, info: SessionInfo, request: WebSocketRequest,
                      connected_at: float) -> None:
         s = self.services.settings
+        handshake_deadline = connected_at + s.handshake_timeout_s
+        if detect_from_handshake(request.path, request.headers) == "xiaozhi":
+            from voicegrow.streaming.xiaozhi import XiaozhiSession
+
+            info.protocol = "xiaozhi"
+            await XiaozhiSession(self.services, ws, info, request, handshake_deadline).run()
+            return
         first: bytes | str | None = None
         with trio.move_on_after(s.protocol_detect_ms / 1000):
             try:
@@ -203,7 +204,6 @@ class VoiceServer:
             except ConnectionClosed:
                 return
         protocol = detect_protocol(first)
-        handshake_deadline = connected_at + s.handshake_timeout_s
         if protocol == "xiaoai":
             xiaoai = _xiaoai_driver()
             if xiaoai is not None:

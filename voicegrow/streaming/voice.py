@@ -147,6 +147,10 @@ class VoiceSession:
 
         await self._start_turn(Utterance(audio=b"", speech_start=now, speech_end=now), no_transcript,
                                Announcement(text, language, data))
+    def set_push_to_talk(self, enabled: bool) -> None:
+        """Push-to-talk (a device that says when the user stops): pauses never end the utterance,
+        :meth:`end_of_speech` does."""
+        self.vad.hold_until_flush = enabled
 
     async def abort(self, reason: str = "abort") -> None:
         """The device asked to stop the reply."""

@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from voicegrow.auth_throttle import address_key
 from voicegrow.logsetup import device_id_var
 from voicegrow.protocol import xiaoai as wire
 from voicegrow.protocol.xiaoai import Request, Response, Stream, XiaoaiError
@@ -329,8 +330,16 @@ class XiaoaiSession:
 
     async def run(self) -> None:
         self.info.protocol = "xiaoai"
+        if self.access.token:
+            retry = self.services.auth_throttle.retry_after(address_key(self.host))
+            if retry is not None:
+                await self._refuse("throttled")
+                return
         refusal = self.access.url_refusal(self._target)
         if refusal is not None:
+            if refusal == "bad_token":  # a guess at XIAOAI_TOKEN counts towards this address's lock-out
+                guess = parse_qs(urlsplit(self._target).query).get("token", [""])[0]
+                self.services.auth_throttle.failed(address_key(self.host), guess)
             await self._refuse(refusal)
             return
         async with self.connection.running(self.info) as nursery:

@@ -204,7 +204,10 @@ class TimerBook:
 
     async def _drop(self, timer: Timer, now: float) -> None:
         self._timers.pop(timer.timer_id, None)
-        if await self._claim(timer, "dropped", now) is None:
+        claimed = await self._claim(timer, "dropped", now)
+        if claimed is False:
+            return  # another process fired it (the device was connected there) or it was cancelled
+        if claimed is None:
             await self.store.set_timer_state(timer.timer_id, "dropped", now)
         timer.state = "dropped"
         log.warning("%s %s of %s dropped: the device was offline from %s until the %g s grace ended",

@@ -1,0 +1,230 @@
+"""WORKERS=N: a supervisor, worker processes sharing both ports, and one view of the box.
+
+The end-to-end tests run ``python -m voicegrow serve`` with WORKERS=2 as a subprocess on port 0 (the
+supervisor picks the ports and logs them). Sessions here only connect: no ASR model is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from voicegrow.client import ConnectionClosed, NativeClient, open_native_client
+from voicegrow.protocol.native import Ping, Pong
+from voicegrow.storage.sqlite_state import SQLiteState
+from voicegrow.workers.listeners import bind_shared, reuse_port_supported
+
+START_TIMEOUT_S = 90  # two interpreters importing the server on two shared cores
+
+
+# -- units -------------------------------------------------------------------------------------------------
+
+
+def test_bind_shared_gives_every_worker_the_same_free_port() -> None:
+    sockets = bind_shared("127.0.0.1", 0, 3)
+    try:
+        ports = {sock.getsockname()[1] for sock in sockets}
+        assert len(ports) == 1 and ports != {0}
+        assert len({sock.fileno() for sock in sockets}) == (3 if reuse_port_supported() else 1)
+        with socket.create_connection(("127.0.0.1", ports.pop()), timeout=5):
+            pass  # listening already: the kernel completes the handshake into one of the backlogs
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+async def test_sqlite_state_is_shared_between_workers(tmp_path: Path) -> None:
+    """Two stores on one file stand for two workers: history and claims written by one are seen by the other."""
+    first, second = SQLiteState(tmp_path / "state.sqlite3"), SQLiteState(tmp_path / "state.sqlite3")
+    try:
+        history = [{"role": "user", "content": "几点了"}, {"role": "assistant", "content": "七点半。"}]
+        await first.save_history("kitchen", history, ttl_s=60)
+        assert await second.load_history("kitchen") == history
+        await first.claim("kitchen", "s-1", "box/worker-0", ttl_s=60)
+        await second.claim("kitchen", "s-2", "box/worker-1", ttl_s=60)  # the speaker reconnected elsewhere
+        assert not await first.release("kitchen", "s-1")  # the old session must not drop the new claim
+        assert (await first.live(["kitchen", "hall"]))["kitchen"]["session_id"] == "s-2"
+        assert await second.release("kitchen", "s-2")
+        assert await first.live(["kitchen"]) == {}
+        assert await second.delete_device("kitchen") == 1
+        assert await first.load_history("kitchen") == []
+        await first.save_history("hall", history, ttl_s=0)
+        assert await second.load_history("hall") == []  # expired at once
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+# -- the server as a subprocess ---------------------------------------------------------------------------------
+
+
+class Box:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, ws_port: int, http_port: int) -> None:
+        self.proc, self.log = proc, log
+        self.ws_url = f"ws://127.0.0.1:{ws_port}"
+        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=10)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def detail(self) -> dict[str, Any]:
+        response = await self.http.get("/api/v1/health/detail")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def sessions(self) -> dict[str, Any]:
+        response = await self.http.get("/api/v1/sessions")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def wait_workers_ok(self, *, not_pids: set[int] = frozenset()) -> list[dict[str, Any]]:
+        with trio.fail_after(START_TIMEOUT_S):
+            while True:
+                assert self.proc.poll() is None, self.output()[-3000:]
+                with contextlib.suppress(httpx.HTTPError):
+                    workers = (await self.detail())["workers"]
+                    if all(w["status"] == "ok" and w["pid"] not in not_pids for w in workers):
+                        return workers
+                await trio.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _serve(tmp_path: Path, **extra: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("MYSQL_", "REDIS_", "MINIO_", "LLM_", "TTS_", "PROMETHEUS_"))}
+    env.update(WORKERS="2", WS_PORT="0", HTTP_PORT="0", SERVER_HOST="127.0.0.1", DATA_DIR=str(tmp_path / "data"),
+               ASR_MODEL_SIZE="base", ASR_PRELOAD="false", SHUTDOWN_GRACE_S="5", LOG_FORMAT="json", **extra)
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "voicegrow", "--env-file", "/nonexistent", "serve"],
+                                env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def running_box(tmp_path: Path) -> AsyncIterator[Box]:
+    with _serve(tmp_path) as (proc, log):
+        ports = None
+        with trio.fail_after(START_TIMEOUT_S):
+            while ports is None:
+                assert proc.poll() is None, log.read_text()
+                for line in log.read_text(errors="replace").splitlines():
+                    if line.startswith("{") and "ws_port" in line and "supervisor" in line:
+                        entry = json.loads(line)
+                        ports = entry["ws_port"], entry["http_port"]
+                await trio.sleep(0.1)
+        box = Box(proc, log, *ports)
+        async with box.http:
+            await box.wait_workers_ok()
+            yield box
+
+
+async def _connect_until_both_workers(box: Box, stack: contextlib.AsyncExitStack,
+                                      clients: dict[str, NativeClient], *, want: set[int] = frozenset({0, 1}),
+                                      prefix: str = "speaker") -> dict[str, int]:
+    """Speakers connect until the kernel has spread them over every worker in ``want``; device → worker."""
+    placed: dict[str, int] = {}
+    for number in range(24):  # each lands on a worker by a hash of its address: 2^-23 to miss one
+        device = f"{prefix}-{number}"
+        clients[device] = await stack.enter_async_context(open_native_client(box.ws_url, device_id=device))
+        listing = await box.sessions()
+        placed = {s["device_id"]: s["worker"] for s in listing["sessions"] if s["device_id"].startswith(prefix)}
+        if device in placed and want <= set(placed.values()):
+            return placed
+    raise AssertionError(f"24 speakers did not reach workers {want}: {placed}")
+
+
+async def _alive(client: NativeClient, nonce: int) -> bool:
+    await client.send(Ping(nonce=nonce))
+    with trio.fail_after(10):
+        while True:
+            frame = await client.next_frame()
+            if isinstance(frame, Pong) and frame.nonce == nonce:
+                return True
+
+
+def _metric_sum(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+async def test_two_workers_one_view_and_sigterm_drains_both(tmp_path: Path) -> None:
+    async with running_box(tmp_path) as box, contextlib.AsyncExitStack() as stack:
+        clients: dict[str, NativeClient] = {}
+        placed = await _connect_until_both_workers(box, stack, clients)
+        for _ in range(10):  # whichever worker takes the request answers for both
+            listing = await box.sessions()
+            assert {s["device_id"]: s["worker"] for s in listing["sessions"]} == placed
+            assert listing["count"] == len(placed) and listing["workers_missing"] == []
+        detail = await box.detail()
+        assert detail["sessions"] == len(placed)
+        assert [w["worker"] for w in detail["workers"]] == [0, 1]
+        assert all(w["rss_bytes"] > 0 and w["asr"]["status"] for w in detail["workers"])
+        with trio.fail_after(10):  # each worker refreshes its gauges every second
+            while True:
+                text = (await box.http.get("/metrics")).text
+                per_worker = {w: _metric_sum(text, f'voicegrow_worker_sessions{{worker="{w}"}}') for w in (0, 1)}
+                if (_metric_sum(text, "voicegrow_sessions_active") == len(placed)
+                        and per_worker == {w: list(placed.values()).count(w) for w in (0, 1)}):
+                    break
+                await trio.sleep(0.2)
+
+        box.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            for device, client in clients.items():  # every speaker, on both workers, is told goodbye
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        await client.next_frame()
+                assert closed.value.close_code in (1000, 1001), device
+            while box.proc.poll() is None:
+                await trio.sleep(0.05)
+    assert box.proc.returncode == 0, box.output()[-3000:]
+    assert "every worker stopped" in box.output()
+
+
+async def test_killed_worker_is_replaced_and_the_other_is_untouched(tmp_path: Path) -> None:
+    async with running_box(tmp_path) as box, contextlib.AsyncExitStack() as stack:
+        clients: dict[str, NativeClient] = {}
+        placed = await _connect_until_both_workers(box, stack, clients)
+        before = {w["worker"]: w for w in (await box.detail())["workers"]}
+        survivors = {s["session_id"]: s["device_id"] for s in (await box.sessions())["sessions"] if s["worker"] == 0}
+
+        os.kill(before[1]["pid"], signal.SIGKILL)
+        workers = await box.wait_workers_ok(not_pids={before[1]["pid"]})
+        assert workers[0]["pid"] == before[0]["pid"] and workers[1]["restarts"] == 1
+
+        listing = await box.sessions()
+        assert {s["session_id"]: s["device_id"] for s in listing["sessions"] if s["worker"] == 0} == survivors
+        assert not [s for s in listing["sessions"] if s["worker"] == 1]  # the dead worker's speakers are gone
+        for nonce, device in enumerate(survivors.values()):
+            assert await _alive(clients[device], nonce)
+        new = await _connect_until_both_workers(box, stack, clients, want={1}, prefix="after")
+        assert 1 in new.values()  # the replacement serves new speakers
+        for nonce, device in enumerate(d for d, w in new.items() if w == 1):
+            assert await _alive(clients[device], 100 + nonce)
+        assert "worker 1 (pid %d) exited with status -9" % before[1]["pid"] in box.output()
+
+        box.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            while box.proc.poll() is None:
+                await trio.sleep(0.05)
+    assert box.proc.returncode == 0, box.output()[-3000:]
+    assert placed  # (the first speakers reached both workers)
