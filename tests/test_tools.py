@@ -480,3 +480,40 @@ async def test_a_missing_mcp_server_offers_nothing_and_calls_fail_cleanly() -> N
         with pytest.raises(ToolError, match="not connected"):
             await gone.call("gone__x", {}, _context())
         nursery.cancel_scope.cancel()
+
+
+# -- a device's own tools (xiaozhi boards) ----------------------------------------------------------------
+
+
+async def test_a_devices_own_mcp_tools_join_the_registry_for_its_turns() -> None:
+    from voicegrow.streaming.device_mcp import DeviceTool, DeviceToolError, ToolResult
+    from voicegrow.tools.device import DeviceTools
+
+    class Board:
+        tools = [DeviceTool("self.audio_speaker.set_volume", "Set the volume",
+                            {"type": "object", "required": ["volume"],
+                             "properties": {"volume": {"type": "integer", "minimum": 0, "maximum": 100}}}),
+                 DeviceTool("self.light.toggle", "Toggle the light", {"type": "object", "properties": {}})]
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, dict]] = []
+
+        async def call(self, name: str, arguments: dict) -> ToolResult:
+            self.calls.append((name, arguments))
+            if name == "self.light.toggle":
+                raise DeviceToolError("timeout", "no answer within 5 s")
+            return ToolResult(text="true", is_error=False, raw={})
+
+    board = Board()
+    server = ToolRegistry([BuiltinTools()])
+    joined = server.with_providers([DeviceTools(board)])
+    names = {spec.name for spec in joined.specs()}
+    assert {"device__self_audio_speaker_set_volume", "device__self_light_toggle", "stop"} <= names
+    assert "device__self_light_toggle" not in {spec.name for spec in server.specs()}  # only this device's turns
+    ok = await joined.call(ToolCall("c", "device__self_audio_speaker_set_volume", '{"volume": 20}'), _context())
+    refused = await joined.call(ToolCall("c", "device__self_audio_speaker_set_volume", '{"volume": 200}'), _context())
+    timed_out = await joined.call(ToolCall("c", "device__self_light_toggle", "{}"), _context())
+    assert ok.ok and ok.result == "true"
+    assert not refused.ok and "invalid arguments" in refused.result
+    assert not timed_out.ok and "no answer within 5 s" in timed_out.result
+    assert board.calls == [("self.audio_speaker.set_volume", {"volume": 20}), ("self.light.toggle", {})]

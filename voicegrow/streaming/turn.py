@@ -175,7 +175,7 @@ class Turn:
         context = ToolContext(self.device_id, self.language, ZoneInfo(services.settings.tz), device=self.link)
         async with sentences:
             try:
-                answer = converse(services.llm, messages, services.tools, context,
+                answer = converse(services.llm, messages, self._tools(), context,
                                   max_rounds=services.settings.llm_tool_rounds, outcomes=self.tool_outcomes)
                 # aclosing: a cancelled turn closes its HTTP stream now, not when the GC gets to it.
                 async with contextlib.aclosing(answer) as deltas:
@@ -201,6 +201,16 @@ class Turn:
                 spoken = apology(self.language)
                 await self.link.send_event("error_spoken", {"reason": exc.reason, "text": spoken}, self.turn_id)
                 await self._emit_sentence(spoken, sentences)
+
+    def _tools(self) -> Any:
+        """The server's tools, plus the device's own (a xiaozhi board's MCP tools) if it has any."""
+        registry = self.services.tools
+        info = self.services.registry.get(self.session_id)
+        if registry is None or info is None or info.device_tools is None:
+            return registry
+        from voicegrow.tools.device import DeviceTools
+
+        return registry.with_providers([DeviceTools(info.device_tools)])
 
     async def _emit_sentence(self, sentence: str, sentences: trio.MemorySendChannel[str]) -> None:
         if "first_sentence" not in self.marks:

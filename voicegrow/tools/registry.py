@@ -114,6 +114,14 @@ class ToolRegistry:
     def add(self, provider: ToolProvider) -> None:
         self.providers.append(provider)
 
+    def with_providers(self, extra: Sequence[ToolProvider]) -> ToolRegistry:
+        """This registry plus ``extra`` (one device's own tools, for that device's turns)."""
+        if not extra:
+            return self
+        joined = ToolRegistry([*self.providers, *extra], timeout_s=self.timeout_s)
+        joined._warned = self._warned
+        return joined
+
     def _table(self) -> dict[str, tuple[ToolSpec, ToolProvider]]:
         """Name → (spec, provider); on a clash the provider added first keeps the name."""
         table: dict[str, tuple[ToolSpec, ToolProvider]] = {}
