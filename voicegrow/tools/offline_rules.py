@@ -118,19 +118,7 @@ def _match_en(text: str) -> tuple[str, dict[str, Any]] | None:
             elif period in ("am", "in the morning", "tomorrow morning") and hour == 12:
                 hour = 0
             return "set_alarm", {"time": f"{hour:02d}:{minute:02d}"}
-    if _LIST_EN.search(text):
-        return "list_timers", {}
-    if found := _VOL_SET_EN.search(text):
-        level = parse_number(found["n"])
-        if level is not None and 0 <= level <= 100:
-            return "set_volume", {"action": "set", "level": level}
-    if _VOL_DOWN_EN.search(text):
-        return "set_volume", {"action": "down"}
-    if _VOL_UP_EN.search(text):
-        return "set_volume", {"action": "up"}
-    if _TIME_EN.search(text):
-        return "get_time", {}
-    return None
+    return _simple(text, _LIST_EN, _VOL_SET_EN, _VOL_DOWN_EN, _VOL_UP_EN, _TIME_EN)
 
 
 def _match_zh(text: str) -> tuple[str, dict[str, Any]] | None:
@@ -152,17 +140,23 @@ def _match_zh(text: str) -> tuple[str, dict[str, Any]] | None:
             elif found["ap"] == "中午" and hour < 6:
                 hour += 12
             return "set_alarm", {"time": f"{hour:02d}:{minute:02d}"}
-    if _LIST_ZH.search(text):
+    return _simple(text, _LIST_ZH, _VOL_SET_ZH, _VOL_DOWN_ZH, _VOL_UP_ZH, _TIME_ZH)
+
+
+def _simple(text: str, listing: re.Pattern[str], volume_set: re.Pattern[str], volume_down: re.Pattern[str],
+            volume_up: re.Pattern[str], time: re.Pattern[str]) -> tuple[str, dict[str, Any]] | None:
+    """The rules that read the same in both languages: list, volume, time (in this order)."""
+    if listing.search(text):
         return "list_timers", {}
-    if found := _VOL_SET_ZH.search(text):
+    if found := volume_set.search(text):
         level = parse_number(found["n"])
         if level is not None and 0 <= level <= 100:
             return "set_volume", {"action": "set", "level": level}
-    if _VOL_DOWN_ZH.search(text):
+    if volume_down.search(text):
         return "set_volume", {"action": "down"}
-    if _VOL_UP_ZH.search(text):
+    if volume_up.search(text):
         return "set_volume", {"action": "up"}
-    if _TIME_ZH.search(text):
+    if time.search(text):
         return "get_time", {}
     return None
 
