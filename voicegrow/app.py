@@ -109,6 +109,8 @@ async def serve(settings: Settings, worker: WorkerContext | None = None) -> int:
                     if signum == signal.SIGHUP:
                         if server.services.tls is not None:
                             server.services.tls.try_reload("SIGHUP")
+                        else:
+                            log.info("received SIGHUP: nothing to re-read (no TLS_CERT_FILE)")
                         continue
                     log.info("received %s: shutting down (grace %.0f s)", signal.Signals(signum).name,
                              settings.shutdown_grace_s)

@@ -100,6 +100,12 @@ class VoiceServer:
         try:
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(self.services.settings.handshake_timeout_s) as handshake:
+                    if isinstance(stream, trio.SSLStream):  # a client that speaks no TLS fails here, at once
+                        try:
+                            await stream.do_handshake()
+                        except trio.BrokenResourceError as exc:
+                            log.info("TLS handshake failed: %s", exc.__cause__ or exc)
+                            return
                     request = await wrap_server_stream(nursery, stream, message_queue_size=8,
                                                        max_message_size=self._max_message)
                 if not handshake.cancelled_caught:

@@ -161,7 +161,7 @@ class Turn:
         await self.link.send_event("announcement", {"text": announcement.text, **announcement.data}, self.turn_id)
 
         async def say(sentences: trio.MemorySendChannel[str]) -> None:
-            splitter = SentenceSplitter()
+            splitter = self._splitter()
             async with sentences:
                 for sentence in [*splitter.feed(announcement.text), *splitter.flush()]:
                     await self._emit_sentence(sentence, sentences)
@@ -169,7 +169,7 @@ class Turn:
         await self._speak(say)
 
     async def _llm_stage(self, messages: list[dict[str, str]], sentences: trio.MemorySendChannel[str]) -> None:
-        splitter = SentenceSplitter()
+        splitter = self._splitter()
         services = self.services
         metrics = services.metrics
         context = ToolContext(self.device_id, self.language, ZoneInfo(services.settings.tz), device=self.link)
@@ -201,6 +201,11 @@ class Turn:
                 spoken = apology(self.language)
                 await self.link.send_event("error_spoken", {"reason": exc.reason, "text": spoken}, self.turn_id)
                 await self._emit_sentence(spoken, sentences)
+
+    def _splitter(self) -> SentenceSplitter:
+        # A whole-sentence voice (the offline Mandarin one) asks for its own cutting: see tts.py.
+        splitter_options = getattr(self.services.tts, "splitter_options", None)
+        return SentenceSplitter(**(splitter_options(self.language) if splitter_options else {}))
 
     def _tools(self) -> Any:
         """The server's tools, plus the device's own (a xiaozhi board's MCP tools) if it has any."""
