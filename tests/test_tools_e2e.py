@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import trio
 
 from bench.fake_ai import FakeAiConfig, run_fake_ai
-from bench.xiaoai_emulator import run_emulator
+from bench.xiaoai_emulator import DEFAULT_SERIAL, run_emulator
 from tests.conftest import make_settings
 from voicegrow.app import running_server
 from voicegrow.audio import read_wav
@@ -118,14 +119,14 @@ async def test_a_timer_set_by_the_llm_fires_on_a_native_device_and_survives_a_re
             # Set another, and stop the server before it is due.
             async with open_native_client(server.ws_url, device_id="kitchen") as client:
                 frames = _Frames()
-                await client.send_control("text", {"text": "Set a timer for 4 seconds."})
+                await client.send_control("text", {"text": "Set a timer for 6 seconds."})
                 await _read_until(client, frames, _turns_ended(1))
         async with running_server(settings) as server:  # a new process, as far as timers go
             async with open_native_client(server.ws_url, device_id="kitchen") as client:
                 frames = _Frames()
                 await _read_until(client, frames, _announced())
             (_, announcement), = frames.events("announcement")
-            assert announcement.data["text"] == "Time's up! The timer for 4 seconds is done."
+            assert announcement.data["text"] == "Time's up! The timer for 6 seconds is done."
             assert frames.audio_bytes(announcement.turn_id) > 0
             await server.services.persistence.wait_delivered()
             async with httpx.AsyncClient(base_url=server.http_url) as http:
@@ -243,6 +244,7 @@ async def test_open_xiaoai_volume_and_a_timer_that_survives_a_restart(tmp_path, 
     async with run_fake_ai(fake) as ai:
         settings = make_settings(tmp_path, llm_base_url=ai.url, tts_base_url=ai.url, asr_preload="true")
         completed = lambda server: server.services.metrics.turns.labels("completed")._value.get()  # noqa: E731
+        device = "xiaoai-" + DEFAULT_SERIAL.replace("/", "_")
 
         async def wait_for(predicate: Callable[[], bool], timeout: float = 60) -> None:
             with trio.fail_after(timeout):
@@ -274,13 +276,14 @@ async def test_open_xiaoai_volume_and_a_timer_that_survives_a_restart(tmp_path, 
                 ai.config.tool_calls = [{"name": "set_timer", "arguments": {"seconds": 3}}]
                 await emu.stream_pcm(clip, realtime=False)
                 await wait_for(lambda: completed(server) == 4)
-                set_at, played = trio.current_time(), len(emu.played_pcm)
+                (timer,) = server.services.timers.pending(device)
+                played = len(emu.played_pcm)
                 await wait_for(lambda: completed(server) == 5, timeout=30)  # the reminder's own turn
-                assert trio.current_time() - set_at >= 2.0
+                assert time.time() >= timer.due_at  # not before it was due
                 await wait_for(lambda: len(emu.played_pcm) > played, timeout=10)
 
                 # Another, and the server goes away before it is due.
-                ai.config.tool_calls = [{"name": "set_timer", "arguments": {"seconds": 4}}]
+                ai.config.tool_calls = [{"name": "set_timer", "arguments": {"seconds": 8}}]
                 await emu.stream_pcm(clip, realtime=False)
                 await wait_for(lambda: completed(server) == 6)
         async with running_server(settings) as server:
@@ -289,5 +292,5 @@ async def test_open_xiaoai_volume_and_a_timer_that_survives_a_restart(tmp_path, 
                 await wait_for(lambda: completed(server) == 1, timeout=30)
                 await wait_for(lambda: len(emu.played_pcm) > 0, timeout=10)
             await server.services.persistence.wait_delivered()
-            timers = await server.services.persistence.list_timers("xiaoai-" + emu.serial.replace("/", "_"))
+            timers = await server.services.persistence.list_timers(device)
             assert [t["state"] for t in timers] == ["fired", "fired"]
