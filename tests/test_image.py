@@ -120,8 +120,11 @@ def run_spec(env: dict[str, str]) -> RunSpec:
     environment = service.get("environment") or {}
     if isinstance(environment, list):
         environment = dict(item.split("=", 1) for item in environment)
-    named_volumes = [v for v in service.get("volumes", []) if not str(v).startswith((".", "/"))]
-    assert len(named_volumes) == 1, f"expected one named data volume, got {named_volumes}"
+    # The data directory (DATA_DIR): a bind mount of the installed layout (./data/server:/data) or a
+    # named volume; this test gives the container a volume of its own at the same place.
+    data_dir = str(environment.get("DATA_DIR", "/data"))
+    named_volumes = [v for v in service.get("volumes", []) if str(v).split(":")[1] == data_dir]
+    assert len(named_volumes) == 1, f"expected one data mount at {data_dir}, got {service.get('volumes')}"
     check = service["healthcheck"]
     test = check["test"]
     health_cmd = test[1:] if test[0] == "CMD" else ["sh", "-c", test[1]]
