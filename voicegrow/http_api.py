@@ -105,7 +105,9 @@ def create_app(services: Services) -> QuartTrio:
     # Werkzeug answers '//' in a path with an HTML redirect; here it reaches the route (and its JSON 400).
     app.url_map.merge_slashes = False
     cors_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
-    public_paths = _PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set())
+    from voicegrow.xiaozhi_ota import OTA_PATHS, make_ota_blueprint
+
+    public_paths = _PUBLIC_PATHS | OTA_PATHS | ({"/metrics"} if settings.metrics_public else set())
 
     @app.before_request
     async def refuse_large_bodies() -> Response | None:
@@ -194,6 +196,7 @@ def create_app(services: Services) -> QuartTrio:
     from voicegrow.admin_api import make_data_blueprint
 
     app.register_blueprint(make_data_blueprint(services.persistence))
+    app.register_blueprint(make_ota_blueprint(services))
     return app
 
 
