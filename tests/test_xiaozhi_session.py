@@ -180,6 +180,7 @@ async def test_malformed_input_after_hello_is_answered_and_the_session_goes_on(t
         errors = _errors(server)
         assert errors["xiaozhi_truncated"] == 1 and errors["xiaozhi_bad_opus"] == 1
         # Still served: good Opus is taken.
+        await board.listen_start("auto")
         await board.stream_pcm(bytes(32000), realtime=False)
         await _wait_for(lambda: _count(metrics.audio_frames_received.labels("xiaozhi")) >= 16)
         assert board.connected
@@ -219,7 +220,7 @@ async def test_opus_up_is_decoded_in_every_framing_version(tmp_path, version) ->
         tone = (np.sin(np.arange(16000) * 2 * np.pi * 440 / 16000) * 8000).astype("<i2").tobytes()
         sent = await board.stream_pcm(tone, realtime=False)
         frames = server.services.metrics.audio_frames_received.labels("xiaozhi")
-        await _wait_for(lambda: _count(frames) == sent)
+        await _wait_for(lambda: _count(frames) >= sent)  # and the live microphone's silence after it
         assert _errors(server) == {}
 
 
