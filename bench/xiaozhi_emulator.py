@@ -256,24 +256,23 @@ class XiaozhiEmulator:
                                 for t in page]}
             if nxt < len(self.tools):
                 result["nextCursor"] = str(nxt)
-        elif method == "tools/call":
+        elif method == "tools/call":  # McpServer::ReplyError answers failures with a message, no code
             name, arguments = params.get("name"), params.get("arguments") or {}
             tool = next((t for t in self.tools if t.name == name), None)
             if tool is None:
-                await self._send_mcp({"jsonrpc": "2.0", "id": call_id,
-                                      "error": {"code": -32601, "message": f"Unknown tool: {name}"}})
+                await self._send_mcp({"jsonrpc": "2.0", "id": call_id, "error": {"message": f"Unknown tool: {name}"}})
                 return
             self.tool_calls.append((name, arguments))
             try:
                 value = tool.run(arguments)
             except ValueError as exc:
-                await self._send_mcp({"jsonrpc": "2.0", "id": call_id, "error": {"code": -32602, "message": str(exc)}})
+                await self._send_mcp({"jsonrpc": "2.0", "id": call_id, "error": {"message": str(exc)}})
                 return
             text = value if isinstance(value, str) else json.dumps(value)
             result = {"content": [{"type": "text", "text": text}], "isError": False}
         else:
             await self._send_mcp({"jsonrpc": "2.0", "id": call_id,
-                                  "error": {"code": -32601, "message": f"Method not implemented: {method}"}})
+                                  "error": {"message": f"Method not implemented: {method}"}})
             return
         await self._send_mcp({"jsonrpc": "2.0", "id": call_id, "result": result})
 
