@@ -27,7 +27,7 @@ import math
 import random
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -398,19 +398,29 @@ class Crowd:
         from bench.xiaoai_emulator import run_emulator
 
         talk = _Conversation(self, rng)
+
+        async def converse(emu: Any) -> None:
+            await emu.wait_for_request("start_recording", timeout=30)
+            await self._xiaoai_conversation(emu, talk, rng)
+
+        # The speakers here never listen to what they played: count it, keep none of it.
+        await self._keep_dialling("xiaoai", talk, lambda: run_emulator(
+            self.url, serial=f"bench-{self.run_id}-{index}", connect_timeout=30, keep_played_audio=False), converse)
+
+    async def _keep_dialling(self, protocol: str, talk: _Conversation, connect: Callable[[], Any],
+                             converse: Callable[[Any], Awaitable[None]]) -> None:
+        """Connect (``connect()`` is an async context manager), converse, and after a loss dial again;
+        counted as for native speakers."""
         while True:
             try:
-                # The speakers here never listen to what they played: count it, keep none of it.
-                async with run_emulator(self.url, serial=f"bench-{self.run_id}-{index}", connect_timeout=30,
-                                        keep_played_audio=False) as emu:
+                async with connect() as device:
                     self.stats.connects += 1
-                    self.connected["xiaoai"] += 1
+                    self.connected[protocol] += 1
                     try:
-                        await emu.wait_for_request("start_recording", timeout=30)
-                        await self._xiaoai_conversation(emu, talk, rng)
+                        await converse(device)
                     finally:
-                        self.connected["xiaoai"] -= 1
-            except Exception as exc:  # as for native speakers: counted, and the speaker dials again
+                        self.connected[protocol] -= 1
+            except Exception as exc:
                 self._lost(exc, talk)
                 await trio.sleep(1.0)
             self._redial(talk)
@@ -462,21 +472,14 @@ class Crowd:
         from bench.xiaozhi_emulator import run_xiaozhi_emulator
 
         talk = _Conversation(self, rng)
-        while True:
-            try:
-                async with run_xiaozhi_emulator(xiaozhi_url(self.url), device_id=f"bench-{self.run_id}-{index}",
-                                                mcp=False, keep_played_audio=False) as board:
-                    self.stats.connects += 1
-                    self.connected["xiaozhi"] += 1
-                    try:
-                        await board.listen_start("auto")  # the live microphone streams silence from here on
-                        await self._xiaozhi_conversation(board, talk)
-                    finally:
-                        self.connected["xiaozhi"] -= 1
-            except Exception as exc:  # as for the others: counted, and the board dials again
-                self._lost(exc, talk)
-                await trio.sleep(1.0)
-            self._redial(talk)
+
+        async def converse(board: Any) -> None:
+            await board.listen_start("auto")  # the live microphone streams silence from here on
+            await self._xiaozhi_conversation(board, talk)
+
+        await self._keep_dialling("xiaozhi", talk, lambda: run_xiaozhi_emulator(
+            xiaozhi_url(self.url), device_id=f"bench-{self.run_id}-{index}", mcp=False, keep_played_audio=False),
+            converse)
 
     async def _xiaozhi_conversation(self, board: Any, talk: _Conversation) -> None:
         frame_bytes = 2 * SAMPLE_RATE * 60 // 1000

@@ -202,12 +202,13 @@ class XiaozhiEmulator:
                 self.speaking = True
                 self.first_packet_at = None
             elif message.state == "stop":
-                self.speaking = False
-                # Speaking -> Listening (auto, realtime) sends listen start again; manual -> Idle.
+                # Speaking -> Listening (auto, realtime) sends listen start again, before the microphone
+                # reopens (the flag below reopens it); manual -> Idle.
                 if self.listening and self.mode != "manual":
                     await self.send(wire.Listen(state="start", mode=self.mode, session_id=self.session_id))
                 elif self.mode == "manual":
                     self.listening = False
+                self.speaking = False
         elif isinstance(message, wire.Mcp):
             await self._on_mcp(message.payload)
         self.messages.append(ReceivedMessage(now, message))
