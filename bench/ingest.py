@@ -61,28 +61,37 @@ async def _one_run(workers: int, args: argparse.Namespace, clips: Sequence[Clip]
         talker = Crowd(server.ws_url, utterances,
                        Behaviour(first_delay_s=(1.0, 2.0), gap_s=(args.gap_s, args.gap_s), xiaoai_share=0.0),
                        seed=1000 + workers)
-        async with trio.open_nursery() as nursery:
-            connected = await crowd.populate(nursery, args.speakers, ramp_s=args.ramp_s)
-            await trio.sleep(args.settle_s)  # the ramp's connect storm is not part of the figures
-            ramp = crowd.take_stats()
-            before, process_before, own_before = await server.metrics(), server.process(), own_cpu_s()
-            started = trio.current_time()
-            await talker.populate(nursery, 1, ramp_s=0.0)
-            while (left := started + args.duration - trio.current_time()) > 0:
-                await trio.sleep(min(1.0, left))
-                bar.update(1)
-            after, process_after, own_after = await server.metrics(), server.process(), own_cpu_s()
-            wall = trio.current_time() - started
-            real, background = talker.take_stats(), crowd.take_stats()
-            nursery.cancel_scope.cancel()
+        cut_off = 0
+        try:
+            async with trio.open_nursery() as nursery:
+                connected, measured = await _measure(nursery, server, crowd, talker, args, bar)
+                nursery.cancel_scope.cancel()
+        except* trio.TooSlowError as group:  # speakers still waiting for start_recording when the run ended
+            cut_off = len(group.exceptions)
         await wait_until_idle(server)
+    return {"workers": workers, "speakers": args.speakers, "connected": connected, **measured,
+            "crowd_cut_off_waiting": cut_off}
+
+
+async def _measure(nursery: trio.Nursery, server: Any, crowd: Crowd, talker: Crowd, args: argparse.Namespace,
+                   bar: Any) -> tuple[int, dict[str, Any]]:
+    """The crowd connects, settles; then the real speaker talks for the measured window."""
+    connected = await crowd.populate(nursery, args.speakers, ramp_s=args.ramp_s)
+    await trio.sleep(args.settle_s)  # the ramp's connect storm is not part of the figures
+    ramp = crowd.take_stats()
+    before, process_before, own_before = await server.metrics(), server.process(), own_cpu_s()
+    started = trio.current_time()
+    await talker.populate(nursery, 1, ramp_s=0.0)
+    while (left := started + args.duration - trio.current_time()) > 0:
+        await trio.sleep(min(1.0, left))
+        bar.update(1)
+    after, process_after, own_after = await server.metrics(), server.process(), own_cpu_s()
+    wall = trio.current_time() - started
+    real, background = talker.take_stats(), crowd.take_stats()
     figures = server_figures(before, after)
     rss = {dict(labels).get("worker", "?"): value for (name, labels), value in (after.samples.items() if after else ())
            if name == "voicegrow_worker_resident_memory_bytes"}
-    return {
-        "workers": workers,
-        "speakers": args.speakers,
-        "connected": connected,
+    return connected, {
         "duration_s": wall,
         "server": figures,
         "process": process_usage(process_before, process_after),
@@ -95,8 +104,9 @@ async def _one_run(workers: int, args: argparse.Namespace, clips: Sequence[Clip]
 
 async def run_ingest(args: argparse.Namespace, clips: Sequence[Clip]) -> dict[str, Any]:
     runs = []
-    with progress(len(args.workers) * int(args.duration), "ingest", "s") as bar:
-        for workers in args.workers:
+    order = [workers for _ in range(args.repeat) for workers in args.workers]  # interleaved: 1, 2, 1, 2 …
+    with progress(len(order) * int(args.duration), "ingest", "s") as bar:
+        for workers in order:
             bar.set_postfix_str(f"WORKERS={workers}")
             runs.append(await _one_run(workers, args, clips, bar))
     return {"runs": runs}
@@ -112,11 +122,14 @@ def render_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             fmt(proc.get("rss_mb")), " + ".join(fmt(v) for v in run["worker_rss_mb"].values()) or "–",
             fmt(srv.get("ingest_lag_p50_s"), 1, 1000),
             ("≥" if srv.get("ingest_lag_p99_beyond_histogram") else "") + fmt(srv.get("ingest_lag_p99_s"), 1, 1000),
-            fmt(srv.get("frames_dropped")), f"{real['replies']}/{real['utterances']}",
+            fmt(srv.get("frames_dropped")),
+            f"{run['crowd']['connect_failures'] + run['crowd']['dropped_connections'] + run['crowd_cut_off_waiting']}",
+            f"{real['replies']}/{real['utterances']}",
             fmt(latency["p50"], 2), fmt(latency["max"], 2), fmt(run["generator_cpu_cores"], 2),
         ])
     header = ["WORKERS", "crowd connected", "server CPU (cores)", "RSS MB (all)", "RSS MB per worker",
-              "ingest lag p50 ms", "ingest lag p99 ms", "frames dropped", "real speaker replies",
+              "ingest lag p50 ms", "ingest lag p99 ms", "frames dropped", "crowd speakers failed",
+              "real speaker replies",
               "real speaker latency p50 s", "max s", "generator CPU (cores)"]
     return "\n".join([
         f"## Ingest: {args.speakers} idle open-xiaoai speakers streaming + one talking speaker, "
@@ -146,10 +159,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ramp-s", type=float, default=15.0, help="seconds over which the crowd connects")
     parser.add_argument("--settle-s", type=float, default=5.0, help="seconds between the ramp and the measurement")
     parser.add_argument("--gap-s", type=float, default=2.0, help="the real speaker's pause after each reply")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the --workers sequence this many times, interleaved (a noisy machine drifts)")
     add_common_options(parser)
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.speakers < 1:
-        parser.error("--duration and --speakers must be positive")
+    if args.duration <= 0 or args.speakers < 1 or args.repeat < 1:
+        parser.error("--duration, --speakers and --repeat must be positive")
     return args
 
 

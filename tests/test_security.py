@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import shutil
 import ssl
@@ -21,13 +22,14 @@ import pytest
 import trio
 
 from tests.conftest import make_settings
+from tests.service_fixtures import free_port
 from tests.test_storage_behaviour import PCM_IN, delivered, make_turn
 from voicegrow import cli
 from voicegrow.admin_auth import TOKEN_FILE_NAME, AdminAuth, allowed_networks, ensure_admin_token
 from voicegrow.app import ServerHandle, running_server
 from voicegrow.audio import wav_bytes
 from voicegrow.auth_throttle import AuthThrottle
-from voicegrow.client import HandshakeFailed, open_native_client
+from voicegrow.client import ConnectFailed, HandshakeFailed, open_native_client
 from voicegrow.protocol.errors import ErrorCode
 from voicegrow.settings import ConfigError, load_settings
 from voicegrow.tls import CertificateStore
@@ -100,6 +102,18 @@ async def test_default_start_refuses_other_hosts_and_admits_the_token_and_localh
             assert again.status_code == 404 and again.json()["error"] == "not_found"  # erased a moment ago
 
 
+async def test_first_start_makes_the_token_and_says_where_once(tmp_path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="voicegrow.admin_auth"):
+        async with running_server(make_settings(tmp_path)) as server:
+            token = server.services.admin_auth.token
+        async with running_server(make_settings(tmp_path)) as server:
+            assert server.services.admin_auth.token == token  # the same token on the next start
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "voicegrow.admin_auth"]
+    path = str(tmp_path / "data" / TOKEN_FILE_NAME)
+    assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
+    assert all(path in message and token not in message for _, message in lines)  # where, never what
+
+
 async def test_generated_token_file_is_private_stable_and_shared_with_the_cli(tmp_path, monkeypatch, capsys) -> None:
     data_dir = tmp_path / "data"
     token = admin_token_from_cli(monkeypatch, capsys, data_dir)  # the CLI makes it when the server has not
@@ -114,6 +128,17 @@ async def test_generated_token_file_is_private_stable_and_shared_with_the_cli(tm
     path.write_text("short\n")
     with pytest.raises(ConfigError, match="admin token file"):
         ensure_admin_token(data_dir)
+
+
+def test_processes_starting_together_agree_on_one_token(tmp_path) -> None:
+    """WORKERS=N start at once: whoever creates the file, every one reads the same complete token."""
+    import concurrent.futures
+
+    with concurrent.futures.ProcessPoolExecutor(4) as pool:
+        results = list(pool.map(ensure_admin_token, [tmp_path / "data"] * 8))
+    assert len({token for token, _, _ in results}) == 1
+    assert sum(created for _, _, created in results) == 1
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [TOKEN_FILE_NAME]
 
 
 async def test_explicit_admin_token_makes_no_file_and_the_cli_prints_it(tmp_path, monkeypatch, capsys) -> None:
@@ -137,6 +162,18 @@ async def test_allowlist_is_exact_and_proxied_requests_need_the_token(tmp_path) 
             # A wrong token is refused even from an allowed address (a sign-in check means something).
             assert_refused(await allowed.get("/api/v1/sessions", headers={"Authorization": "Bearer nope"}),
                            401, "unauthorized")
+
+
+async def test_metrics_need_the_credential_unless_metrics_public(tmp_path) -> None:
+    for public in (False, True):
+        async with running_server(make_settings(tmp_path / str(public), metrics_public=public)) as server:
+            async with client_from(server, "127.0.0.2") as remote:
+                metrics = await remote.get("/metrics")
+                if public:
+                    assert metrics.status_code == 200 and "voicegrow_up" in metrics.text
+                else:
+                    assert_refused(metrics, 401, "unauthorized")
+                assert_refused(await remote.get("/api/v1/sessions"), 401, "unauthorized")  # the rest stays closed
 
 
 def test_admin_allow_from_and_tls_settings_are_validated() -> None:
@@ -274,6 +311,39 @@ async def test_native_device_guesses_are_throttled_per_address(tmp_path) -> None
         assert 'voicegrow_auth_refusals_total{protocol="native",reason="throttled"} 2.0' in metrics
 
 
+async def _close_code(url: str, headers: list[tuple[bytes, bytes]] | None = None) -> int | None:
+    from trio_websocket import ConnectionClosed, open_websocket_url
+
+    async with open_websocket_url(url, extra_headers=headers) as ws:
+        with trio.fail_after(10):
+            try:
+                while True:
+                    await ws.get_message()
+            except ConnectionClosed as closed:
+                return closed.reason.code
+    return None
+
+
+@pytest.mark.parametrize("protocol", ["xiaoai", "xiaozhi"])
+async def test_speaker_token_guesses_are_throttled(tmp_path, protocol: str) -> None:
+    """XIAOAI_TOKEN (in the URL) and XIAOZHI_TOKEN (a bearer header) share the lock-out."""
+    def attempt(token: str) -> tuple[str, list[tuple[bytes, bytes]] | None]:
+        if protocol == "xiaoai":
+            return f"{server.ws_url}/?token={token}", None
+        return f"{server.ws_url}/xiaozhi/v1/", [(b"Authorization", f"Bearer {token}".encode()),
+                                                (b"Device-Id", b"aa:bb:cc:dd:ee:ff"), (b"Protocol-Version", b"1")]
+
+    settings = make_settings(tmp_path, auth_max_failures=2, **{f"{protocol}_token": "s3cret-speaker"})
+    async with running_server(settings) as server:
+        assert await _close_code(*attempt("guess-1")) == 4403
+        assert await _close_code(*attempt("guess-2")) == 4403  # the second guess locks
+        assert await _close_code(*attempt("s3cret-speaker")) == 4403  # locked: the right one too
+        metrics = server.services.metrics
+        assert metrics.auth_refusals.labels(protocol, "throttled")._value.get() == 1
+        assert metrics.auth_refusals.labels(protocol, "bad_token")._value.get() == 2
+        assert server.services.auth_throttle.retry_after("127.0.0.1") is not None
+
+
 # -- 4. security headers ------------------------------------------------------------------------------
 
 async def test_security_headers_on_every_response(tmp_path) -> None:
@@ -357,8 +427,15 @@ async def test_speaker_session_and_http_over_tls_and_a_renewed_certificate(tmp_p
     live_cert, live_key = tmp_path / "live.crt", tmp_path / "live.key"
     shutil.copy(cert, live_cert)
     shutil.copy(key, live_key)
-    async with running_server(make_settings(tmp_path, tls_cert_file=live_cert, tls_key_file=live_key)) as server:
+    settings = make_settings(tmp_path, tls_cert_file=live_cert, tls_key_file=live_key, handshake_timeout_s=60)
+    async with running_server(settings) as server:
         assert server.ws_url.startswith("wss://") and server.http_url.startswith("https://")
+        # A client that speaks no TLS is closed at once, not kept until the 60 s handshake deadline.
+        plain = await trio.open_tcp_stream("127.0.0.1", server.ws_port)
+        await plain.send_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+        with trio.fail_after(30):
+            assert await plain.receive_some(1024) == b""
+        await plain.aclose()
         async with open_native_client(server.ws_url, device_id="tls-speaker", ssl_context=trusting(cert)) as speaker:
             assert speaker.hello_ack.session_id
             await speaker.send_audio(b"\0\0" * 640)
@@ -367,8 +444,8 @@ async def test_speaker_session_and_http_over_tls_and_a_renewed_certificate(tmp_p
             health = await https.get("/api/v1/health")
             assert health.status_code == 200 and served_common_name(health) == "first certificate"
             assert (await https.get("/api/v1/sessions")).status_code == 200  # localhost over TLS: admin works
-        with pytest.raises(Exception):  # plain ws:// to a TLS port gets no session
-            async with open_native_client(server.ws_url.replace("wss://", "ws://"), connect_timeout_s=3):
+        with pytest.raises(ConnectFailed):  # plain ws:// to a TLS port gets no session
+            async with open_native_client(server.ws_url.replace("wss://", "ws://"), connect_timeout_s=1):
                 pass
 
         # A half-renewed pair (new certificate, old key) is refused and the old one stays in service.
@@ -390,9 +467,59 @@ async def test_speaker_session_and_http_over_tls_and_a_renewed_certificate(tmp_p
             assert served_common_name(await https.get("/api/v1/health")) == "second certificate"
         async with open_native_client(server.ws_url, ssl_context=trusting(new_cert)) as speaker:
             assert speaker.hello_ack.session_id
-        with pytest.raises(Exception):  # the old certificate is no longer what the speaker port serves
-            async with open_native_client(server.ws_url, ssl_context=trusting(cert), connect_timeout_s=3):
+        with pytest.raises(ConnectFailed):  # the old certificate is no longer what the speaker port serves
+            async with open_native_client(server.ws_url, ssl_context=trusting(cert), connect_timeout_s=1):
                 pass
+
+
+def test_serve_rereads_the_certificate_on_sighup(tmp_path) -> None:
+    """``voicegrow serve`` with TLS: SIGHUP swaps the certificate at once and the server keeps serving."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    first, first_key = make_certificate(tmp_path, "first", "first certificate")
+    second, second_key = make_certificate(tmp_path, "second", "second certificate")
+    live_cert, live_key = tmp_path / "live.crt", tmp_path / "live.key"
+    shutil.copy(first, live_cert)
+    shutil.copy(first_key, live_key)
+    ports = [free_port(), free_port()]
+    env = {**os.environ, "WS_PORT": str(ports[0]), "HTTP_PORT": str(ports[1]), "SERVER_HOST": "127.0.0.1",
+           "DATA_DIR": str(tmp_path / "data"), "ASR_MODEL_SIZE": "base", "ASR_PRELOAD": "false",
+           "SHUTDOWN_GRACE_S": "1", "LOG_FORMAT": "text", "TLS_CERT_FILE": str(live_cert),
+           "TLS_KEY_FILE": str(live_key)}
+    for key in [k for k in env if k.startswith(("MYSQL_", "REDIS_", "MINIO_", "LLM_", "TTS_", "ADMIN_"))]:
+        del env[key]
+    proc = subprocess.Popen([sys.executable, "-m", "voicegrow", "--env-file", "/nonexistent", "serve"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def common_name(cert: Path) -> str | None:
+        try:
+            with httpx.Client(verify=trusting(cert), timeout=2) as http:
+                response = http.get(f"https://127.0.0.1:{ports[1]}/api/v1/health")
+                return served_common_name(response) if response.status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+
+    try:
+        deadline = time.monotonic() + 60
+        while common_name(first) != "first certificate":
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up over TLS"
+            time.sleep(0.2)
+        shutil.copy(second, live_cert)
+        shutil.copy(second_key, live_key)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while common_name(second) != "second certificate":
+            assert proc.poll() is None and time.monotonic() < deadline, "no new certificate after SIGHUP"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "TLS certificate reloaded (SIGHUP)" in proc.stdout.read()
 
 
 def test_a_bad_certificate_pair_fails_start_up_naming_the_variables(tmp_path) -> None:
@@ -406,3 +533,15 @@ def test_a_bad_certificate_pair_fails_start_up_naming_the_variables(tmp_path) ->
     with pytest.raises(ConfigError, match="TLS_CERT_FILE"):
         CertificateStore(tmp_path / "garbage.crt", other_key)
     assert os.path.exists(cert)
+
+
+def test_talk_refuses_an_unusable_cafile(tmp_path, capsys) -> None:
+    from voicegrow import talk
+    from voicegrow.audio import write_wav
+
+    clip = tmp_path / "clip.wav"
+    write_wav(clip, b"\0\0" * 1600, 16000)
+    (tmp_path / "not-a-cert.pem").write_text("garbage")
+    for cafile in (tmp_path / "missing.pem", tmp_path / "not-a-cert.pem"):
+        assert talk.main(["--url", "wss://127.0.0.1:1/", "--wav", str(clip), "--cafile", str(cafile)]) == 2
+        assert "--cafile" in capsys.readouterr().err

@@ -16,7 +16,7 @@ def test_defaults_match_the_deployment_document() -> None:
     assert (s.server_host, s.ws_port, s.http_port, s.debug, s.log_level, s.workers) == (
         "0.0.0.0", 4399, 8000, False, "INFO", 1)
     assert (s.asr_model_size, s.asr_device, s.asr_compute_type, s.asr_language, s.asr_timeout) == (
-        "small", "cpu", "int8", "zh", 30.0)
+        "small", "cpu", "int8", "auto", 30.0)
     assert (s.tts_voice_zh, s.tts_voice_en, s.tts_speaking_rate, s.tts_pitch, s.tts_timeout) == (
         "zh-CN-Neural2-C", "en-US-Neural2-C", 0.9, 0.0, 30.0)
     assert (s.llm_model, s.llm_max_tokens, s.llm_temperature, s.llm_timeout) == (

@@ -11,9 +11,10 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
-import time
+import types
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ import trio
 from voicegrow.client import ConnectionClosed, NativeClient, open_native_client
 from voicegrow.protocol.native import Ping, Pong
 from voicegrow.storage.sqlite_state import SQLiteState
+from voicegrow.streaming.registry import SessionInfo, SessionRegistry
+from voicegrow.workers.control import Box, ControlServer, LocalWorker
 from voicegrow.workers.listeners import bind_shared, reuse_port_supported
 
 START_TIMEOUT_S = 90  # two interpreters importing the server on two shared cores
@@ -68,10 +71,64 @@ async def test_sqlite_state_is_shared_between_workers(tmp_path: Path) -> None:
         await second.aclose()
 
 
+class _StubServices:
+    """What LocalWorker reads of the services: a registry, the ASR's health, whether it accepts."""
+
+    def __init__(self) -> None:
+        self.registry = SessionRegistry()
+        self.accepting = True
+        self.uptime_s = 1.0
+        self.asr = types.SimpleNamespace(health=lambda: {"status": "ok", "model": "base"})
+
+
+async def test_box_answers_for_every_worker_and_says_which_did_not(tmp_path: Path) -> None:
+    here, there = _StubServices(), _StubServices()
+    here.registry.add(SessionInfo("s-here", "127.0.0.1:1000", protocol="native", device_id="hall"))
+    closed: list[tuple[int, str]] = []
+    there_info = SessionInfo("s-there", "127.0.0.1:2000", protocol="xiaoai", device_id="kitchen")
+    there_info.request_close = lambda code, reason: closed.append((code, reason))
+    there.registry.add(there_info)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ControlServer(LocalWorker(there, index=1), tmp_path / "worker-1.sock").run)
+        box = Box(LocalWorker(here, index=0), {1: tmp_path / "worker-1.sock", 2: tmp_path / "worker-2.sock"},
+                  timeout_s=1.0)
+        items, missing = await box.sessions()
+        assert {(s["session_id"], s["worker"]) for s in items} == {("s-here", 0), ("s-there", 1)}
+        assert missing == [2]  # worker 2 is not running: the answer is partial and says so
+        workers = await box.workers()
+        assert [(w["worker"], w["status"]) for w in workers] == [(0, "ok"), (1, "ok"), (2, "down")]
+        assert workers[1]["sessions"] == 1 and workers[1]["pid"] == os.getpid()
+        assert await box.close_session("s-there") and closed == [(1000, "closed by an administrator")]
+        assert not await box.close_session("s-nowhere")
+        nursery.cancel_scope.cancel()
+    assert not (tmp_path / "worker-1.sock").exists()
+
+
+async def test_spool_of_a_worker_beyond_workers_is_delivered(tmp_path: Path) -> None:
+    """WORKERS lowered from 2 to 1: what worker 1 left spooled reaches the records all the same."""
+    from tests.conftest import make_settings
+    from voicegrow.storage.persistence import Persistence
+    from voicegrow.storage.spool import Spool
+
+    settings = make_settings(tmp_path)
+    left = Spool(Path(settings.data_dir) / "spool" / "worker-1" / "mysql")
+    await left.open()
+    await left.append({"op": "device_seen", "device_id": "attic", "info": {"protocol": "xiaoai"}, "seen_at": 1.0})
+    persistence = Persistence.from_settings(settings, retry_initial_s=0.05, probe_interval_s=0.2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(persistence.run)
+        with trio.fail_after(10):
+            while not (await persistence.list_devices()).items:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert [d["device_id"] for d in (await persistence.list_devices()).items] == ["attic"]
+    assert not list((Path(settings.data_dir) / "spool" / "worker-1" / "mysql").glob("*.rec"))
+
+
 # -- the server as a subprocess ---------------------------------------------------------------------------------
 
 
-class Box:
+class ServedBox:
     def __init__(self, proc: subprocess.Popen[bytes], log: Path, ws_port: int, http_port: int) -> None:
         self.proc, self.log = proc, log
         self.ws_url = f"ws://127.0.0.1:{ws_port}"
@@ -120,8 +177,8 @@ def _serve(tmp_path: Path, **extra: str) -> Iterator[tuple[subprocess.Popen[byte
 
 
 @contextlib.asynccontextmanager
-async def running_box(tmp_path: Path) -> AsyncIterator[Box]:
-    with _serve(tmp_path) as (proc, log):
+async def running_box(tmp_path: Path, **extra: str) -> AsyncIterator[ServedBox]:
+    with _serve(tmp_path, **extra) as (proc, log):
         ports = None
         with trio.fail_after(START_TIMEOUT_S):
             while ports is None:
@@ -131,13 +188,13 @@ async def running_box(tmp_path: Path) -> AsyncIterator[Box]:
                         entry = json.loads(line)
                         ports = entry["ws_port"], entry["http_port"]
                 await trio.sleep(0.1)
-        box = Box(proc, log, *ports)
+        box = ServedBox(proc, log, *ports)
         async with box.http:
             await box.wait_workers_ok()
             yield box
 
 
-async def _connect_until_both_workers(box: Box, stack: contextlib.AsyncExitStack,
+async def _connect_until_both_workers(box: ServedBox, stack: contextlib.AsyncExitStack,
                                       clients: dict[str, NativeClient], *, want: set[int] = frozenset({0, 1}),
                                       prefix: str = "speaker") -> dict[str, int]:
     """Speakers connect until the kernel has spread them over every worker in ``want``; device → worker."""
@@ -187,6 +244,12 @@ async def test_two_workers_one_view_and_sigterm_drains_both(tmp_path: Path) -> N
                     break
                 await trio.sleep(0.2)
 
+        box.proc.send_signal(signal.SIGHUP)  # passed on to the workers, which take it and keep serving
+        with trio.fail_after(10):
+            while box.output().count("received SIGHUP") < 2:
+                await trio.sleep(0.05)
+        assert [w["pid"] for w in (await box.detail())["workers"]] == [w["pid"] for w in detail["workers"]]
+
         box.proc.send_signal(signal.SIGTERM)
         with trio.fail_after(15):
             for device, client in clients.items():  # every speaker, on both workers, is told goodbye
@@ -222,9 +285,69 @@ async def test_killed_worker_is_replaced_and_the_other_is_untouched(tmp_path: Pa
             assert await _alive(clients[device], 100 + nonce)
         assert "worker 1 (pid %d) exited with status -9" % before[1]["pid"] in box.output()
 
+        # An admin action reaches the session whichever worker holds it and whichever takes the request.
+        listing = (await box.sessions())["sessions"]
+        for worker in (0, 1):
+            target = next(s for s in listing if s["worker"] == worker)
+            response = await box.http.delete(f"/api/v1/sessions/{target['session_id']}")
+            assert response.status_code == 202 and response.json()["closing"] is True
+            with trio.fail_after(10), pytest.raises(ConnectionClosed):
+                while True:
+                    await clients[target["device_id"]].next_frame()
+            with trio.fail_after(10):
+                while target["session_id"] in {s["session_id"] for s in (await box.sessions())["sessions"]}:
+                    await trio.sleep(0.05)
+        missing = await box.http.delete("/api/v1/sessions/no-such-session")
+        assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+
         box.proc.send_signal(signal.SIGTERM)
         with trio.fail_after(15):
             while box.proc.poll() is None:
                 await trio.sleep(0.05)
     assert box.proc.returncode == 0, box.output()[-3000:]
     assert placed  # (the first speakers reached both workers)
+
+
+async def test_a_speaker_that_lands_on_the_other_worker_continues_its_conversation(tmp_path: Path,
+                                                                                  audio_fixtures: Path) -> None:
+    """Embedded stores, no Redis: turn one on one worker, reconnect until the other takes the speaker,
+    turn two there; the history the second worker saved holds both turns, so it had read the first."""
+    from bench.fake_ai import FakeAiConfig, run_fake_ai
+    from voicegrow.audio import read_wav
+    from voicegrow.client import stream_wav_and_collect
+
+    def clip(name: str) -> bytes:
+        samples, _ = read_wav(audio_fixtures / f"{name}.wav")
+        return samples.astype("<i2").tobytes()
+
+    async with run_fake_ai(FakeAiConfig(ttft_ms=50, tokens_per_s=200, tts_ms_per_char=5)) as ai, \
+            running_box(tmp_path, LLM_BASE_URL=ai.url, TTS_BASE_URL=ai.url, ASR_LANGUAGE="en") as box:
+        transcripts, workers = [], []
+        for name in ("en-00", "en-01"):
+            for _ in range(24):  # until the kernel hands this connection to a worker not used yet
+                async with open_native_client(box.ws_url, device_id="den") as client:
+                    listing = (await box.sessions())["sessions"]
+                    worker = next(s["worker"] for s in listing if s["device_id"] == "den")
+                    if worker in workers:
+                        continue
+                    result = await stream_wav_and_collect(client, clip(name), speed=2.0, timeout_s=90)
+                assert result.transcript, result
+                transcripts.append(result.transcript)
+                workers.append(worker)
+                break
+        assert sorted(workers) == [0, 1]
+        with trio.fail_after(10):
+            while True:
+                with sqlite3.connect(tmp_path / "data" / "state.sqlite3") as db:
+                    row = db.execute("SELECT value FROM live_state WHERE kind = 'history' AND device_id = 'den'"
+                                     ).fetchone()
+                said = [m["content"] for m in json.loads(row[0]) if m["role"] == "user"] if row else []
+                if len(said) == 2:
+                    break
+                await trio.sleep(0.1)
+        assert said == transcripts
+        box.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            while box.proc.poll() is None:
+                await trio.sleep(0.05)
+    assert box.proc.returncode == 0

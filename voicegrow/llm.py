@@ -448,7 +448,7 @@ def _time_answer(now: datetime, lang: str) -> str:
         elif now.hour >= 18:
             period = "晚上"
         hour12 = now.hour % 12 or 12
-        return (f"现在是{period}{hour12}点{now.minute:02d}分，"
+        return (f"现在是{period}{hour12}点{now.minute:02d}分。"  # a short first sentence: spoken sooner
                 f"今天是{now.year}年{now.month}月{now.day}日，星期{_WEEKDAYS_ZH[now.weekday()]}。")
     hour12 = now.hour % 12 or 12
     suffix = "AM" if now.hour < 12 else "PM"

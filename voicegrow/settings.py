@@ -93,7 +93,7 @@ class Settings:
     asr_device: str = _field("cpu", str, choices=("cpu", "cuda", "auto"))
     asr_compute_type: str = _field(
         "int8", str, choices=("int8", "int8_float16", "int8_float32", "float16", "float32", "default"))
-    asr_language: str = _field("zh", str)
+    asr_language: str = _field("auto", str)  # auto: Chinese or English, per utterance
     asr_timeout: float = _field(30.0, float, low=0.1, high=3600)
     asr_workers: int = _field(1, int, low=1, high=64)
     asr_cpu_threads: int = _field(0, int, low=0, high=256)  # 0: let CTranslate2 decide
@@ -123,6 +123,10 @@ class Settings:
     tts_pitch: float = _field(0.0, float, low=-20.0, high=20.0)
     tts_timeout: float = _field(30.0, float, low=0.1, high=3600)
     tts_lead_ms: int = _field(200, int, low=0, high=5000)
+    tts_normalize_remote: bool = _field(False, bool)  # send "七点半", not "7:30", to TTS_BASE_URL too
+    tts_offline_voice_zh: str = _field("jf_nezumi", str, choices=(
+        "jf_nezumi", "jm_kumo", "jf_alpha", "jf_gongitsune", "jf_tebukuro"))
+    tts_workers: int = _field(1, int, low=1, high=64)  # offline sentences synthesized at once
 
     # -- LLM
     llm_base_url: str = _field("", str)

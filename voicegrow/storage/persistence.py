@@ -26,7 +26,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,7 +37,7 @@ from voicegrow.audio import wav_bytes
 from voicegrow.metrics import Metrics
 from voicegrow.settings import Settings
 from voicegrow.storage.blobs import BlobStore, LocalBlobs, S3Blobs
-from voicegrow.storage.errors import BackendUnavailable, SpoolError
+from voicegrow.storage.errors import BackendUnavailable, SpoolError, SpoolLockedError
 from voicegrow.storage.health import ComponentHealth
 from voicegrow.storage.mysql import MySQLStore
 from voicegrow.storage.records import (
@@ -64,7 +64,9 @@ class Persistence:
                  replica_id: str, session_ttl_s: int = 86400, metrics: Metrics | None = None,
                  retry_initial_s: float = 0.5, retry_max_s: float = 10.0, probe_interval_s: float = 5.0,
                  state_timeout_s: float = 0.5, startup_timeout_s: float = 10.0, delete_wait_s: float = 10.0,
-                 max_attempts: int = 5, fsync: bool = True) -> None:
+                 max_attempts: int = 5, fsync: bool = True, orphan_spools: Sequence[Path] = ()) -> None:
+        """``orphan_spools``: spool directories of worker indexes that no longer run (WORKERS was
+        lowered); :meth:`run` delivers what they hold, then leaves them empty."""
         self.records = records
         self.state = state
         self.blobs = blobs
@@ -78,6 +80,7 @@ class Persistence:
         timing = dict(retry_initial_s=retry_initial_s, retry_max_s=retry_max_s,
                       probe_interval_s=probe_interval_s, max_attempts=max_attempts)
         self._probe_interval_s = probe_interval_s
+        self._timing, self._fsync, self._orphan_spools = timing, fsync, list(orphan_spools)
         self._writers: dict[str, SpoolWriter] = {}
         for name, sink in (("mysql", records), ("minio", blobs)):
             spool = Spool(self.spool_dir / name, fsync=fsync)
@@ -100,8 +103,12 @@ class Persistence:
         state goes to ``{DATA_DIR}/state.sqlite3``, which all workers share, instead of process memory.
         """
         data_dir = Path(settings.data_dir)
+        orphans: list[Path] = []
         if spool_dir is None:
             spool_dir = data_dir / "spool" if not worker else data_dir / "spool" / f"worker-{worker}"
+            if not worker:  # the first (or only) process adopts the spools of workers beyond WORKERS
+                orphans = [p for p in (data_dir / "spool").glob("worker-*")
+                           if p.name[7:].isdigit() and int(p.name[7:]) >= settings.workers]
         records: SqlStore
         if settings.mysql_host:
             records = MySQLStore(host=settings.mysql_host, port=settings.mysql_port, user=settings.mysql_user,
@@ -130,7 +137,7 @@ class Persistence:
         if worker is not None:
             replica_id += f"/worker-{worker}"
         return cls(records=records, state=state, blobs=blobs, spool_dir=Path(spool_dir), replica_id=replica_id,
-                   session_ttl_s=settings.session_ttl_s, metrics=metrics, **tuning)
+                   session_ttl_s=settings.session_ttl_s, metrics=metrics, orphan_spools=orphans, **tuning)
 
     # -- lifetime
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -152,6 +159,8 @@ class Persistence:
                 for writer in self._writers.values():
                     nursery.start_soon(writer.run)
                 nursery.start_soon(self._watch_state)
+                for orphan in self._orphan_spools:
+                    nursery.start_soon(self._deliver_orphan, orphan)
                 self._running = True
                 task_status.started()
         finally:
@@ -159,6 +168,27 @@ class Persistence:
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 for closable in (self.records, self.blobs, self.state):
                     await closable.aclose()
+            lock.close()
+
+    async def _deliver_orphan(self, root: Path) -> None:
+        """Deliver a spool that no running worker owns, then let it go (a live worker's is locked)."""
+        try:
+            lock = await trio.to_thread.run_sync(lock_directory, root)
+        except SpoolLockedError:
+            return
+        try:
+            for name, sink in (("mysql", self.records), ("minio", self.blobs)):
+                spool = Spool(root / name, fsync=self._fsync)
+                await spool.open()
+                if not len(spool):
+                    continue
+                log.info("delivering %d %s records left by %s", len(spool), name, root.name)
+                writer = SpoolWriter(spool, sink, self._writers[name].health, **self._timing)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(writer.run)
+                    await spool.wait_empty()
+                    nursery.cancel_scope.cancel()
+        finally:
             lock.close()
 
     def _healths(self) -> list[ComponentHealth]:
@@ -276,10 +306,10 @@ class Persistence:
         return Page(items, encode_cursor((items[-1]["device_id"],)) if more else None)
 
     async def list_turns(self, device_id: str | None = None, since: float | None = None, limit: int = 50,
-                         cursor: str | None = None) -> Page:
-        """Newest first."""
+                         cursor: str | None = None, text: str | None = None) -> Page:
+        """Newest first; ``text``: only turns whose transcript or reply contains it."""
         after = decode_cursor(cursor, (float, str)) if cursor else None
-        items, more = await (await self._records_ready()).list_turns(device_id, since, limit, after)
+        items, more = await (await self._records_ready()).list_turns(device_id, since, limit, after, text)
         last = items[-1] if items else None
         return Page(items, encode_cursor((last["started_at"], last["turn_id"])) if more and last else None)
 

@@ -134,7 +134,9 @@ class Turn:
             self.outcome = "completed"
 
     async def _llm_stage(self, messages: list[dict[str, str]], sentences: trio.MemorySendChannel[str]) -> None:
-        splitter = SentenceSplitter()
+        # A whole-sentence voice (the offline Mandarin one) asks for its own cutting: see tts.py.
+        splitter_options = getattr(self.services.tts, "splitter_options", None)
+        splitter = SentenceSplitter(**(splitter_options(self.language) if splitter_options else {}))
         metrics = self.services.metrics
         async with sentences:
             try:

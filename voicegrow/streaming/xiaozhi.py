@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from voicegrow.auth_throttle import address_key
 from voicegrow.logsetup import device_id_var
 from voicegrow.opus import OpusDecoder, OpusEncoder, OpusError
 from voicegrow.protocol import xiaozhi as wire
@@ -206,8 +207,14 @@ class XiaozhiSession:
 
     async def run(self) -> None:
         self.info.protocol = "xiaozhi"
+        throttle, address = self.services.auth_throttle, address_key(self.host)
+        if self.access.token and throttle.retry_after(address) is not None:
+            await self._refuse(CLOSE_AUTH_FAILED, "throttled")
+            return
         refusal = self.access.refusal(self.authorization, self.device_id, self.client_id, self.host)
         if refusal is not None:
+            if refusal[1] == "bad_token":  # a guess at XIAOZHI_TOKEN counts towards this address's lock-out
+                throttle.failed(address, self.authorization or "")
             await self._refuse(*refusal)
             return
         async with self.connection.running(self.info) as nursery:

@@ -3,7 +3,8 @@
 Each worker serves a control socket, a Unix socket in the supervisor's private run directory: one
 JSON request per connection, one JSON answer, then the connection closes. The HTTP handlers ask the
 :class:`Box`; it answers for its own process directly and asks the other workers through their
-sockets, all at once, each within a short deadline. A worker that is restarting makes an answer
+sockets, all at once, each within a short deadline (2 s: a worker whose event loop is that late
+is as good as down). A worker that is restarting makes an answer
 partial (and the answer says which worker is missing), never slow and never an error.
 
 With ``WORKERS=1`` the box has no peers and is only this process.
@@ -154,7 +155,7 @@ async def ask(path: Path, request: dict[str, Any], timeout_s: float) -> dict[str
 class Box:
     """Every worker of this box: this one directly, the others over their control sockets."""
 
-    def __init__(self, local: LocalWorker, peers: dict[int, Path] | None = None, *, timeout_s: float = 1.0) -> None:
+    def __init__(self, local: LocalWorker, peers: dict[int, Path] | None = None, *, timeout_s: float = 2.0) -> None:
         self.local = local
         self.peers = dict(peers or {})
         self.timeout_s = timeout_s

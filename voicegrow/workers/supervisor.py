@@ -60,10 +60,15 @@ class Supervisor:
         sockets: list[socket.socket] = []
         parent_r, parent_w = os.pipe()
         try:
-            ws = bind_shared(s.server_host, s.ws_port, self.count)
-            sockets.extend(ws)
-            http = bind_shared(s.server_host, s.http_port, self.count)
-            sockets.extend(http)
+            try:
+                ws = bind_shared(s.server_host, s.ws_port, self.count)
+                sockets.extend(ws)
+                http = bind_shared(s.server_host, s.http_port, self.count)
+                sockets.extend(http)
+            except OSError as exc:
+                log.error("supervisor: cannot listen on %s (WS_PORT %d, HTTP_PORT %d): %s", s.server_host or "*",
+                          s.ws_port, s.http_port, exc)
+                return 1
             ws_port, http_port = ws[0].getsockname()[1], http[0].getsockname()[1]
             log.info("supervisor: %d workers on WebSocket port %d and HTTP port %d (%s)", self.count, ws_port,
                      http_port, "SO_REUSEPORT" if reuse_port_supported() else "one shared socket",
