@@ -201,7 +201,7 @@ def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
 
     from voicegrow.admin_api import make_data_blueprint
 
-    app.register_blueprint(make_data_blueprint(services.persistence))
+    app.register_blueprint(make_data_blueprint(services.persistence, timers=services.timers))
     app.register_blueprint(make_ota_blueprint(services))
     app.register_blueprint(make_web_blueprint(services, voice_server=voice_server))
     return app

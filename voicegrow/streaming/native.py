@@ -55,6 +55,12 @@ class NativeLink:
     async def interrupt(self, turn_id: int) -> None:
         self._outbox.drop_audio_through(turn_id)
 
+    async def set_volume(self, level: int) -> None:
+        """The ``volume`` event (docs/protocol.md): the device sets its speaker to ``level`` percent."""
+        if type(level) is not int or not 0 <= level <= 100:
+            raise ValueError(f"volume {level!r} is not an integer from 0 to 100")
+        await self.send_event("volume", {"level": level}, 0)
+
 
 #: Audio a device may send ahead of the MAX_AUDIO_RATE allowance (a buffered start after a reconnect).
 _AUDIO_BURST_S = 3.0
@@ -210,7 +216,11 @@ class NativeSession:
                 last_ts = frame.timestamp_ms
                 ingest_lag.observe(lag_meter.observe(trio.current_time(), sent_at_s))
             elif isinstance(frame, wire.Control):
-                await self._on_control(frame, voice)
+                try:
+                    await self._on_control(frame, voice)
+                except ProtocolError as exc:
+                    await self._fail(exc)
+                    return
             elif isinstance(frame, wire.Ping):
                 await self.outbox.put(wire.encode(wire.Pong(nonce=frame.nonce)))
             elif isinstance(frame, wire.Close):
@@ -224,6 +234,11 @@ class NativeSession:
             await voice.end_of_speech()
         elif frame.event == "listen_start":
             await voice.wake()
+        elif frame.event == "text":
+            text = frame.data.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise ProtocolError(ErrorCode.BAD_PAYLOAD, "a text event needs a non-empty string in data.text")
+            await voice.text_input(text.strip())
         else:
             log.debug("ignoring control event %r", frame.event)
 
