@@ -8,6 +8,7 @@ conversation use real VAD and Whisper with the fake LLM/TTS service of ``bench``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -259,6 +260,27 @@ async def test_a_chinese_question_as_opus_is_heard_and_answered_in_opus(tmp_path
         assert board.server_audio.sample_rate == 24000 and rms_dbfs(reply) > -40
         reply_text = "".join(sentences)
         assert len(reply) / 24000 == pytest.approx(len(reply_text) * 0.015, rel=0.2, abs=0.2)
+
+
+@pytest.mark.slow
+async def test_the_llm_calls_the_boards_own_tool(tmp_path, audio_fixtures, manifest) -> None:
+    entry = next(e for e in manifest if e["id"] == "zh-00")
+    fake = dataclasses.replace(SHORT_REPLIES, tool_calls=[
+        {"name": "device__self_audio_speaker_set_volume", "arguments": {"volume": 30}}])
+    async with _server_with_fake_ai(tmp_path, fake, llm_tools="true") as (server, ai), \
+            run_xiaozhi_emulator(_board_url(server)) as board:
+        (session,) = list(server.services.registry)
+        with trio.fail_after(10):
+            await session.device_tools.ready.wait()
+        await board.listen_start("auto")
+        await board.stream_pcm(_clip(audio_fixtures, entry), realtime=False)
+        await board.wait_for_tts("stop", timeout=60)
+        assert board.tool_calls == [("self.audio_speaker.set_volume", {"volume": 30})] and board.state["volume"] == 30
+        chats = [r["body"] for r in ai.requests if r["path"].endswith("/chat/completions")]
+        offered = {t["function"]["name"] for t in chats[0]["tools"]}
+        assert {"device__self_get_device_status", "device__self_audio_speaker_set_volume"} <= offered
+        assert chats[-1]["messages"][-1] == {"role": "tool", "tool_call_id": chats[-1]["messages"][-1]["tool_call_id"],
+                                             "content": "true"}
 
 
 @pytest.mark.slow
