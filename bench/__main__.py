@@ -1,4 +1,4 @@
-"""``python -m bench COMMAND``: latency, load, asr, soak."""
+"""``python -m bench COMMAND``: latency, load, asr, soak, ingest."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ COMMANDS = {
     "load": "bench.load",
     "asr": "bench.asr",
     "soak": "bench.soak",
+    "ingest": "bench.ingest",
 }
 
 

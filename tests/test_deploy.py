@@ -4,8 +4,7 @@ a fake ``mc``; in docker mode against a fake ``docker`` that records the calls a
 ``compose exec mysql`` commands on this host, as the mysql container would.
 
 External tools: shellcheck, nginx and openssl (Debian packages shellcheck, nginx-light, openssl),
-mysql/mysqldump (mariadb-client), redis-server, promtool (Debian package prometheus; optional: without
-it the rules are checked by parsing). A missing required tool or an unreachable MariaDB fails the test
+mysql/mysqldump (mariadb-client), redis-server, promtool (Debian package prometheus). A missing required tool or an unreachable MariaDB fails the test
 when ``CI`` is set and skips it otherwise.
 """
 
@@ -46,14 +45,17 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 SCRIPTS = DEPLOY / "scripts"
 SCRIPT_NAMES = ("deploy.sh", "update.sh", "healthcheck.sh", "backup_mysql.sh", "backup_minio.sh",
-                "restore_mysql.sh", "disaster_recovery.sh")
-SERVICES = ("voicegrow", "mysql", "redis", "minio")
-REPLICAS = ("voicegrow", "voicegrow-2", "voicegrow-3")
+                "restore_mysql.sh", "disaster_recovery.sh", "checklist.sh")
+SERVICES = ("server", "mysql", "redis", "minio")
+REPLICAS = ("server", "server-2", "server-3")
 #: Settings whose value in the stack differs from the server's default, on purpose.
 STACK_OVERRIDES = {"DATA_DIR", "ASR_MODEL_SIZE", "MYSQL_HOST", "REDIS_HOST", "MINIO_ENDPOINT"}
 PLACEHOLDER = "change-me"
 FIELDS = {f.name.upper(): f for f in dataclasses.fields(Settings)}
 SECRETS = {name for name, f in FIELDS.items() if f.metadata["spec"].secret}
+#: Variables of .env that only Compose and the scripts read (not server settings), and the secret ones.
+STACK_ONLY = {"ENVIRONMENT", "MYSQL_ROOT_PASSWORD", "ALERT_WEBHOOK_URL", "ALERT_WEBHOOK_SECRET", "ALERT_SMTP_PASSWORD"}
+STACK_ONLY_SECRETS = {"MYSQL_ROOT_PASSWORD", "ALERT_WEBHOOK_SECRET", "ALERT_SMTP_PASSWORD"}
 
 
 def _missing(message: str) -> NoReturn:
@@ -73,6 +75,7 @@ def script_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """A clean environment: no settings leak in from the developer's shell, no deploy/.env is read."""
     env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "TMPDIR") if key in os.environ}
     env["ENV_FILE"] = str(tmp_path / "no-such.env")
+    env["VG_HOME"] = str(tmp_path / "opt-voicegrow")  # never the real /opt/voicegrow
     env.update(extra)
     return env
 
@@ -98,8 +101,13 @@ def test_env_example_lists_every_setting_once() -> None:
     lines = [line.split("=", 1)[0] for line in (DEPLOY / ".env.example").read_text(encoding="utf-8").splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
     assert len(lines) == len(set(lines)), "a variable is listed twice"
-    assert set(lines) == set(FIELDS), (
-        f"missing: {sorted(set(FIELDS) - set(lines))}, not settings: {sorted(set(lines) - set(FIELDS))}")
+    expected = set(FIELDS) | STACK_ONLY
+    assert set(lines) == expected, (
+        f"missing: {sorted(expected - set(lines))}, not settings: {sorted(set(lines) - expected)}")
+    text = (DEPLOY / ".env.example").read_text(encoding="utf-8")
+    for name in STACK_ONLY:
+        before = text[:text.index(f"\n{name}=")]
+        assert "stack only:" in before[before.rstrip().rfind("\n\n"):], f"{name} needs a 'stack only:' comment"
 
 
 def test_env_example_loads_with_server_defaults_except_stack_addresses() -> None:
@@ -123,9 +131,10 @@ def test_env_example_loads_with_server_defaults_except_stack_addresses() -> None
 
 def test_env_example_has_only_placeholder_secrets() -> None:
     example = env_example()
-    for name in SECRETS:
+    for name in SECRETS | STACK_ONLY_SECRETS:
         assert example[name] in ("", PLACEHOLDER), f"{name} has a real-looking value"
-    for name in ("MYSQL_PASSWORD", "REDIS_PASSWORD", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "ADMIN_TOKEN"):
+    for name in ("MYSQL_PASSWORD", "MYSQL_ROOT_PASSWORD", "REDIS_PASSWORD", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY",
+                 "ADMIN_TOKEN"):
         assert example[name] == PLACEHOLDER, f"{name} must be the placeholder deploy.sh refuses"
 
 
@@ -157,7 +166,7 @@ def running_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def replica(doc: dict[str, Any], name: str) -> dict[str, Any]:
     """A server replica of the scale file with what it takes from docker-compose.yml filled in."""
-    return {**compose("docker-compose.yml")["services"]["voicegrow"], **doc["services"][name]}
+    return {**compose("docker-compose.yml")["services"]["server"], **doc["services"][name]}
 
 
 def test_compose_has_the_four_services_with_health_checks_and_limits() -> None:
@@ -168,8 +177,9 @@ def test_compose_has_the_four_services_with_health_checks_and_limits() -> None:
     assert services["redis"]["image"] == "redis:7.0-alpine"
     assert services["minio"]["image"].startswith("minio/minio:")
     assert "--console-address" in services["minio"]["command"]
-    build = services["voicegrow"]["build"]
-    assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == REPO / "Dockerfile"
+    build = services["server"]["build"]
+    # The document's layout: the source tree is installed as /opt/voicegrow/server (see the install test).
+    assert (build["context"], build["dockerfile"]) == ("./server", "Dockerfile")
     for doc_name in ("docker-compose.yml", "docker-compose.scale.yml"):
         for name, service in compose(doc_name)["services"].items():
             if doc_name.endswith("scale.yml") and name in REPLICAS:
@@ -187,7 +197,11 @@ def check_service_basics(doc_name: str, name: str, service: dict[str, Any]) -> N
     assert logging["options"]["max-size"] and logging["options"]["max-file"], where
     if "tools" in service.get("profiles", ()):
         return
+    # The document addresses containers as voicegrow-<service> (docker exec voicegrow-mysql ...).
+    assert service["container_name"] == f"voicegrow-{name}", where
     assert service["restart"] in ("unless-stopped", "always"), where
+    if name == "promtail":  # its image has no HTTP client for a health check (see the comment there)
+        return
     assert service["healthcheck"]["test"], where
     limits = service["deploy"]["resources"]["limits"]
     assert float(limits["cpus"]) > 0 and re.fullmatch(r"\d+[MG]", limits["memory"]), where
@@ -195,40 +209,51 @@ def check_service_basics(doc_name: str, name: str, service: dict[str, Any]) -> N
 
 def test_compose_server_waits_for_healthy_dependencies() -> None:
     services = compose("docker-compose.yml")["services"]
-    depends = services["voicegrow"]["depends_on"]
+    depends = services["server"]["depends_on"]
     assert {name: d["condition"] for name, d in depends.items()} == {
         "mysql": "service_healthy", "redis": "service_healthy", "minio": "service_healthy"}
     scale = compose("docker-compose.scale.yml")["services"]
     for name in REPLICAS[1:]:  # extends never copies depends_on
-        assert scale[name]["depends_on"] == services["voicegrow"]["depends_on"], name
+        assert scale[name]["depends_on"] == services["server"]["depends_on"], name
     nginx = scale["nginx"]["depends_on"]
     assert {name: d["condition"] for name, d in nginx.items()} == dict.fromkeys(REPLICAS, "service_healthy")
 
 
+def layout_dirs() -> list[str]:
+    """The directories deploy.sh creates in the installed layout (VG_LAYOUT_DIRS of lib.sh)."""
+    match = re.search(r"^VG_LAYOUT_DIRS=\(([^)]*)\)", (SCRIPTS / "lib.sh").read_text(encoding="utf-8"), re.M)
+    assert match, "VG_LAYOUT_DIRS not found in lib.sh"
+    return match.group(1).split()
+
+
 def test_compose_network_volumes_and_mounted_files() -> None:
     doc = compose("docker-compose.yml")
-    assert doc["networks"]["voicegrow-net"]["name"] == "voicegrow-net"
+    # No fixed name: under the project name voicegrow the network is voicegrow_voicegrow-net.
+    assert doc["name"] == "voicegrow" and "name" not in doc["networks"]["voicegrow-net"]
     for doc_name in ("docker-compose.yml", "docker-compose.scale.yml"):
         this = compose(doc_name)
         for name, service in this["services"].items():
             for volume in service.get("volumes", []):
                 source, target = volume.split(":")[:2]
-                if source.startswith("./"):
+                if source.startswith(("./data/", "./logs/")):
+                    assert source[2:] in layout_dirs(), f"{name} mounts {source}, which deploy.sh does not create"
+                elif source.startswith("./"):
                     assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
                 elif not source.startswith("/"):
                     assert source in doc["volumes"] or source in this.get("volumes", {}), source
     mysql_mounts = {v.split(":")[1]: v.split(":")[0] for v in doc["services"]["mysql"]["volumes"]}
-    assert mysql_mounts["/docker-entrypoint-initdb.d/01-init.sql"] == "./scripts/init.sql"
-    assert mysql_mounts["/etc/mysql/conf.d/voicegrow.cnf"] == "./config/mysql/my.cnf"
+    assert mysql_mounts["/docker-entrypoint-initdb.d/init.sql"] == "./scripts/init.sql"
+    assert mysql_mounts["/etc/mysql/conf.d/my.cnf"] == "./config/mysql/my.cnf"
+    assert mysql_mounts["/var/lib/mysql"] == "./data/mysql"
 
 
 def test_compose_publishes_no_data_service() -> None:
     services = compose("docker-compose.yml")["services"]
     assert "ports" not in services["mysql"] and "ports" not in services["redis"]
-    for name in ("minio", "prometheus", "grafana"):
+    for name in ("minio", "prometheus", "grafana", "alertmanager"):
         for port in services[name].get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
-    assert services["voicegrow"]["ports"] == ["${WS_PORT:-4399}:${WS_PORT:-4399}",
+    assert services["server"]["ports"] == ["${WS_PORT:-4399}:${WS_PORT:-4399}",
                                               "${HTTP_PORT:-8000}:${HTTP_PORT:-8000}"]
 
 
@@ -237,15 +262,15 @@ def test_compose_variables_are_settings_with_the_same_defaults() -> None:
     for doc_name in ("docker-compose.yml", "docker-compose.scale.yml"):
         text = (DEPLOY / doc_name).read_text(encoding="utf-8")
         for name, operator, default in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}", text):
-            assert name in FIELDS, f"{doc_name} uses ${{{name}}}, which is not a setting"
-            if name in SECRETS:
+            assert name in FIELDS or name in STACK_ONLY, f"{doc_name} uses ${{{name}}}, which is not a setting"
+            if name in SECRETS or name == "MYSQL_ROOT_PASSWORD":
                 assert operator == ":?", f"{doc_name}: secret {name} must be required (${{{name}:?...}})"
-            elif operator == ":-" and name not in STACK_OVERRIDES:
+            elif operator == ":-" and name not in STACK_OVERRIDES | STACK_ONLY:
                 assert default == str(getattr(defaults, FIELDS[name].name)), f"{doc_name}: {name} default"
 
 
 def test_compose_server_health_check_is_the_dockerfiles() -> None:
-    test = compose("docker-compose.yml")["services"]["voicegrow"]["healthcheck"]["test"]
+    test = compose("docker-compose.yml")["services"]["server"]["healthcheck"]["test"]
     assert test[0] == "CMD" and test[1:] == dockerfile_healthcheck()
 
 
@@ -258,6 +283,7 @@ def test_scale_runs_three_replicas_behind_nginx() -> None:
         ids.add(service["environment"]["REPLICA_ID"])
         volumes = replica(doc, name)["volumes"]
         data.update(v.split(":")[0] for v in volumes if v.endswith(":/data"))
+        assert service.get("container_name", "voicegrow-server").startswith("voicegrow-server"), name
     assert len(ids) == 3 and len(data) == 3, "each replica needs its own REPLICA_ID and data volume"
     nginx = doc["services"]["nginx"]
     published = {str(p).rsplit(":", 1)[1] for p in nginx["ports"]}
@@ -265,6 +291,8 @@ def test_scale_runs_three_replicas_behind_nginx() -> None:
     assert "./config/nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
     upstream_hosts = set(re.findall(r"^\s*server ([\w-]+):\d+", nginx_conf(), re.M))
     assert upstream_hosts == set(REPLICAS)
+    names = {name: replica(doc, name)["container_name"] for name in REPLICAS}
+    assert names == {"server": "voicegrow-server", "server-2": "voicegrow-server-2", "server-3": "voicegrow-server-3"}
 
 
 # --- Dockerfile -----------------------------------------------------------------------------------------
@@ -282,7 +310,7 @@ def test_dockerfile_builds_a_slim_non_root_image_with_offline_models() -> None:
     text = dockerfile()
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M)
     runtime = text[text.rindex("\nFROM "):]
-    assert "ffmpeg" in runtime
+    assert not re.search(r"apt-get install[^\n]*ffmpeg", runtime)  # unused (PyAV has its own) and 683 MB
     assert "from voicegrow.asr_models import resolve_model; resolve_model('base')" in runtime
     users = re.findall(r"^USER (\S+)", runtime, re.M)
     assert users and users[-1] not in ("root", "0")
@@ -390,8 +418,9 @@ def test_no_fixed_sleeps_and_no_passwords_on_command_lines() -> None:
         assert "--password" not in text, f"{name} passes a password as an argument"
 
 
-def test_crontab_runs_existing_scripts() -> None:
-    jobs = [line for line in (SCRIPTS / "crontab").read_text(encoding="utf-8").splitlines()
+@pytest.mark.parametrize("name", ["crontab", "crontab.hourly"])
+def test_crontab_runs_existing_scripts(name: str) -> None:
+    jobs = [line for line in (SCRIPTS / name).read_text(encoding="utf-8").splitlines()
             if line.strip() and not line.startswith("#") and not re.match(r"^[A-Z_]+=", line)]
     assert len(jobs) >= 3
     used = set()
@@ -400,9 +429,9 @@ def test_crontab_runs_existing_scripts() -> None:
         assert len(fields) == 6, job
         for field in fields[:5]:
             assert re.fullmatch(r"[\d*/,-]+", field), f"bad schedule field {field!r} in {job!r}"
-        used.update(re.findall(r"\$VG/(\w+\.sh)", fields[5]))
+        used.update(re.findall(r"/opt/voicegrow/scripts/(\w+\.sh)", fields[5]))
     assert {"backup_mysql.sh", "backup_minio.sh", "healthcheck.sh"} <= used
-    assert all((SCRIPTS / name).is_file() for name in used)
+    assert all((SCRIPTS / script).is_file() for script in used)
 
 
 def test_healthcheck_local(health_server: tuple[int, bool], tmp_path: Path) -> None:
@@ -479,18 +508,19 @@ def test_deploy_local_runs_the_real_server_until_stopped(tmp_path: Path) -> None
     assert run_script("healthcheck.sh", "--local", env=env).returncode == 1
 
 
-STACK_SECRETS = {"MYSQL_PASSWORD": "a" * 24, "REDIS_PASSWORD": "b" * 24, "MINIO_ACCESS_KEY": "vgadmin",
+STACK_SECRETS = {"MYSQL_PASSWORD": "a" * 24, "MYSQL_ROOT_PASSWORD": "e" * 24, "REDIS_PASSWORD": "b" * 24, "MINIO_ACCESS_KEY": "vgadmin",
                  "MINIO_SECRET_KEY": "c" * 24, "ADMIN_TOKEN": "d" * 24}
 
 
 @pytest.mark.parametrize(("changes", "accepted", "message"), [
     ({}, True, "are valid"),
+    ({"MYSQL_ROOT_PASSWORD": PLACEHOLDER}, False, "MYSQL_ROOT_PASSWORD is still the placeholder"),
     ({"REDIS_PASSWORD": PLACEHOLDER}, False, "REDIS_PASSWORD is still the placeholder"),
     ({"ADMIN_TOKEN": ""}, False, "ADMIN_TOKEN is empty"),
     ({"MYSQL_PASSWORD": "short"}, False, "MYSQL_PASSWORD is shorter than 12"),
     ({"MINIO_SECRET_KEY": "c" * 20 + "@/x'"}, False, "MINIO_SECRET_KEY has characters"),
     ({"LOG_LEVEL": "LOUD"}, False, "LOG_LEVEL='LOUD' is not allowed"),
-], ids=["good", "placeholder", "empty", "short", "unsafe-chars", "bad-setting"])
+], ids=["good", "root-placeholder", "placeholder", "empty", "short", "unsafe-chars", "bad-setting"])
 def test_deploy_check_refuses_placeholders_and_bad_settings(
         tmp_path: Path, changes: dict[str, str], accepted: bool, message: str) -> None:
     values = {**env_example(), **STACK_SECRETS, **changes}
@@ -540,8 +570,11 @@ def rows(database: str) -> list[str]:
 
 
 def mysql_env(tmp_path: Path, database: str, **extra: str) -> dict[str, str]:
-    return script_env(tmp_path, MYSQL_HOST="127.0.0.1", MYSQL_PORT="3306", MYSQL_USER="root",
-                      MYSQL_PASSWORD="", MYSQL_DATABASE=database, BACKUP_DIR=str(tmp_path / "backups"), **extra)
+    """The backup scripts work as MySQL root with MYSQL_ROOT_PASSWORD (this machine's root has none);
+    the server's own account (MYSQL_USER/MYSQL_PASSWORD) is deliberately one that does not exist."""
+    return script_env(tmp_path, MYSQL_HOST="127.0.0.1", MYSQL_PORT="3306", MYSQL_USER="no_such_app_user",
+                      MYSQL_PASSWORD="not-this-one", MYSQL_ROOT_PASSWORD="", MYSQL_DATABASE=database,
+                      BACKUP_DIR=str(tmp_path / "backups"), **extra)
 
 
 def fake_backup(directory: Path, name: str, content: bytes = b"old") -> Path:
@@ -554,7 +587,7 @@ def fake_backup(directory: Path, name: str, content: bytes = b"old") -> Path:
 
 def test_backup_and_restore_mysql_local(scratch_db: str, tmp_path: Path) -> None:
     original = rows(scratch_db)
-    daily = tmp_path / "backups" / "mysql" / "daily"
+    daily = tmp_path / "backups" / "mysql"
     old = [fake_backup(daily, f"{scratch_db}_2020010{day}T031500Z.sql.gz") for day in (1, 2)]
     today = str(datetime.datetime.now(datetime.timezone.utc).isoweekday())
     env = mysql_env(tmp_path, scratch_db, WEEKLY_DAY=today)
@@ -567,8 +600,14 @@ def test_backup_and_restore_mysql_local(scratch_db: str, tmp_path: Path) -> None
     digest, name = (backup.parent / f"{backup.name}.sha256").read_text(encoding="utf-8").split()
     assert name == backup.name and digest == hashlib.sha256(backup.read_bytes()).hexdigest()
     assert "播放周杰伦的歌" in gzip.decompress(backup.read_bytes()).decode()
-    assert sorted(p.name for p in daily.glob("*.sql.gz")) == [old[1].name, backup.name], "retention: keep 2"
+    assert sorted(p.name for p in daily.glob(f"{scratch_db}_*.sql.gz")) == [old[1].name, backup.name], "keep 2"
     assert (tmp_path / "backups" / "mysql" / "weekly" / backup.name).is_file()
+    latest = daily / "latest.sql.gz"
+    assert latest.is_symlink() and latest.resolve() == backup.resolve()
+    wrong_root = run_script("backup_mysql.sh", "--local", env={**env, "MYSQL_ROOT_PASSWORD": "wrong-password"})
+    assert wrong_root.returncode != 0 and "Access denied for user 'root'" in wrong_root.stderr, \
+        "the dump must be taken as root with MYSQL_ROOT_PASSWORD"
+    assert latest.resolve() == backup.resolve(), "a failed backup leaves latest.sql.gz alone"
 
     mysql_cli(database=scratch_db, stdin="DELETE FROM turns WHERE id = 1; UPDATE turns SET transcript = 'x' "
                                          "WHERE id = 3; ALTER TABLE turns ADD COLUMN extra INT;")
@@ -585,7 +624,8 @@ def test_backup_and_restore_mysql_local(scratch_db: str, tmp_path: Path) -> None
     assert refused.returncode != 0 and "damaged" in refused.stderr
     assert rows(scratch_db) == damaged, "a refused restore must change nothing"
 
-    restored = run_script("restore_mysql.sh", "--local", "--yes", "latest", env=env)
+    # Section 9.2.2 of the deployment document: restore_mysql.sh <backup dir>/mysql/latest.sql.gz
+    restored = run_script("restore_mysql.sh", "--local", "--yes", str(latest), env=env)
     assert restored.returncode == 0, restored.stderr
     assert rows(scratch_db) == original
     columns = mysql_cli("-e", "SHOW COLUMNS FROM turns", database=scratch_db)
@@ -688,12 +728,16 @@ command="$1"
 shift
 case "$command" in
     version) echo "Docker Compose version v2.29.1" ;;
-    config) if [[ "${1:-}" == --services ]]; then printf '%s\n' ${FAKE_SERVICES:-voicegrow mysql redis minio}; fi ;;
+    config) if [[ "${1:-}" == --services ]]; then printf '%s\n' ${FAKE_SERVICES:-server mysql redis minio}; fi ;;
     ps) echo "id-${*: -1}" ;;
     exec)
         [[ "$1" == -T ]] && shift
         shift # the service
-        exec env MYSQL_HOST=127.0.0.1 MYSQL_USER=root MYSQL_PASSWORD= MYSQL_DATABASE="$FAKE_MYSQL_DATABASE" "$@" ;;
+        # The mysql container's environment: the server's account and root's password from .env
+        # (here this machine's MariaDB: root without a password; the account does not exist).
+        # HOME's .my.cnf sends the clients over TCP to 127.0.0.1, where root needs its password.
+        exec env HOME="$FAKE_MYSQL_HOME" MYSQL_USER=no_such_app_user MYSQL_PASSWORD=not-this-one \
+            MYSQL_ROOT_PASSWORD="${FAKE_MYSQL_ROOT_PASSWORD-}" MYSQL_DATABASE="$FAKE_MYSQL_DATABASE" "$@" ;;
     run)
         entrypoint=""
         while [[ "$1" == -* ]]; do
@@ -719,7 +763,11 @@ def fake_docker(tmp_path: Path) -> dict[str, str]:
     env_file = tmp_path / "stack.env"
     values = {**env_example(), **STACK_SECRETS, "HTTP_PORT": str(free_port())}
     env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    mysql_home = tmp_path / "mysql-home"
+    mysql_home.mkdir()
+    (mysql_home / ".my.cnf").write_text("[client]\nhost=127.0.0.1\nport=3306\nprotocol=TCP\n")
     env = script_env(tmp_path, ENV_FILE=str(env_file), FAKE_DOCKER_LOG=str(log), FAKE_PYTHON=sys.executable,
+                     FAKE_MYSQL_HOME=str(mysql_home),
                      VG_PYTHON=sys.executable, BACKUP_DIR=str(tmp_path / "backups"))
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     return env
@@ -744,6 +792,14 @@ def test_backup_and_restore_mysql_through_compose_exec(scratch_db: str, fake_doc
     calls = "\n".join(docker_calls(env))  # the `sh -c` scripts span lines
     assert len(re.findall(r"^compose exec -T mysql sh -c ", calls, re.M)) == 3
     assert re.findall(r"MYSQL_DATABASE\" sh (mysqldump|mysql)\b", calls) == ["mysqldump", "mysql", "mysql"]
+    # As the document: root, with the mysql container's MYSQL_ROOT_PASSWORD (in MYSQL_PWD, not -p).
+    assert len(re.findall(r'MYSQL_PWD="\$MYSQL_ROOT_PASSWORD" exec "\$program" \\\s+--user=root ', calls)) == 3
+    # ... and with the server stopped meanwhile (docker-compose stop server / start server).
+    steps = [c for c in docker_calls(env) if re.match(r"compose (stop|start|exec)", c)]
+    assert [s.split()[1] for s in steps] == ["exec", "stop", "exec", "exec", "start"]
+    assert steps[1] == "compose stop server" and steps[-1] == "compose start server"
+    wrong = run_script("backup_mysql.sh", env={**env, "FAKE_MYSQL_ROOT_PASSWORD": "wrong-password"})
+    assert wrong.returncode != 0 and "Access denied for user 'root'" in wrong.stderr
 
 
 def test_deploy_builds_starts_waits_for_health_then_makes_the_bucket(
@@ -756,11 +812,18 @@ def test_deploy_builds_starts_waits_for_health_then_makes_the_bucket(
     calls = [call.split() for call in docker_calls(fake_docker)]
     steps = [call for call in calls if call[0] == "compose" and call[1] not in ("ps", "version")]
     assert [step[:3] for step in steps[:5]] == [
-        ["compose", "config", "--quiet"], ["compose", "build", "voicegrow"], ["compose", "run", "--rm"],
+        ["compose", "config", "--quiet"], ["compose", "build", "server"], ["compose", "run", "--rm"],
         ["compose", "up", "-d"], ["compose", "config", "--services"]]
     assert steps[2][steps[2].index("--entrypoint") + 1] == "python", "settings are validated in the image"
-    assert [c[-1] for c in calls if c[0] == "inspect"] == ["id-voicegrow", "id-mysql", "id-redis", "id-minio"]
+    assert [c[-1] for c in calls if c[0] == "inspect"] == ["id-server", "id-mysql", "id-redis", "id-minio"]
     assert calls[-1][-3:] == ["mb", "--ignore-existing", "minio/voicegrow"]
+    # From a checkout it installed the document's layout first, and Compose ran there.
+    home = Path(fake_docker["VG_HOME"])
+    assert (home / "docker-compose.yml").is_file() and (home / "server" / "Dockerfile").is_file()
+    files = {line.split()[1] for line in Path(fake_docker["FAKE_DOCKER_LOG"]).read_text().splitlines()
+             if line.startswith("file ")}
+    assert files == {str(home / "docker-compose.yml")}
+    assert "crontab -u root" in result.stderr, "deploy.sh says which backup schedule to install"
 
 
 def test_deploy_fails_when_the_stack_stays_unhealthy(fake_docker: dict[str, str]) -> None:
@@ -772,11 +835,11 @@ def test_deploy_fails_when_the_stack_stays_unhealthy(fake_docker: dict[str, str]
     assert not any(" mb " in call for call in docker_calls(env)), "no bucket step after a failed start"
 
 
-@pytest.mark.parametrize("broken", [None, "voicegrow-2"], ids=["healthy", "rollback"])
+@pytest.mark.parametrize("broken", [None, "server-2"], ids=["healthy", "rollback"])
 def test_update_replaces_replicas_one_at_a_time_and_rolls_back(
         fake_docker: dict[str, str], broken: str | None) -> None:
     env = {**fake_docker, "FAKE_HAS_IMAGE": "1", "FAKE_UNHEALTHY": broken or "",
-           "FAKE_SERVICES": "voicegrow voicegrow-2 voicegrow-3 mysql redis minio nginx"}
+           "FAKE_SERVICES": "server server-2 server-3 mysql redis minio nginx"}
     result = run_script("update.sh", "--scale", "--no-pull", "--no-backup", "--timeout", "1", env=env)
     calls = docker_calls(env)
     recreated = [call.split()[-1] for call in calls if "--force-recreate" in call]
@@ -784,11 +847,11 @@ def test_update_replaces_replicas_one_at_a_time_and_rolls_back(
     assert tags[0] == ["voicegrow-server:latest", "voicegrow-server:rollback"]
     if broken is None:
         assert result.returncode == 0, result.stderr
-        assert recreated == ["voicegrow", "voicegrow-2", "voicegrow-3"]
+        assert recreated == ["server", "server-2", "server-3"]
         assert len(tags) == 1
     else:
         assert result.returncode == 1 and "rolled back" in result.stderr
-        assert recreated == ["voicegrow", "voicegrow-2", "voicegrow", "voicegrow-2"]
+        assert recreated == ["server", "server-2", "server", "server-2"]
         assert tags[1] == ["voicegrow-server:rollback", "voicegrow-server:latest"]
     assert any(line.startswith("file ") and line.endswith("docker-compose.scale.yml")
                for line in Path(env["FAKE_DOCKER_LOG"]).read_text(encoding="utf-8").splitlines())
@@ -824,7 +887,7 @@ def test_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
                     "-keyout", str(tmp_path / "privkey.pem"), "-out", str(tmp_path / "fullchain.pem")],
                    check=True, capture_output=True, timeout=60)
     # nginx -t resolves upstream names: point the Compose service names at this host in a copy.
-    conf = re.sub(r"(\bserver )voicegrow(-\d+)?:", r"\g<1>127.0.0.1:", nginx_conf())
+    conf = re.sub(r"(\bserver )server(-\d+)?:", r"\g<1>127.0.0.1:", nginx_conf())
     conf = conf.replace("/etc/nginx/certs", str(tmp_path))
     conf = re.sub(r"^pid .*;$", f"pid {tmp_path}/nginx.pid;", conf, flags=re.M)
     (tmp_path / "nginx.conf").write_text(conf, encoding="utf-8")
@@ -900,7 +963,7 @@ def check_metric_references(text: str, where: str) -> None:
         assert name in series, f"{where} uses {name}, which voicegrow/metrics.py does not export"
     for name, selector in re.findall(r"\b(voicegrow_[a-z_]+)\{([^}]*)\}", text):
         for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector):
-            assert label in series[name] | {"job", "instance", "replica"}, f"{where}: {name} has no label {label}"
+            assert label in series[name] | {"job", "instance", "service"}, f"{where}: {name} has no label {label}"
 
 
 def test_alert_rules_cover_the_objectives_with_real_metrics() -> None:
@@ -924,9 +987,7 @@ def test_alert_rules_cover_the_objectives_with_real_metrics() -> None:
 
 
 def test_alert_rules_pass_promtool() -> None:
-    promtool = shutil.which("promtool")
-    if not promtool:
-        pytest.skip("promtool not installed (Debian package prometheus); the rules were checked by parsing")
+    promtool = require_tool("promtool", "prometheus")
     directory = DEPLOY / "prometheus"
     for argv in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"],
                  ["check", "config", "--syntax-only", "prometheus.yml"]):
@@ -941,7 +1002,7 @@ def test_prometheus_scrapes_the_server_with_the_admin_token() -> None:
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "voicegrow")
     assert job["metrics_path"] == "/metrics"
     assert job["authorization"] == {"type": "Bearer", "credentials_file": "/etc/prometheus/admin_token"}
-    assert job["static_configs"][0]["targets"] == ["voicegrow:8000"]
+    assert job["dns_sd_configs"][0]["names"] == list(REPLICAS) and job["dns_sd_configs"][0]["port"] == 8000
     prometheus = compose("docker-compose.yml")["services"]["prometheus"]
     assert {"source": "admin-token", "target": "/etc/prometheus/admin_token"} in prometheus["configs"]
 

@@ -315,9 +315,9 @@ async def answer(responder: OfflineResponder, text: str) -> list[str]:
 @pytest.mark.parametrize(("question", "expected"), [
     ("What time is it?", "It's 3:05 PM on Tuesday, March 4, 2025."),
     ("what day is it today", "It's 3:05 PM on Tuesday, March 4, 2025."),
-    ("现在几点了？", "现在是下午3点05分，今天是2025年3月4日，星期二。"),
-    ("今天星期几", "现在是下午3点05分，今天是2025年3月4日，星期二。"),
-    ("今天的日期是什么", "现在是下午3点05分，今天是2025年3月4日，星期二。"),
+    ("现在几点了？", "现在是下午3点05分。今天是2025年3月4日，星期二。"),
+    ("今天星期几", "现在是下午3点05分。今天是2025年3月4日，星期二。"),
+    ("今天的日期是什么", "现在是下午3点05分。今天是2025年3月4日，星期二。"),
 ])
 async def test_offline_tells_the_time(question: str, expected: str) -> None:
     deltas = await answer(offline_at(15, 5), question)

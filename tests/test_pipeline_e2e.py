@@ -197,40 +197,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_embedded_default_answers_spoken_english_offline(tmp_path, audio_fixtures, manifest) -> None:
-    """``voicegrow serve`` with nothing configured, and ``voicegrow talk`` against it."""
-    entry = next(e for e in manifest if e["id"] == "en-00")
+def _whisper_transcript(wav: Path, lang: str) -> str:
+    """The reply audio transcribed back with the project's Whisper (``base``, the fast engine)."""
+    from voicegrow.asr import FastEngine, get_model
+    from voicegrow.asr_models import resolve_model
+    from voicegrow.audio import resample
+
+    samples, rate = read_wav(wav)
+    model = get_model(resolve_model("base"), "cpu", "int8", 2, num_workers=1)
+    return FastEngine(model, lang).transcribe(resample(samples, rate, 16000)).text
+
+
+def test_embedded_default_answers_spoken_chinese_and_english_offline(tmp_path, audio_fixtures, manifest) -> None:
+    """``voicegrow serve`` with nothing configured, and ``voicegrow talk`` against it, in both languages."""
+    from voicegrow.textnorm import normalize
+
     ws_port, http_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MYSQL_", "REDIS_", "MINIO_", "LLM_", "TTS_", "ASR_"))}
     env.update(WS_PORT=str(ws_port), HTTP_PORT=str(http_port), SERVER_HOST="127.0.0.1",
-               DATA_DIR=str(tmp_path / "data"), HF_HUB_OFFLINE="1", ASR_LANGUAGE="en")
+               DATA_DIR=str(tmp_path / "data"), HF_HUB_OFFLINE="1")
     server = subprocess.Popen([sys.executable, "-m", "voicegrow", "--env-file", "/nonexistent", "serve"], env=env,
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    answers = {}
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while True:
             assert server.poll() is None, server.stdout.read()
             with contextlib.suppress(httpx.HTTPError):
                 detail = httpx.get(f"http://127.0.0.1:{http_port}/api/v1/health/detail", timeout=5).json()
-                if detail["components"]["asr"].get("state") is None:  # model loaded
+                voices = detail["components"]["tts"].get("components", {})
+                if detail["components"]["asr"].get("state") is None and all(
+                        v.get("loaded") for v in voices.values()):  # models loaded
                     break
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.3)
         assert detail["components"]["llm"]["status"] == "embedded"
-        reply_wav = tmp_path / "reply.wav"
-        talk = subprocess.run(
-            [sys.executable, "-m", "voicegrow", "talk", "--url", f"ws://127.0.0.1:{ws_port}", "--wav",
-             str(audio_fixtures / entry["file"]), "--json", "--save-reply", str(reply_wav), "--timeout", "60"],
-            env=env, capture_output=True, text=True, timeout=120)
-        assert talk.returncode == 0, talk.stderr
-        answer = json.loads(talk.stdout)
+        tts = detail["components"]["tts"]
+        assert tts["status"] == "ok" and set(tts["voices"]) == {"zh", "en"}
+        assert "kokoro" in tts["voices"]["zh"] and "piper" in tts["voices"]["en"]
+        for lang in ("zh", "en"):
+            entry = next(e for e in manifest if e["id"] == f"{lang}-00")
+            reply_wav = tmp_path / f"reply-{lang}.wav"
+            talk = subprocess.run(
+                [sys.executable, "-m", "voicegrow", "talk", "--url", f"ws://127.0.0.1:{ws_port}", "--wav",
+                 str(audio_fixtures / entry["file"]), "--json", "--save-reply", str(reply_wav), "--timeout", "90"],
+                env=env, capture_output=True, text=True, timeout=150)
+            assert talk.returncode == 0, talk.stderr
+            answers[lang] = (entry, json.loads(talk.stdout), reply_wav)
     finally:
         server.terminate()
         server.wait(timeout=20)
-    assert char_error_rate(entry["text"], answer["transcript"], "en") <= 0.15
-    assert "weather" in answer["reply"].lower()  # the offline responder echoes what it heard
-    assert answer["reply_audio_s"] > 1.0
-    samples, rate = read_wav(reply_wav)
-    assert rate == 24000 and rms_dbfs(samples) > -40  # spoken audio, not silence
-    assert set(TIMING_ORDER) <= set(answer["timings_ms"])
+    for lang, (entry, answer, reply_wav) in answers.items():
+        assert char_error_rate(entry["text"], answer["transcript"], lang) <= 0.15
+        assert set(TIMING_ORDER) <= set(answer["timings_ms"])
+        assert answer["reply_audio_s"] > 1.0
+        samples, rate = read_wav(reply_wav)
+        assert rate == 24000 and rms_dbfs(samples) > -40  # spoken audio, not silence
+        # The offline responder echoes what it heard, in the user's language ...
+        assert ("天气" if lang == "zh" else "weather") in answer["reply"].lower()
+        # ... and the reply audio says the reply: transcribed back, it reads as the reply text.
+        heard = _whisper_transcript(reply_wav, lang)
+        cer = char_error_rate(normalize(answer["reply"], lang), normalize(heard, lang), lang)
+        assert cer <= 0.15, (lang, answer["reply"], heard, cer)

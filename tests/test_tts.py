@@ -176,7 +176,7 @@ async def test_piper_does_not_speak_chinese(caplog: pytest.LogCaptureFixture) ->
 
 
 async def test_build_tts_picks_by_base_url() -> None:
-    assert isinstance(build_tts(load_settings({}, env_file=None)), PiperTts)
+    assert build_tts(load_settings({}, env_file=None)).name == "embedded"
     settings = load_settings({"TTS_BASE_URL": "http://gw:9/v1", "TTS_VOICE_ZH": "zv", "TTS_SPEAKING_RATE": "1.2"},
                              env_file=None)
     async with httpx.AsyncClient() as http:
@@ -184,3 +184,159 @@ async def test_build_tts_picks_by_base_url() -> None:
         assert isinstance(engine, RemoteTts)
         assert (engine.url, engine.voice_for("zh"), engine.speaking_rate, engine.output_rate) == (
             "http://gw:9/v1/audio/speech", "zv", 1.2, 24000)
+
+
+# -- the embedded bilingual default -----------------------------------------------------------------------
+
+
+class FakeVoice:
+    """A voice that records what it was asked to say and answers with a fixed tone."""
+
+    def __init__(self, name: str, rate: int) -> None:
+        self.name, self.output_rate = name, rate
+        self.limiter = None
+        self.said: list[str] = []
+
+    async def synthesize(self, text: str, lang: str) -> AsyncIterator[bytes]:
+        self.said.append(text)
+        yield (np.full(self.output_rate // 10, 1000, dtype="<i2")).tobytes()  # 100 ms
+
+    async def preload(self) -> None:
+        raise RuntimeError("no model here")
+
+    def describe(self) -> str:
+        return f"fake {self.name}"
+
+    async def health(self) -> dict[str, object]:
+        return {"status": "ok", "engine": self.name}
+
+
+async def test_embedded_routes_each_sentence_by_its_own_language() -> None:
+    from voicegrow.tts import EmbeddedTts
+
+    zh, en = FakeVoice("zh", 24000), FakeVoice("en", 22050)
+    engine = EmbeddedTts(zh, en)  # type: ignore[arg-type]
+    assert engine.output_rate == 24000
+    out = {}
+    for text, lang in [("好的。", "en"), ("This is Love Story.", "zh"), ("播放 Taylor Swift 的歌。", "en"),
+                       ("OK.", "zh"), ("123", "zh")]:
+        out[text] = b"".join([chunk async for chunk in engine.synthesize(text, lang)])
+    assert zh.said == ["好的。", "播放 Taylor Swift 的歌。", "123"]  # no letters: the turn's language
+    assert en.said == ["This is Love Story.", "OK."]
+    # piper's 22.05 kHz comes out at 24 kHz: 100 ms stays 100 ms
+    assert len(out["This is Love Story."]) // 2 == pytest.approx(2400, abs=2)
+    assert len(out["好的。"]) // 2 == 2400
+    health = await engine.health()
+    assert health["status"] == "ok" and health["voices"] == {"zh": "fake zh", "en": "fake en"}
+    await engine.preload()  # a voice that fails to load is logged, the server still starts
+
+
+def test_embedded_asks_for_whole_sentence_cutting_in_chinese() -> None:
+    from voicegrow.sentences import SentenceSplitter
+    from voicegrow.tts import EmbeddedTts
+
+    engine = EmbeddedTts(FakeVoice("zh", 24000), FakeVoice("en", 22050))  # type: ignore[arg-type]
+    zh = SentenceSplitter(**engine.splitter_options("zh"))  # type: ignore[arg-type]
+    text = "好的。今天天气很好，阳光明媚，适合出门。明天会下雨，记得带伞。"
+    assert zh.feed(text) + zh.flush() == ["好的。", "今天天气很好，阳光明媚，适合出门。", "明天会下雨，记得带伞。"]
+    en = SentenceSplitter(**engine.splitter_options("en"))  # type: ignore[arg-type]
+    assert en.feed("Sure. I can help with that.") + en.flush() == ["Sure.", "I can help with that."]
+
+
+def test_build_tts_embedded_default_is_bilingual() -> None:
+    from voicegrow.kokoro import KokoroTts
+    from voicegrow.tts import EmbeddedTts
+
+    engine = build_tts(load_settings({"TTS_OFFLINE_VOICE_ZH": "jm_kumo", "TTS_WORKERS": "2"}, env_file=None))
+    assert isinstance(engine, EmbeddedTts)
+    assert isinstance(engine.zh, KokoroTts) and isinstance(engine.en, PiperTts)
+    assert engine.zh.voice == "jm_kumo" and engine.zh.limiter is engine.en.limiter
+    assert engine.zh.limiter.total_tokens == 2
+
+
+async def test_remote_gets_normalised_text_only_when_asked(http: httpx.AsyncClient) -> None:
+    import json
+
+    plain = RemoteTts("http://gw:9/v1", "", "", "tts-1", "zv", "ev", 1.0, 0.0, 5.0, http_client=http)
+    normalising = RemoteTts("http://gw:9/v1", "", "", "tts-1", "zv", "ev", 1.0, 0.0, 5.0, http_client=http,
+                            normalize_text=True)
+    assert json.loads(plain.request_body("现在是7:30。", "zh"))["input"] == "现在是7:30。"
+    assert json.loads(normalising.request_body("现在是7:30。", "zh"))["input"] == "现在是七点半。"
+    assert json.loads(normalising.request_body("It's 7:30.", "zh"))["input"] == "It's seven thirty."
+
+
+# -- the offline Mandarin voice ---------------------------------------------------------------------------
+
+
+def test_mandarin_phonemes_have_tone_sandhi_and_read_english_words() -> None:
+    from voicegrow.kokoro import MandarinPhonemizer
+
+    phonemize = MandarinPhonemizer()
+    assert phonemize("你好。").startswith("ni↗xau↓")  # third tone before third tone: ni2 hao3
+    assert phonemize("好的。") == "xau↓ tɤ."
+    mixed = phonemize("我喜欢N B A和iPhone。")
+    assert "ˈɛn bˈi ˈA" in mixed and "ˈI fˈOn" in mixed  # letters spelled, words from the lexicon
+    assert not any(char.isascii() and char.isdigit() for char in phonemize("七点半"))
+
+
+def test_long_phoneme_strings_are_cut_after_punctuation() -> None:
+    from voicegrow.kokoro import split_phonemes
+
+    text = ", ".join(["ni↗xau↓ ʨi→ntʰjɛ→n"] * 60)
+    pieces = split_phonemes(text, limit=100)
+    assert all(len(piece) <= 100 for piece in pieces) and len(pieces) > 5
+    assert all(piece.endswith(",") for piece in pieces[:-1])
+    assert split_phonemes("x" * 250, limit=100) == ["x" * 100, "x" * 100, "x" * 50]
+
+
+def test_kokoro_model_is_joined_once_and_checked(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from voicegrow import asr_models
+    from voicegrow.asr_models import ModelCorrupt, ensure_joined_file
+
+    pieces = []
+    for i, data in enumerate((b"abc" * 1000, b"defg" * 999)):
+        pieces.append(tmp_path / f"part{i}")
+        pieces[-1].write_bytes(data)
+    joined = b"abc" * 1000 + b"defg" * 999
+    digest = hashlib.sha256(joined).hexdigest()
+    dest = tmp_path / "cache" / "model.onnx"
+    assert ensure_joined_file(pieces, dest, size=len(joined), sha256=digest, what="m", reinstall="x") == dest
+    assert dest.read_bytes() == joined
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("joined again although the stamp matches")
+
+    monkeypatch.setattr(asr_models, "_join_pieces", refuse)
+    monkeypatch.setattr(asr_models, "_sha256_file", refuse)
+    ensure_joined_file(pieces, dest, size=len(joined), sha256=digest, what="m", reinstall="x")
+    monkeypatch.undo()
+    with pytest.raises(ModelCorrupt, match="reinstall pkg-1"):
+        ensure_joined_file(pieces, tmp_path / "other" / "model.onnx", size=len(joined), sha256="0" * 64,
+                           what="m", reinstall="pkg-1")
+    assert not (tmp_path / "other" / "model.onnx").exists()
+
+
+def test_kokoro_rejects_an_unknown_voice() -> None:
+    from voicegrow.kokoro import KokoroTts
+
+    with pytest.raises(ValueError, match="jf_nezumi"):
+        KokoroTts("zf_xiaobei")
+    with pytest.raises(Exception, match="TTS_OFFLINE_VOICE_ZH"):
+        load_settings({"TTS_OFFLINE_VOICE_ZH": "zf_xiaobei"}, env_file=None)
+
+
+@pytest.mark.slow
+async def test_kokoro_speaks_a_short_chinese_sentence() -> None:
+    from voicegrow.kokoro import KOKORO_MODEL, KokoroTts, ensure_kokoro_model
+
+    assert ensure_kokoro_model().stat().st_size == KOKORO_MODEL.size
+    engine = KokoroTts()
+    await engine.preload()
+    assert engine.loaded
+    samples = np.frombuffer(b"".join([c async for c in engine.synthesize("你好。", "zh")]), dtype="<i2")
+    assert 0.3 < len(samples) / 24000 < 3.0
+    assert np.sqrt(np.mean(samples.astype(np.float64) ** 2)) > 500
+    assert [c async for c in engine.synthesize("。！", "zh")] == []
+    assert (await engine.health())["status"] == "ok"

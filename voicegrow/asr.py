@@ -671,6 +671,10 @@ class _QueueTicket:
         self._add_waiting(-1)
 
 
+#: What ``ASR_LANGUAGE=auto`` may detect with the fast engine.
+AUTO_LANGUAGES = ("zh", "en")
+
+
 def build_asr_service(settings: Settings, metrics: Metrics | None = None, *,
                       allow_download: bool | None = None) -> AsrService:
     """The service the server runs, from ``ASR_*`` settings; nothing is loaded until first use.
@@ -694,8 +698,10 @@ def build_asr_service(settings: Settings, metrics: Metrics | None = None, *,
         stock = StockEngine(model, settings.asr_language, settings.asr_beam_size, resolved=resolved)
         if engine_kind == "stock":
             return stock
+        # "auto" picks between the two languages the server can answer and speak in (accented
+        # Mandarin is then never transcribed as Japanese or Cantonese).
         return FastEngine(model, settings.asr_language, settings.asr_beam_size, stock=stock,
-                          resolved=resolved)
+                          resolved=resolved, candidate_languages=AUTO_LANGUAGES)
 
     return AsrService(factory, workers=workers, timeout_s=settings.asr_timeout, metrics=metrics)
 

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +37,9 @@ __all__ = [
     "PACKAGED_MODELS",
     "ResolvedModel",
     "default_cache_root",
+    "ensure_joined_file",
     "ensure_packaged_model",
+    "package_dir",
     "resolve_model",
 ]
 
@@ -139,7 +141,7 @@ def default_cache_root() -> Path:
     return Path.home() / ".cache" / "voicegrow" / "models"
 
 
-def _package_dir(import_name: str, subdir: str) -> Path | None:
+def package_dir(import_name: str, subdir: str) -> Path | None:
     """The data directory of an installed package, found without importing it."""
     try:
         spec = importlib.util.find_spec(import_name)
@@ -155,7 +157,7 @@ def _package_dir(import_name: str, subdir: str) -> Path | None:
 
 
 def _installed_dirs(model: PackagedModel) -> list[Path] | None:
-    dirs = [_package_dir(name, sub) for name, sub in model.parts]
+    dirs = [package_dir(name, sub) for name, sub in model.parts]
     if any(d is None for d in dirs):
         return None
     return [d for d in dirs if d is not None]
@@ -311,32 +313,44 @@ def _stat_key(path: Path) -> dict[str, int] | None:
 
 def _stamp_matches(target: Path, model: PackagedModel) -> bool:
     """True when ``model.bin`` is the very file whose hash the stamp recorded (no re-hash)."""
+    return _file_stamp_matches(target / "model.bin", target / _STAMP, model.size, model.sha256)
+
+
+def _file_stamp_matches(path: Path, stamp_path: Path, size: int, sha256: str) -> bool:
     try:
-        stamp = json.loads((target / _STAMP).read_text(encoding="utf-8"))
+        stamp = json.loads(stamp_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    key = _stat_key(target / "model.bin")
-    return (key is not None and key["size"] == model.size and isinstance(stamp, dict)
-            and stamp.get("sha256") == model.sha256
+    key = _stat_key(path)
+    return (key is not None and key["size"] == size and isinstance(stamp, dict)
+            and stamp.get("sha256") == sha256
             and all(stamp.get(k) == v for k, v in key.items()))
 
 
 def _write_stamp(target: Path, model: PackagedModel) -> None:
-    key = _stat_key(target / "model.bin")
+    _write_file_stamp(target / "model.bin", target / _STAMP, model.sha256, model.name)
+
+
+def _write_file_stamp(path: Path, stamp_path: Path, sha256: str, name: str) -> None:
+    key = _stat_key(path)
     assert key is not None
-    stamp = dict(key, sha256=model.sha256, name=model.name)
-    _atomic_write(target / _STAMP, json.dumps(stamp, indent=1).encode())
+    stamp = dict(key, sha256=sha256, name=name)
+    _atomic_write(stamp_path, json.dumps(stamp, indent=1).encode())
 
 
 def _existing_bin_is_good(bin_path: Path, target: Path, model: PackagedModel) -> bool:
     """An already joined file without a valid stamp (copied in, or stamp lost): hash it once."""
-    key = _stat_key(bin_path)
-    if key is None or key["size"] != model.size:
+    return _existing_file_is_good(bin_path, target / _STAMP, model.size, model.sha256, model.name)
+
+
+def _existing_file_is_good(path: Path, stamp_path: Path, size: int, sha256: str, name: str) -> bool:
+    key = _stat_key(path)
+    if key is None or key["size"] != size:
         return False
-    if _sha256_file(bin_path) != model.sha256:
-        log.warning("cached ASR model %s is corrupt; rebuilding it", bin_path)
+    if _sha256_file(path) != sha256:
+        log.warning("cached model file %s is corrupt; rebuilding it", path)
         return False
-    _write_stamp(target, model)
+    _write_file_stamp(path, stamp_path, sha256, name)
     return True
 
 
@@ -349,33 +363,63 @@ def _sha256_file(path: Path) -> str:
 
 
 def _assemble_bin(model: PackagedModel, dirs: list[Path], target: Path) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=target, prefix=".model.bin.", suffix=".tmp")
+    pieces = [dirs[part_index] / file_name for part_index, file_name in model.bin_pieces]
+    reinstall = " ".join(name.replace("_", "-") for name, _ in model.parts)
+    _join_pieces(pieces, target / "model.bin", target / _STAMP, model.size, model.sha256,
+                 f"ASR model {model.name!r}", reinstall, model.name)
+
+
+def _join_pieces(pieces: Sequence[Path], dest: Path, stamp_path: Path, size: int, sha256: str, what: str,
+                 reinstall: str, name: str) -> None:
+    """Concatenate ``pieces`` into ``dest`` (temp file, fsync, verify, rename), then stamp it."""
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, _FILE_MODE)
         digest = hashlib.sha256()
-        size = 0
+        joined = 0
         with os.fdopen(fd, "wb") as out:
-            for part_index, file_name in model.bin_pieces:
-                with (dirs[part_index] / file_name).open("rb") as piece:
+            for piece_path in pieces:
+                with piece_path.open("rb") as piece:
                     while chunk := piece.read(_CHUNK):
                         digest.update(chunk)
-                        size += len(chunk)
+                        joined += len(chunk)
                         out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
-        if size != model.size or digest.hexdigest() != model.sha256:
+        if joined != size or digest.hexdigest() != sha256:
             raise ModelCorrupt(
-                f"the installed parts of ASR model {model.name!r} join to {size} bytes with sha256 "
-                f"{digest.hexdigest()}, expected {model.size} bytes with {model.sha256}: reinstall "
-                + " ".join(name.replace("_", "-") for name, _ in model.parts))
-        os.replace(tmp, target / "model.bin")
-        _fsync_dir(target)
+                f"the installed parts of {what} join to {joined} bytes with sha256 "
+                f"{digest.hexdigest()}, expected {size} bytes with {sha256}: reinstall {reinstall}")
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _write_stamp(target, model)
+    _write_file_stamp(dest, stamp_path, sha256, name)
+
+
+def ensure_joined_file(pieces: Sequence[Path], dest: Path, *, size: int, sha256: str, what: str,
+                       reinstall: str) -> Path:
+    """``dest`` holding the concatenation of ``pieces`` (a model split over several wheels).
+
+    The same discipline as the Whisper model: joined once under a file lock, verified against
+    ``size`` and ``sha256`` before it is renamed into place, and later calls only compare the stamp
+    beside it (``.<name>.stamp.json``) with the file's ``stat``. :class:`ModelCorrupt` if the parts
+    do not add up.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stamp_path = dest.with_name(f".{dest.name}.stamp.json")
+    if _file_stamp_matches(dest, stamp_path, size, sha256):
+        return dest
+    with _locked(dest.with_name(f".{dest.name}.lock")):
+        if _file_stamp_matches(dest, stamp_path, size, sha256):
+            return dest
+        if not _existing_file_is_good(dest, stamp_path, size, sha256, dest.name):
+            log.info("assembling %s into %s", what, dest)
+            _join_pieces(pieces, dest, stamp_path, size, sha256, what, reinstall, dest.name)
+    return dest
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -247,7 +248,8 @@ class NativeClient:
 
 
 async def connect_websocket_from(nursery: trio.Nursery, url: str, *, local_address: str | None = None,
-                                 max_message_size: int = 1 << 20) -> trio_websocket.WebSocketConnection:
+                                 max_message_size: int = 1 << 20, subprotocols: tuple[str, ...] = ()
+                                 ) -> trio_websocket.WebSocketConnection:
     """A client WebSocket to ``url`` whose reader runs in ``nursery``; with ``local_address``, dialled
     from that source address.
 
@@ -256,7 +258,8 @@ async def connect_websocket_from(nursery: trio.Nursery, url: str, *, local_addre
     per-address limits and maps. Raises OSError or HandshakeError as trio-websocket does.
     """
     if local_address is None:
-        return await trio_websocket.connect_websocket_url(nursery, url, max_message_size=max_message_size)
+        return await trio_websocket.connect_websocket_url(nursery, url, max_message_size=max_message_size,
+                                                          subprotocols=list(subprotocols) or None)
     parts = urlsplit(url)
     if parts.scheme != "ws" or not parts.hostname:
         raise ValueError(f"a source address needs a ws://HOST:PORT URL, got {url!r}")
@@ -265,27 +268,23 @@ async def connect_websocket_from(nursery: trio.Nursery, url: str, *, local_addre
     stream = await trio.open_tcp_stream(parts.hostname, port, local_address=local_address)
     try:
         return await trio_websocket.wrap_client_stream(nursery, stream, f"{parts.hostname}:{port}", resource,
-                                                       max_message_size=max_message_size)
+                                                       max_message_size=max_message_size,
+                                                       subprotocols=list(subprotocols) or None)
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
 
 
 @contextlib.asynccontextmanager
-async def open_websocket_from(url: str, *, local_address: str | None = None, connect_timeout_s: float = 10.0,
-                              max_message_size: int = 1 << 20) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+async def open_websocket_from(url: str, *, local_address: str, connect_timeout_s: float = 10.0,
+                              max_message_size: int = 1 << 20, subprotocols: tuple[str, ...] = ()
+                              ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """:func:`connect_websocket_from` as a block: connected within ``connect_timeout_s`` (else
     ``trio.TooSlowError``), closed on exit."""
-    if local_address is None:  # trio-websocket's own, with its close handshake timing
-        async with trio_websocket.open_websocket_url(url, connect_timeout=connect_timeout_s,
-                                                     disconnect_timeout=_CLOSE_GRACE_S,
-                                                     max_message_size=max_message_size) as ws:
-            yield ws
-        return
     async with trio.open_nursery() as nursery:
         with trio.fail_after(connect_timeout_s):
             ws = await connect_websocket_from(nursery, url, local_address=local_address,
-                                              max_message_size=max_message_size)
+                                              max_message_size=max_message_size, subprotocols=subprotocols)
         try:
             yield ws
         finally:
@@ -308,11 +307,17 @@ async def open_native_client(
     client_name: str = f"voicegrow-talk/{__version__}",
     connect_timeout_s: float = 10.0,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ssl_context: ssl.SSLContext | None = None,
+    subprotocols: tuple[str, ...] = (),
     local_address: str | None = None,
 ) -> AsyncIterator[NativeClient]:
     """Connect, do the HELLO/HELLO_ACK handshake, and close cleanly on exit.
 
-    ``local_address``: the source address to dial from (see :func:`open_websocket_from`).
+    A ``wss://`` URL verifies the server against the system's CAs, or against ``ssl_context`` when given
+    (a private CA or a self-signed certificate: ``ssl.create_default_context(cafile=...)``).
+    ``subprotocols``: WebSocket subprotocols to offer (the HTTP port's ``/api/v1/talk`` wants
+    ``voicegrow.native.v1``, and the admin token as ``voicegrow.bearer.<base64url>``).
+    ``local_address``: the source address to dial from, ``ws://`` only (see :func:`open_websocket_from`).
 
     Raises :class:`ConnectFailed` when no WebSocket could be opened and :class:`HandshakeFailed`
     when the server refused the session.
@@ -321,9 +326,14 @@ async def open_native_client(
                   client=client_name)
     async with contextlib.AsyncExitStack() as stack:
         try:
-            ws = await stack.enter_async_context(open_websocket_from(
-                url, local_address=local_address, connect_timeout_s=connect_timeout_s,
-                max_message_size=HEADER_SIZE + max_payload))
+            if local_address is None:
+                ws = await stack.enter_async_context(trio_websocket.open_websocket_url(
+                    url, ssl_context=ssl_context, subprotocols=list(subprotocols), connect_timeout=connect_timeout_s,
+                    disconnect_timeout=_CLOSE_GRACE_S, max_message_size=HEADER_SIZE + max_payload))
+            else:
+                ws = await stack.enter_async_context(open_websocket_from(
+                    url, local_address=local_address, connect_timeout_s=connect_timeout_s,
+                    max_message_size=HEADER_SIZE + max_payload, subprotocols=subprotocols))
         except (OSError, ValueError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
             cause = exc.__cause__ or exc.__context__ or exc
             raise ConnectFailed(f"cannot connect to {url}: {cause or type(exc).__name__}") from exc

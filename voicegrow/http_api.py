@@ -7,9 +7,9 @@ leaves the process.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from quart import Response, jsonify, request
@@ -17,9 +17,11 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from voicegrow import __version__
+from voicegrow.admin_auth import PROXY_HEADERS, AdminAuth
 from voicegrow.memprofile import memory_report, release_memory
 from voicegrow.metrics import CONTENT_TYPE_LATEST
 from voicegrow.services import Services
+from voicegrow.web import is_public_path, make_web_blueprint
 
 __all__ = ["create_app", "run_http_server"]
 
@@ -49,6 +51,47 @@ async def _body_over(limit: int) -> bool:
     return False
 
 
+def admin_refusal(auth: AdminAuth) -> Response | None:
+    """The admin credential check for the current request: None to go on, else the JSON 401 or 429.
+
+    Every route that is not public goes through this one function (the console's API too), so the rule
+    (bearer token, ``ADMIN_ALLOW_FROM``, throttling) lives in :class:`~voicegrow.admin_auth.AdminAuth` only.
+    """
+    headers = request.headers
+    refusal = auth.check(request.remote_addr, headers.get("Authorization"),
+                         proxied=any(name in headers for name in PROXY_HEADERS))
+    if refusal is None:
+        return None
+    response = _error(refusal.status, refusal.error, refusal.reason)
+    if refusal.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="voicegrow"'
+    if refusal.retry_after_s is not None:
+        response.headers["Retry-After"] = str(refusal.retry_after_s)
+    return response
+
+
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-:")  # urlsplit lower-cases the name
+
+
+def html_csp(host: str, ws_port: int, media_origins: tuple[str, ...] = ()) -> str:
+    """The Content-Security-Policy of every HTML page: scripts and styles from this server only (no inline
+    code), no framing, WebSocket connections to this host's speaker port besides this origin, and audio
+    from this origin, ``blob:`` URLs or ``media_origins`` (the object store's presigned URLs)."""
+    connect = "'self'"
+    try:
+        hostname = urlsplit(f"//{host}").hostname or ""
+    except ValueError:
+        hostname = ""
+    if hostname and set(hostname) <= _HOST_CHARS and ws_port:
+        if ":" in hostname:
+            hostname = f"[{hostname}]"
+        connect += f" ws://{hostname}:{ws_port} wss://{hostname}:{ws_port}"
+    media = " ".join(("'self'", "blob:", *media_origins))
+    return ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            f"media-src {media}; worker-src 'self' blob:; connect-src {connect}; object-src 'none'; "
+            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
 def overall_status(accepting: bool, components: dict[str, dict[str, Any]]) -> str:
     """``down`` when no session can be taken, ``degraded`` when any dependency is not ok."""
     if not accepting:
@@ -58,21 +101,20 @@ def overall_status(accepting: bool, components: dict[str, dict[str, Any]]) -> st
     return "ok" if worst == 0 else "degraded"
 
 
-def _memory_debug_refusal(services: Services) -> Response | None:
-    """The memory report names source files and lines: only for an operator, never on an open port."""
-    if not services.settings.admin_token:
-        return _error(403, "admin_token_required", "the memory report needs ADMIN_TOKEN to be set")
-    return None
-
-
-def create_app(services: Services) -> QuartTrio:
+def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
+    """The application; ``voice_server`` (the speaker port's server) also serves the talk page's socket."""
     settings = services.settings
-    app = QuartTrio("voicegrow")
+    app = QuartTrio("voicegrow", static_folder=None)  # the pages serve their own files (voicegrow.web)
     app.config["MAX_CONTENT_LENGTH"] = settings.http_max_body_bytes
     app.config["PROPAGATE_EXCEPTIONS"] = False
     # Werkzeug answers '//' in a path with an HTML redirect; here it reaches the route (and its JSON 400).
     app.url_map.merge_slashes = False
     cors_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
+    from voicegrow.xiaozhi_ota import OTA_PATHS, make_ota_blueprint
+
+    public_paths = _PUBLIC_PATHS | OTA_PATHS | ({"/metrics"} if settings.metrics_public else set())
+    media_origins = ((f"{'https' if settings.minio_secure else 'http'}://{settings.minio_endpoint}",)
+                     if settings.minio_endpoint else ())
 
     @app.before_request
     async def refuse_large_bodies() -> Response | None:
@@ -84,25 +126,25 @@ def create_app(services: Services) -> QuartTrio:
         return response
 
     @app.before_request
-    async def check_admin_token() -> Response | None:
-        if not settings.admin_token or request.path in _PUBLIC_PATHS:
+    async def check_admin_credential() -> Response | None:
+        if request.path in public_paths or is_public_path(request.path):
             return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
-            response = _error(401, "unauthorized", "missing or wrong bearer token (ADMIN_TOKEN)")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="voicegrow"'
-            return response
-        return None
+        return admin_refusal(services.admin_auth)
 
     @app.after_request
     async def security_headers(response: Response) -> Response:
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Cache-Control", "no-store")
+        headers = response.headers
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        headers.setdefault("Referrer-Policy", "no-referrer")
+        headers.setdefault("X-Frame-Options", "DENY")
+        # Recordings, transcripts and admin JSON must not linger in browser or proxy caches.
+        headers.setdefault("Cache-Control", "no-store")
+        if (response.mimetype or "") == "text/html":
+            headers.setdefault("Content-Security-Policy", html_csp(request.host, settings.ws_port, media_origins))
         origin = request.headers.get("Origin")
         if origin and origin in cors_origins:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Vary"] = "Origin"
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Vary"] = "Origin"
         return response
 
     @app.errorhandler(HTTPException)
@@ -124,34 +166,43 @@ def create_app(services: Services) -> QuartTrio:
     @app.get("/api/v1/health/detail")
     async def health_detail() -> Response:
         components = await services.component_health()
+        workers = await services.box.workers()
+        status = overall_status(services.accepting, components)
+        if status == "ok" and any(w["status"] != "ok" for w in workers):
+            status = "degraded"  # a worker is restarting: its share of new speakers waits for it
         return jsonify({
-            "status": overall_status(services.accepting, components),
+            "status": status,
             "version": __version__,
             "uptime_s": round(services.uptime_s, 3),
-            "sessions": len(services.registry),
+            "sessions": sum(w.get("sessions", 0) for w in workers),
             "components": components,
+            "workers": workers,
         })
 
     @app.get("/api/v1/sessions")
     async def sessions() -> Response:
-        items = sorted((s.public() for s in services.registry), key=lambda s: s["since"])
-        return jsonify({"sessions": items, "count": len(items)})
+        items, missing = await services.box.sessions()
+        items.sort(key=lambda s: s["since"])
+        return jsonify({"sessions": items, "count": len(items), "workers_missing": missing})
+
+    @app.delete("/api/v1/sessions/<session_id>")
+    async def close_session(session_id: str) -> Response:
+        if len(session_id) > 64 or not session_id.isprintable():
+            return _error(400, "invalid_session_id", "session_id: expected up to 64 printable characters")
+        if not await services.box.close_session(session_id):
+            return _error(404, "not_found", f"no live session {session_id!r}")
+        response = jsonify({"session_id": session_id, "closing": True})
+        response.status_code = 202
+        return response
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        m = services.metrics
-        m.uptime.set(services.uptime_s)
-        m.up.set(1 if services.accepting else 0)
-        counts = services.registry.count_by_protocol()
-        for protocol in ("native", "xiaoai", "detecting"):
-            m.sessions_active.labels(protocol).set(counts.get(protocol, 0))
-        return Response(m.render(), content_type=CONTENT_TYPE_LATEST)
+        services.refresh_gauges()
+        return Response(services.metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
+    # The memory report names source files and lines: admin only, as every path but health is.
     @app.get("/api/v1/debug/memory")
     async def memory_growth() -> Response:
-        refusal = _memory_debug_refusal(services)
-        if refusal is not None:
-            return refusal
         group_by = request.args.get("group_by", "lineno")
         raw_limit = request.args.get("limit", "20")
         if group_by not in ("lineno", "traceback"):
@@ -165,42 +216,43 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.post("/api/v1/debug/memory/baseline")
     async def memory_baseline() -> Response:
-        refusal = _memory_debug_refusal(services)
-        if refusal is not None:
-            return refusal
         if services.memory_tracer is None:
             return _error(404, "memory_trace_off", "allocation tracing is off (set MEMORY_TRACE_FRAMES)")
         return jsonify(await trio.to_thread.run_sync(services.memory_tracer.reset_baseline))
 
     @app.post("/api/v1/debug/memory/release")
     async def memory_release() -> Response:
-        refusal = _memory_debug_refusal(services)
-        if refusal is not None:
-            return refusal
         return jsonify(release_memory())  # in this thread: the collector must not race the event loop
 
     from voicegrow.admin_api import make_data_blueprint
 
-    app.register_blueprint(make_data_blueprint(services.persistence))
+    app.register_blueprint(make_data_blueprint(services.persistence, timers=services.timers))
+    app.register_blueprint(make_ota_blueprint(services))
+    app.register_blueprint(make_web_blueprint(services, voice_server=voice_server))
     return app
 
 
-async def run_http_server(services: Services, *, shutdown: trio.Event,
-                          task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the API until ``shutdown`` is set; reports the bound port through ``task_status``."""
+async def run_http_server(services: Services, *, shutdown: trio.Event, fd: int | None = None,
+                          voice_server: Any = None, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the API until ``shutdown`` is set; reports the bound port through ``task_status``.
+
+    ``fd``: an inherited listening socket (a worker's) instead of binding ``HTTP_PORT``."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
-    config = Config()
+    config = services.tls.hypercorn_config() if services.tls is not None else Config()
     host = services.settings.server_host
-    config.bind = [f"[{host}]:{services.settings.http_port}" if ":" in host else
-                   f"{host}:{services.settings.http_port}"]
+    if fd is not None:
+        config.bind = [f"fd://{fd}"]
+    else:
+        config.bind = [f"[{host}]:{services.settings.http_port}" if ":" in host else
+                       f"{host}:{services.settings.http_port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 2.0
     config.include_server_header = False
 
-    app = create_app(services)
+    app = create_app(services, voice_server=voice_server)
 
     async def started(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)

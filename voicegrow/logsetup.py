@@ -53,13 +53,30 @@ class JsonFormatter(logging.Formatter):
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
+        worker = getattr(record, "worker", None)
+        if worker is not None and not isinstance(worker, bool):
+            line = f"{line} [worker={worker}]"
         session_id = session_id_var.get()
         return f"{line} [session={session_id}]" if session_id else line
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+class _WorkerTag(logging.Filter):
+    """Under WORKERS>1 every line says which worker wrote it."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json", worker: int | None = None) -> None:
     """Route all logging to stdout at ``level``; idempotent, so tests may call it repeatedly."""
     handler = logging.StreamHandler(sys.stdout)
+    if worker is not None:
+        handler.addFilter(_WorkerTag(worker))
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

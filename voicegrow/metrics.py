@@ -2,16 +2,27 @@
 
 The collectors live in a :class:`Metrics` object with its own registry, not in module globals, so that
 tests can run several servers in one process and read each one's figures apart.
+
+With ``WORKERS`` over 1 the supervisor gives every worker ``PROMETHEUS_MULTIPROC_DIR``: prometheus_client
+then keeps each process's values in files there, and any worker's ``/metrics`` renders the sum over all
+of them. Counters and histograms of a worker that died stay in the sum (a total never goes backwards);
+gauges say how they combine (``multiprocess_mode``: the ``live*`` modes forget a dead worker's value).
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from voicegrow import __version__
 
-__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "STAGES"]
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "STAGES", "MULTIPROCESS"]
+
+#: Decided as prometheus_client decides it when it is imported: values in shared files or in this process.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 #: Per-turn latency stages, each measured from the end of speech (VAD) except ``turn``.
 STAGES = ("asr", "llm_first_token", "first_sentence", "tts_first_audio", "response", "turn")
@@ -24,14 +35,19 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.build_info = Gauge("voicegrow_build_info", "Build information", ["version"], registry=r)
+        self.build_info = Gauge("voicegrow_build_info", "Build information", ["version"], registry=r,
+                                multiprocess_mode="livemax")
         self.build_info.labels(__version__).set(1)
-        self.uptime = Gauge("voicegrow_uptime_seconds", "Seconds since the server started", registry=r)
-        self.up = Gauge("voicegrow_up", "1 while the server accepts sessions", registry=r)
+        self.uptime = Gauge("voicegrow_uptime_seconds", "Seconds since the server started", registry=r,
+                            multiprocess_mode="livemax")
+        self.up = Gauge("voicegrow_up", "1 while the server accepts sessions", registry=r,
+                        multiprocess_mode="livemax")
         self.component_up = Gauge(
-            "voicegrow_component_up", "Component health: 1 ok, 0.5 degraded, 0 down", ["component"], registry=r)
+            "voicegrow_component_up", "Component health: 1 ok, 0.5 degraded, 0 down", ["component"], registry=r,
+            multiprocess_mode="livemin")
         self.sessions_active = Gauge(
-            "voicegrow_sessions_active", "Live speaker sessions", ["protocol"], registry=r)
+            "voicegrow_sessions_active", "Live speaker sessions", ["protocol"], registry=r,
+            multiprocess_mode="livesum")
         self.connections = Counter(
             "voicegrow_connections_total", "WebSocket connections by protocol and how they ended",
             ["protocol", "outcome"], registry=r)
@@ -46,7 +62,8 @@ class Metrics:
             "voicegrow_stage_latency_seconds", "Per-turn latency by stage, from the end of speech",
             ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
         self.asr_queue_depth = Gauge(
-            "voicegrow_asr_queue_depth", "Utterances waiting for an ASR worker", registry=r)
+            "voicegrow_asr_queue_depth", "Utterances waiting for an ASR worker", registry=r,
+            multiprocess_mode="livesum")
         self.audio_frames_received = Counter(
             "voicegrow_audio_frames_received_total", "Audio frames received from devices", ["protocol"],
             registry=r)
@@ -57,7 +74,7 @@ class Metrics:
             "voicegrow_audio_frames_dropped_total", "Audio frames dropped, by reason", ["reason"], registry=r)
         self.spool_depth = Gauge(
             "voicegrow_spool_depth", "Records waiting in the local spool, by component", ["component"],
-            registry=r)
+            registry=r, multiprocess_mode="livesum")
         self.limit_hits = Counter(
             "voicegrow_limit_hits_total", "Times a configured limit refused or throttled a client", ["limit"],
             registry=r)
@@ -68,6 +85,21 @@ class Metrics:
             "voicegrow_protocol_errors_total", "Protocol errors answered with an error frame", ["code"],
             registry=r)
 
+        # Per worker (index 0 with WORKERS=1): which worker holds how many speakers, and at what memory cost.
+        self.worker_sessions = Gauge(
+            "voicegrow_worker_sessions", "Live speaker sessions held by each worker process", ["worker"],
+            registry=r, multiprocess_mode="livesum")
+        self.worker_rss = Gauge(
+            "voicegrow_worker_resident_memory_bytes", "Resident memory of each worker process", ["worker"],
+            registry=r, multiprocess_mode="livesum")
+        self.worker_restarts = Gauge(
+            "voicegrow_worker_restarts", "Times the supervisor restarted this worker index", ["worker"],
+            registry=r, multiprocess_mode="livemax")
+
     def render(self) -> bytes:
-        """The exposition text for ``GET /metrics``."""
+        """The exposition text for ``GET /metrics``: this process's, or the sum over every worker's."""
+        if MULTIPROCESS:
+            combined = CollectorRegistry()
+            MultiProcessCollector(combined)
+            return generate_latest(combined)
         return generate_latest(self.registry)

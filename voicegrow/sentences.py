@@ -176,16 +176,21 @@ class SentenceSplitter:
     ``first_chunk_comma``: the first chunk of a reply may end at a comma once it has
     ``first_chunk_min_chars`` characters, so speech starts sooner. Lengths count characters of the
     normalized chunk; a chunk runs past ``max_chars`` only by the terminators and closing quotes that
-    end it. After :meth:`flush` the splitter starts a new reply.
+    end it. ``first_sentence_min_chars`` (default ``min_chars``): how short the first chunk may be when
+    it ends a sentence, so that "好的。" or "Sure." is spoken on its own while the rest is generated
+    (a whole-sentence voice starts sooner). After :meth:`flush` the splitter starts a new reply.
     """
 
     def __init__(self, *, min_chars: int = 6, max_chars: int = 100, first_chunk_comma: bool = True,
-                 first_chunk_min_chars: int = 4) -> None:
+                 first_chunk_min_chars: int = 4, first_sentence_min_chars: int | None = None) -> None:
         if not 1 <= min_chars <= max_chars:
             raise ValueError(f"need 1 <= min_chars <= max_chars, got {min_chars}, {max_chars}")
+        if first_sentence_min_chars is not None and not 1 <= first_sentence_min_chars <= max_chars:
+            raise ValueError(f"need 1 <= first_sentence_min_chars <= max_chars, got {first_sentence_min_chars}")
         self.min_chars, self.max_chars = min_chars, max_chars
         self.first_chunk_comma = first_chunk_comma
         self.first_chunk_min_chars = first_chunk_min_chars
+        self.first_sentence_min_chars = min_chars if first_sentence_min_chars is None else first_sentence_min_chars
         self._markdown = MarkdownStripper()
         self._reset()
 
@@ -239,7 +244,10 @@ class SentenceSplitter:
                 i += 1
                 continue
             is_comma = text[i] in _FIRST_CHUNK_COMMAS
-            needed = self.first_chunk_min_chars if is_comma else self.min_chars
+            if is_comma:
+                needed = self.first_chunk_min_chars
+            else:
+                needed = self.min_chars if self._emitted_any else self.first_sentence_min_chars
             if len(_normalize(text[:end])) >= needed:
                 return end
             i = end

@@ -15,9 +15,12 @@ from typing import Any
 import httpx
 import trio
 
+from voicegrow.auth_throttle import AuthThrottle
 from voicegrow.metrics import Metrics
 from voicegrow.settings import Settings
 from voicegrow.streaming.registry import SessionRegistry
+from voicegrow.workers.context import WorkerContext
+from voicegrow.workers.control import Box, LocalWorker, rss_bytes
 
 __all__ = ["Services", "open_services"]
 
@@ -34,12 +37,43 @@ class Services:
     persistence: Any  # voicegrow.storage.persistence.Persistence
     device_credentials: Any = None  # voicegrow.device_auth.DeviceCredentials when DEVICE_AUTH is on
     memory_tracer: Any = None  # voicegrow.memprofile.MemoryTracer when MEMORY_TRACE_FRAMES is set
+    tools: Any = None  # voicegrow.tools.ToolRegistry; None when LLM_TOOLS is off
+    timers: Any = None  # voicegrow.tools.timers.TimerBook
+    auth_throttle: AuthThrottle = dataclasses.field(default_factory=AuthThrottle)  # every credential's guesses
+    admin_auth: Any = None  # voicegrow.admin_auth.AdminAuth: the admin token and ADMIN_ALLOW_FROM
+    tls: Any = None  # voicegrow.tls.CertificateStore when TLS_CERT_FILE is set
+    #: This process's place among WORKERS (None: the single-process server).
+    worker: WorkerContext | None = None
+    #: Every worker's sessions and state (just this process with WORKERS=1); set by open_services.
+    box: Box = dataclasses.field(init=False)
     started_monotonic: float = dataclasses.field(default_factory=time.monotonic)
     accepting: bool = True
+    ws_port: int = 0  # the speaker port as bound (WS_PORT may be 0); the xiaozhi OTA answer hands it out
+
+    def __post_init__(self) -> None:
+        index, restarts = (self.worker.index, self.worker.restarts) if self.worker else (0, 0)
+        peers = {k: self.worker.control_socket(k) for k in self.worker.peers()} if self.worker else {}
+        self.box = Box(LocalWorker(self, index, restarts), peers)
 
     @property
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_monotonic
+
+    def refresh_gauges(self) -> None:
+        """The gauges that describe this process now (a scrape, and every second under WORKERS>1,
+        since any worker may render the others' values)."""
+        m, local = self.metrics, self.box.local
+        m.uptime.set(self.uptime_s)
+        m.up.set(1 if self.accepting else 0)
+        counts = self.registry.count_by_protocol()
+        for protocol in ("native", "xiaoai", "xiaozhi", "detecting"):
+            m.sessions_active.labels(protocol).set(counts.get(protocol, 0))
+        label = str(local.index)
+        m.worker_sessions.labels(label).set(len(self.registry))
+        m.worker_restarts.labels(label).set(local.restarts)
+        rss = rss_bytes()
+        if rss is not None:
+            m.worker_rss.labels(label).set(rss)
 
     async def component_health(self) -> dict[str, dict[str, Any]]:
         """Health of every dependency, probed concurrently, each bounded by a short deadline."""
@@ -72,11 +106,14 @@ class Services:
 
 @contextlib.asynccontextmanager
 async def open_services(settings: Settings, *, metrics: Metrics | None = None,
-                        persistence_options: dict[str, Any] | None = None) -> AsyncIterator[Services]:
+                        persistence_options: dict[str, Any] | None = None,
+                        worker: WorkerContext | None = None) -> AsyncIterator[Services]:
     """Build the services for one server; the HTTP client is closed when the block exits.
 
-    ``persistence_options`` tunes the storage layer's retry timing (tests shorten it).
+    ``persistence_options`` tunes the storage layer's retry timing (tests shorten it). ``worker``: this
+    process is one of WORKERS (its own spool; embedded live state shared through SQLite).
     """
+    from voicegrow.admin_auth import AdminAuth
     from voicegrow.asr import build_asr_service
     from voicegrow.llm import build_llm
     from voicegrow.storage.persistence import Persistence
@@ -88,27 +125,64 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
         from voicegrow.device_auth import DeviceCredentials
 
         credentials = DeviceCredentials(settings.device_credentials_file)  # a bad file fails start-up
+    throttle = AuthThrottle(max_failures=settings.auth_max_failures, backoff_s=settings.auth_backoff_s)
+    admin_auth = AdminAuth.from_settings(settings, throttle, metrics)
+    tls = None
+    if settings.tls_cert_file:
+        from voicegrow.tls import CertificateStore
+
+        tls = CertificateStore(settings.tls_cert_file, settings.tls_key_file)  # a bad pair fails start-up
     tracer = None
     if settings.memory_trace_frames:
         from voicegrow.memprofile import MemoryTracer
 
         tracer = MemoryTracer(settings.memory_trace_frames)  # first, so the baseline precedes the sessions
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-    try:
-        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0)) as http:
-            yield Services(
-                settings=settings,
-                metrics=metrics,
-                registry=SessionRegistry(),
-                http=http,
-                asr=build_asr_service(settings, metrics=metrics),
-                llm=build_llm(settings, http_client=http),
-                tts=build_tts(settings, http_client=http),
-                persistence=Persistence.from_settings(settings, metrics=metrics, key_prefix=settings.redis_key_prefix,
-                                                      **(persistence_options or {})),
-                device_credentials=credentials,
-                memory_tracer=tracer,
-            )
-    finally:
+    async with contextlib.AsyncExitStack() as stack:
         if tracer is not None:
-            tracer.close()
+            stack.callback(tracer.close)
+        http = await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0)))
+        registry = SessionRegistry()
+        persistence = Persistence.from_settings(settings, metrics=metrics, key_prefix=settings.redis_key_prefix,
+                                                worker=None if worker is None else worker.index,
+                                                **(persistence_options or {}))
+        tools, timers = build_tools(settings, persistence, registry)
+        yield Services(
+            settings=settings,
+            metrics=metrics,
+            registry=registry,
+            http=http,
+            asr=build_asr_service(settings, metrics=metrics),
+            llm=build_llm(settings, http_client=http),
+            tts=build_tts(settings, http_client=http),
+            persistence=persistence,
+            device_credentials=credentials,
+            auth_throttle=throttle,
+            admin_auth=admin_auth,
+            tls=tls,
+            worker=worker,
+            tools=tools if settings.llm_tools else None,
+            timers=timers,
+            memory_tracer=tracer,
+        )
+
+
+def build_tools(settings: Settings, persistence: Any, registry: SessionRegistry) -> tuple[Any, Any]:
+    """The tool registry (built-ins, timers, the MCP servers of ``MCP_SERVERS``) and the timer book."""
+    from zoneinfo import ZoneInfo
+
+    from voicegrow.tools import ToolRegistry
+    from voicegrow.tools.builtins import BuiltinTools
+    from voicegrow.tools.mcp import McpTools, parse_mcp_servers
+    from voicegrow.tools.timers import Timer, TimerBook, TimerTools
+
+    async def record(kind: str, timer: Timer, data: dict[str, Any]) -> None:
+        await persistence.record_event(timer.device_id, kind, {"timer_id": timer.timer_id, "kind": timer.kind,
+                                                               "label": timer.label, **data})
+
+    timers = TimerBook(persistence, registry.announcer, tz=ZoneInfo(settings.tz),
+                       grace_s=settings.timer_offline_grace_s, max_per_device=settings.timer_max_per_device,
+                       load_wait=persistence.wait_records_delivered, on_event=record)
+    providers: list[Any] = [BuiltinTools(), TimerTools(timers)]
+    providers += [McpTools(config, timeout_s=settings.mcp_timeout_s) for config in parse_mcp_servers(settings.mcp_servers)]
+    return ToolRegistry(providers, timeout_s=settings.tool_timeout_s), timers

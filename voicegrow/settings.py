@@ -9,12 +9,14 @@ fails the container at once instead of surfacing as a strange runtime error hour
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["ConfigError", "Settings", "load_settings", "read_env_file"]
+__all__ = ["ConfigError", "Settings", "load_settings", "parse_networks", "read_env_file"]
 
 
 class ConfigError(ValueError):
@@ -59,7 +61,13 @@ class Settings:
     log_format: str = _field("json", str, choices=("json", "text"))
     workers: int = _field(1, int, low=1, high=64)
     data_dir: str = _field("./data", str)
-    admin_token: str = _field("", str, secret=True)
+    admin_token: str = _field("", str, secret=True)  # empty: generated into DATA_DIR/admin_token
+    admin_allow_from: str = _field("auto", str)  # addresses/networks that may skip the admin token
+    metrics_public: bool = _field(False, bool)  # /metrics without the admin credential
+    auth_max_failures: int = _field(20, int, low=1, high=1_000_000)  # distinct wrong credentials per address
+    auth_backoff_s: float = _field(30.0, float, low=0.1, high=86400)  # first lock-out; doubles, up to 15 min
+    tls_cert_file: str = _field("", str)  # PEM chain: wss:// and https:// without a proxy
+    tls_key_file: str = _field("", str)
     shutdown_grace_s: float = _field(10.0, float, low=0, high=600)
     handshake_timeout_s: float = _field(10.0, float, low=0.1, high=600)
     ws_ping_interval_s: float = _field(0.0, float, low=0, high=3600)  # 0: no library keepalive pings
@@ -88,7 +96,7 @@ class Settings:
     asr_device: str = _field("cpu", str, choices=("cpu", "cuda", "auto"))
     asr_compute_type: str = _field(
         "int8", str, choices=("int8", "int8_float16", "int8_float32", "float16", "float32", "default"))
-    asr_language: str = _field("zh", str)
+    asr_language: str = _field("auto", str)  # auto: Chinese or English, per utterance
     asr_timeout: float = _field(30.0, float, low=0.1, high=3600)
     asr_workers: int = _field(1, int, low=1, high=64)
     asr_cpu_threads: int = _field(0, int, low=0, high=256)  # 0: let CTranslate2 decide
@@ -118,6 +126,10 @@ class Settings:
     tts_pitch: float = _field(0.0, float, low=-20.0, high=20.0)
     tts_timeout: float = _field(30.0, float, low=0.1, high=3600)
     tts_lead_ms: int = _field(200, int, low=0, high=5000)
+    tts_normalize_remote: bool = _field(False, bool)  # send "七点半", not "7:30", to TTS_BASE_URL too
+    tts_offline_voice_zh: str = _field("jf_nezumi", str, choices=(
+        "jf_nezumi", "jm_kumo", "jf_alpha", "jf_gongitsune", "jf_tebukuro"))
+    tts_workers: int = _field(1, int, low=1, high=64)  # offline sentences synthesized at once
 
     # -- LLM
     llm_base_url: str = _field("", str)
@@ -130,6 +142,16 @@ class Settings:
     llm_system_prompt: str = _field("", str)
     llm_history_turns: int = _field(8, int, low=0, high=1000)
     llm_history_chars: int = _field(4000, int, low=0, high=1_000_000)
+
+    # -- tools (function calling), timers, MCP
+    tz: str = _field("Asia/Shanghai", str)  # the speakers' time zone: alarms, "what time is it"
+    llm_tools: bool = _field(True, bool)  # offer tools to the LLM (off for servers without function calling)
+    llm_tool_rounds: int = _field(3, int, low=1, high=10)
+    tool_timeout_s: float = _field(10.0, float, low=0.1, high=600)
+    timer_offline_grace_s: float = _field(600.0, float, low=0, high=7 * 86400)
+    timer_max_per_device: int = _field(20, int, low=1, high=1000)
+    mcp_servers: str = _field("", str)
+    mcp_timeout_s: float = _field(10.0, float, low=0.1, high=600)
 
     # -- persistence
     mysql_host: str = _field("", str)
@@ -158,6 +180,15 @@ class Settings:
     xiaoai_request_timeout_s: float = _field(10.0, float, low=0.1, high=600)
     xiaoai_silence_builtin: bool = _field(True, bool)
     xiaoai_silence_commands: str = _field("", str)  # ';;'-separated fixed shell commands
+
+    # -- xiaozhi-esp32 boards
+    xiaozhi_token: str = _field("", str, secret=True)  # handed out by the OTA answer, checked as Bearer
+    xiaozhi_allowlist: str = _field("", str)  # comma separated Device-Id (MAC), Client-Id or IP addresses
+    xiaozhi_output_rate: int = _field(24000, int, choices=("16000", "24000", "48000"))
+    xiaozhi_mcp_timeout_s: float = _field(5.0, float, low=0.1, high=120)
+    xiaozhi_ws_url: str = _field("", str)  # what the OTA answer points boards to; empty: this host, WS_PORT
+    xiaozhi_firmware_version: str = _field("", str)
+    xiaozhi_firmware_url: str = _field("", str)
 
     # -- HTTP API
     http_max_body_bytes: int = _field(64 * 1024, int, low=1024, high=64 * 1024 * 1024)
@@ -245,6 +276,21 @@ _ASR_SIZES = ("tiny", "tiny.en", "base", "base.en", "small", "small.en", "medium
               "distil-small.en", "distil-medium.en", "distil-large-v2", "distil-large-v3")
 
 
+def parse_networks(setting: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``ADMIN_ALLOW_FROM``'s addresses and networks; a bad part is a :class:`ConfigError` naming it."""
+    networks = []
+    for part in (p.strip() for p in setting.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"ADMIN_ALLOW_FROM={setting!r} is not allowed: {part!r} is no IP address or network "
+                "(expected auto, none, or comma-separated addresses such as 127.0.0.1,::1,192.168.1.0/24)") from None
+    return tuple(networks)
+
+
 def _check_cross_field(s: Settings) -> None:
     if s.asr_model_size not in _ASR_SIZES and not s.asr_model_path:
         raise ConfigError(
@@ -257,12 +303,32 @@ def _check_cross_field(s: Settings) -> None:
         url = getattr(s, name)
         if url and not url.startswith(("http://", "https://")):
             raise ConfigError(f"{name.upper()}={url!r} is not allowed: expected an http:// or https:// URL")
-    if s.workers != 1:
-        raise ConfigError(
-            f"WORKERS={str(s.workers)!r} is not allowed: expected 1 (one process serves many sessions; scale out "
-            "with replicas, see deploy/docker-compose.scale.yml)")
+    if s.xiaozhi_ws_url and not s.xiaozhi_ws_url.startswith(("ws://", "wss://")):
+        raise ConfigError(f"XIAOZHI_WS_URL={s.xiaozhi_ws_url!r} is not allowed: expected a ws:// or wss:// URL")
+    if bool(s.xiaozhi_firmware_version) != bool(s.xiaozhi_firmware_url):
+        raise ConfigError("XIAOZHI_FIRMWARE_URL and XIAOZHI_FIRMWARE_VERSION are not allowed one without the other: "
+                          "set both to offer a firmware image, or neither")
+    if s.xiaozhi_firmware_url and not s.xiaozhi_firmware_url.startswith(("http://", "https://")):
+        raise ConfigError(f"XIAOZHI_FIRMWARE_URL={s.xiaozhi_firmware_url!r} is not allowed: expected an http:// "
+                          "or https:// URL")
     if s.ws_port and s.ws_port == s.http_port:
         raise ConfigError(f"HTTP_PORT={s.http_port} is not allowed: it must differ from WS_PORT")
+    try:
+        ZoneInfo(s.tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"TZ={s.tz!r} is not allowed: expected an IANA time zone such as Asia/Shanghai") from None
+    if s.mcp_servers:
+        from voicegrow.tools.mcp import McpConfigError, parse_mcp_servers
+
+        try:
+            parse_mcp_servers(s.mcp_servers)
+        except McpConfigError as exc:
+            raise ConfigError(f"MCP_SERVERS is not allowed: {exc}") from None
+    if s.admin_allow_from.strip().lower() not in ("auto", "none"):
+        parse_networks(s.admin_allow_from)
+    if bool(s.tls_cert_file) != bool(s.tls_key_file):
+        given, missing = ("TLS_CERT_FILE", "TLS_KEY_FILE") if s.tls_cert_file else ("TLS_KEY_FILE", "TLS_CERT_FILE")
+        raise ConfigError(f"{given} is set but {missing} is not: expected both (a PEM certificate chain and its key)")
     if s.device_auth != "off" and not s.device_credentials_file:
         raise ConfigError(
             f"DEVICE_AUTH={s.device_auth!r} is not allowed without DEVICE_CREDENTIALS_FILE: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 from typing import Any
 
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device-id", default="voicegrow-talk", help="device id sent in HELLO")
     parser.add_argument("--token", default=None, help="device token, if the server requires one (DEVICE_AUTH=token)")
     parser.add_argument("--secret", default=None, help="device secret for the HMAC challenge (DEVICE_AUTH=hmac)")
+    parser.add_argument("--cafile", default=None,
+                        help="with wss://: trust this PEM certificate or CA (a self-signed TLS_CERT_FILE)")
     return parser
 
 
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, WavFormatError) as exc:
         return _fail(f"cannot read {args.wav}: {exc}", EXIT_USAGE)
     try:
+        args.ssl_context = ssl.create_default_context(cafile=args.cafile) if args.cafile else None
+    except (OSError, ssl.SSLError) as exc:
+        return _fail(f"cannot use --cafile {args.cafile}: {exc}", EXIT_USAGE)
+    try:
         result = trio.run(_talk, args, pcm)
     except (NativeClientError, ProtocolError) as exc:
         return _fail(str(exc))
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _talk(args: argparse.Namespace, pcm: bytes) -> TalkResult:
     on_event = None if args.json else _print_progress
     async with open_native_client(args.url, device_id=args.device_id, token=args.token,
-                                  secret=args.secret,
+                                  secret=args.secret, ssl_context=args.ssl_context,
                                   connect_timeout_s=min(10.0, args.timeout)) as client:
         return await stream_wav_and_collect(client, pcm, speed=args.speed, timeout_s=args.timeout,
                                             on_event=on_event)

@@ -1,13 +1,20 @@
-"""Text to speech: the remote OpenAI-compatible voice service, or piper on this machine.
+"""Text to speech: the remote OpenAI-compatible voice service, or the offline voices on this machine.
 
 An engine turns one sentence into PCM s16le mono chunks at its ``output_rate`` and hands each chunk
 over as soon as it exists, so the first words can play while the rest is synthesized. Resampling to
 the device's rate is the caller's job (``voicegrow.audio``). Stopping the iteration (a barge-in
-cancels the turn) closes the HTTP response or stops asking piper for more.
+cancels the turn) closes the HTTP response or stops asking the local voice for more.
+
+With no ``TTS_BASE_URL`` the embedded default is bilingual (:class:`EmbeddedTts`): each sentence goes
+to the offline Mandarin voice (Kokoro, :mod:`voicegrow.kokoro`) or the English one (piper) by its own
+language, so "好的。This is Love Story." is spoken by both. Sentences are normalised first
+(:mod:`voicegrow.textnorm`: "7:30" is spoken 七点半 / seven thirty); the remote service gets normalised
+text only with ``TTS_NORMALIZE_REMOTE`` (a good service reads numbers in context better than rules).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import struct
@@ -20,12 +27,15 @@ import httpx
 import trio
 
 from voicegrow.aiauth import AiService, AiServiceError
-from voicegrow.language import is_cjk
+from voicegrow.audio import StreamResampler
+from voicegrow.language import detect_language, is_cjk
+from voicegrow.textnorm import normalize, normalize_en
 
 if TYPE_CHECKING:
     from voicegrow.settings import Settings
 
 __all__ = [
+    "EmbeddedTts",
     "PCM_RATE",
     "PcmStreamDecoder",
     "PiperTts",
@@ -145,7 +155,8 @@ class RemoteTts:
 
     def __init__(self, base_url: str, api_key: str, secret_key: str, model: str, voice_zh: str,
                  voice_en: str, speaking_rate: float, pitch: float, timeout_s: float, *,
-                 http_client: httpx.AsyncClient | None = None, connect_timeout_s: float = 5.0) -> None:
+                 http_client: httpx.AsyncClient | None = None, connect_timeout_s: float = 5.0,
+                 normalize_text: bool = False) -> None:
         self.service = AiService(base_url, api_key, secret_key, timeout_s,
                                  connect_timeout_s=connect_timeout_s, http_client=http_client)
         self.model = model
@@ -155,6 +166,7 @@ class RemoteTts:
         self.pitch = pitch
         self.output_rate = PCM_RATE
         self.url = self.service.url(self.PATH)
+        self.normalize_text = normalize_text
 
     async def aclose(self) -> None:
         await self.service.aclose()
@@ -163,6 +175,8 @@ class RemoteTts:
         return self.voice_zh if lang.startswith("zh") else self.voice_en
 
     def request_body(self, text: str, lang: str) -> bytes:
+        if self.normalize_text:
+            text = normalize(text, detect_language(text, default="zh" if lang.startswith("zh") else "en"))
         payload = {"model": self.model, "input": text, "voice": self.voice_for(lang),
                    "speed": self.speaking_rate, "response_format": "pcm", "pitch": self.pitch}
         return json.dumps(payload, ensure_ascii=False).encode("utf-8")
@@ -246,6 +260,7 @@ class PiperTts:
             log.warning("piper cannot speak Chinese; sentence not spoken (set TTS_BASE_URL)",
                         extra={"text": text[:80], "lang": lang})
             return
+        text = normalize_en(text)
         if not any(ch.isalnum() for ch in text):
             return
         from piper.config import SynthesisConfig
@@ -263,12 +278,100 @@ class PiperTts:
                 "detail": "offline English voice; Chinese sentences are not spoken"}
 
 
-def build_tts(settings: Settings, http_client: httpx.AsyncClient | None = None) -> RemoteTts | PiperTts:
-    """The remote service when ``TTS_BASE_URL`` is set, else the bundled piper voice."""
+    def describe(self) -> str:
+        return f"piper {Path(self.model_path).name.removesuffix('.onnx')}, offline English"
+
+
+# -- the embedded default: both voices ----------------------------------------------------------------
+
+#: How a whole-sentence voice wants its text cut (:class:`voicegrow.sentences.SentenceSplitter`): a short
+#: first sentence ("好的。") on its own, so the first audio comes soon; no comma cuts (a clause spoken
+#: alone lost its intonation and raised the round-trip CER from 0.044 to 0.111); run-ons cut at a late
+#: comma before they take seconds to synthesize.
+WHOLE_SENTENCE_SPLITTING: dict[str, object] = {"first_chunk_comma": False, "first_sentence_min_chars": 2,
+                                                 "max_chars": 60}
+#: Piper streams inside a sentence, so only the short first sentence changes.
+STREAMING_SPLITTING: dict[str, object] = {"first_sentence_min_chars": 2}
+
+
+class EmbeddedTts:
+    """The offline default: Mandarin sentences to Kokoro, the others to piper, at one output rate.
+
+    Each sentence is routed by its own language (:func:`voicegrow.language.detect_language`, the turn's
+    language breaking ties), so a Chinese reply quoting an English title still gets both voices.
+    Piper's 22.05 kHz is resampled to Kokoro's 24 kHz here, so that ``output_rate`` never changes
+    between sentences (the turn sets up one resampler per sentence from it, and sessions share this
+    object). Both voices share ``limiter``: on two cores one synthesis at a time leaves room for ASR.
+    """
+
+    name = "embedded"
+
+    def __init__(self, zh: Any, en: PiperTts) -> None:
+        self.zh, self.en = zh, en
+        self.output_rate: int = zh.output_rate
+        if getattr(zh, "limiter", None) is not None:
+            en.limiter = zh.limiter
+
+    def voice_for(self, text: str, lang: str) -> Any:
+        default = "zh" if lang.startswith("zh") else "en"
+        return self.zh if detect_language(text, default=default) == "zh" else self.en
+
+    def splitter_options(self, lang: str) -> dict[str, object]:
+        return dict(WHOLE_SENTENCE_SPLITTING if lang.startswith("zh") else STREAMING_SPLITTING)
+
+    async def preload(self) -> None:
+        """Load both voices; a voice that fails is logged and reported down, the server still starts."""
+
+        async def load(voice: Any) -> None:
+            try:
+                await voice.preload()
+            except Exception:
+                log.exception("offline voice %s failed to load", voice.name)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load, self.zh)
+            nursery.start_soon(load, self.en)
+
+    async def synthesize(self, text: str, lang: str) -> AsyncIterator[bytes]:
+        voice = self.voice_for(text, lang)
+        resampler = None if voice.output_rate == self.output_rate else StreamResampler(voice.output_rate,
+                                                                                        self.output_rate)
+        async with contextlib.aclosing(voice.synthesize(text, lang)) as chunks:
+            async for chunk in chunks:
+                out = chunk if resampler is None else resampler.process(chunk).tobytes()
+                if out:
+                    yield out
+        if resampler is not None and (tail := resampler.flush().tobytes()):
+            yield tail
+
+    async def health(self) -> dict[str, object]:
+        zh, en = await self.zh.health(), await self.en.health()
+        down = [name for name, h in (("zh", zh), ("en", en)) if h.get("status") != "ok"]
+        return {"status": "down" if down else "ok", "engine": "embedded", "output_rate": self.output_rate,
+                "voices": {"zh": self.zh.describe(), "en": self.en.describe()},
+                "components": {"zh": zh, "en": en},
+                "detail": "offline voices: Chinese sentences by Kokoro, English by piper"
+                          + (f"; down: {', '.join(down)}" if down else "")}
+
+
+def build_tts(settings: Settings, http_client: httpx.AsyncClient | None = None) -> RemoteTts | EmbeddedTts | PiperTts:
+    """The remote service when ``TTS_BASE_URL`` is set, else the embedded voices (both languages).
+
+    Without the Mandarin voice's packages (misaki needs Python < 3.13) the embedded default is piper
+    alone, which leaves Chinese sentences unspoken and says so in health.
+    """
     if settings.tts_base_url:
         return RemoteTts(settings.tts_base_url, settings.tts_api_key, settings.tts_secret_key,
                          settings.tts_model, settings.tts_voice_zh, settings.tts_voice_en,
                          settings.tts_speaking_rate, settings.tts_pitch, settings.tts_timeout,
-                         http_client=http_client)
-    log.info("no TTS_BASE_URL: speaking with the bundled piper voice (English only)")
-    return PiperTts(speaking_rate=settings.tts_speaking_rate)
+                         http_client=http_client, normalize_text=settings.tts_normalize_remote)
+    from voicegrow.kokoro import KokoroTts, kokoro_installed
+
+    limiter = trio.CapacityLimiter(settings.tts_workers)
+    piper = PiperTts(speaking_rate=settings.tts_speaking_rate, limiter=limiter)
+    if not kokoro_installed():
+        log.warning("no TTS_BASE_URL and the offline Mandarin voice is not installed: English only")
+        return piper
+    log.info("no TTS_BASE_URL: speaking with the embedded voices (Kokoro for Chinese, piper for English)")
+    kokoro = KokoroTts(settings.tts_offline_voice_zh, speaking_rate=settings.tts_speaking_rate, limiter=limiter)
+    return EmbeddedTts(kokoro, piper)

@@ -15,9 +15,9 @@ DIR/minio/<bucket>_<UTC time>.tar.gz (+ .sha256). Prints the archive's path on s
 
   --local          run the MinIO client 'mc' on this host against MINIO_ENDPOINT instead of the
                    Compose stack's 'mc' tool service
-  --dir DIR        backup root (default \$BACKUP_DIR or /var/backups/voicegrow)
+  --dir DIR        backup root (default \$BACKUP_DIR or /opt/voicegrow/backup)
   --keep N         archives to keep (default \$KEEP_MINIO or 7)
-  --env-file FILE  settings file (default deploy/.env); the environment wins over it
+  --env-file FILE  settings file (default /opt/voicegrow/.env); the environment wins over it
   -h, --help       this text
 EOF
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Dump the VoiceGrow database into a timestamped gzip file with a .sha256 beside it, then prune: keep
-# the newest 7 daily dumps and 4 weekly ones (the dump taken on WEEKLY_DAY is also linked into weekly/).
-# The dump is a consistent snapshot (--single-transaction) taken while the server keeps running.
+# Dump the VoiceGrow database (section 6.1.1 of the deployment document: as MySQL root with
+# MYSQL_ROOT_PASSWORD, into /opt/voicegrow/backup/mysql) into a timestamped gzip file with a .sha256
+# beside it and latest.sql.gz pointing at it, then prune: keep the newest 7 dumps and 4 weekly ones
+# (the dump taken on WEEKLY_DAY is also linked into weekly/). The dump is a consistent snapshot
+# (--single-transaction) taken while the server keeps running.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -10,16 +12,17 @@ usage() {
     cat <<EOF
 Usage: $VG_PROG [--local] [--dir DIR] [--keep-daily N] [--keep-weekly N] [--env-file FILE]
 
-Back up the MySQL database MYSQL_DATABASE to DIR/mysql/daily/<db>_<UTC time>.sql.gz (+ .sha256).
+Back up the MySQL database MYSQL_DATABASE, as root (MYSQL_ROOT_PASSWORD), to
+DIR/mysql/<db>_<UTC time>.sql.gz (+ .sha256) and point DIR/mysql/latest.sql.gz at it.
 Prints the path of the new backup on stdout.
 
   --local          use mysqldump on this host (MYSQL_HOST, default 127.0.0.1) instead of the
                    mysql container of the Compose stack
-  --dir DIR        backup root (default \$BACKUP_DIR or /var/backups/voicegrow)
-  --keep-daily N   daily dumps to keep (default \$KEEP_DAILY or 7)
+  --dir DIR        backup root (default \$BACKUP_DIR or /opt/voicegrow/backup)
+  --keep-daily N   dumps to keep in DIR/mysql (default \$KEEP_DAILY or 7; the hourly crontab keeps 168)
   --keep-weekly N  weekly dumps to keep (default \$KEEP_WEEKLY or 4); a weekly copy is made on
                    ISO weekday \$WEEKLY_DAY (1 = Monday ... default 7 = Sunday)
-  --env-file FILE  settings file (default deploy/.env); the environment wins over it
+  --env-file FILE  settings file (default /opt/voicegrow/.env); the environment wins over it
   -h, --help       this text
 EOF
 }
@@ -44,7 +47,7 @@ need_cmd gzip sha256sum
 
 umask 077 # dumps hold user data
 db="${MYSQL_DATABASE:-voicegrow}"
-daily_dir="$BACKUP_DIR/mysql/daily"
+daily_dir="$BACKUP_DIR/mysql"
 weekly_dir="$BACKUP_DIR/mysql/weekly"
 mkdir -p "$daily_dir" "$weekly_dir"
 name="${db}_$(timestamp).sql.gz"
@@ -53,7 +56,7 @@ partial="$target.partial"
 VG_TEMP_PATHS+=("$partial")
 
 log "dumping database '$db' ($MODE mode) to $target"
-vg_mysql_run mysqldump --single-transaction --quick --triggers --no-tablespaces --hex-blob | gzip -6 >"$partial"
+vg_mysql_run mysqldump --single-transaction --quick --routines --triggers --no-tablespaces --hex-blob | gzip -6 >"$partial"
 # mysqldump ends a complete dump with this comment; a dump cut short by a lost connection has none.
 gzip -dc "$partial" | tail -n 1 | grep -q '^-- Dump completed' ||
     die "the dump of '$db' is incomplete (no 'Dump completed' trailer); nothing was kept"
@@ -66,5 +69,8 @@ if [[ "$KEEP_WEEKLY" -gt 0 && "$(date -u +%u)" == "$WEEKLY_DAY" ]]; then
     prune_backups "$weekly_dir" "${db}_*.sql.gz" "$KEEP_WEEKLY"
 fi
 prune_backups "$daily_dir" "${db}_*.sql.gz" "$KEEP_DAILY"
+# The document restores "backup/mysql/latest.sql.gz"; restore_mysql.sh follows the link to the dump
+# and its checksum.
+ln -sfn -- "$name" "$daily_dir/latest.sql.gz"
 log "backup done: $target ($(du -h "$target" | cut -f1))"
 printf '%s\n' "$target"

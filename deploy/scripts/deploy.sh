@@ -1,47 +1,114 @@
 #!/usr/bin/env bash
-# First deployment (or a redeploy) of VoiceGrow. It refuses placeholder secrets, validates the
-# settings with the server's own loader before anything starts, builds the image, starts the stack
-# and waits on the health checks with a deadline, then makes sure the MinIO bucket exists.
+# First deployment (or a redeploy) of VoiceGrow, as section 8.1.1 of the deployment document: it
+# installs the /opt/voicegrow layout from this checkout (directories, compose files, config/, scripts/,
+# the source as server/, .env from .env.example and the chosen environment), refuses placeholder
+# secrets, validates the settings with the server's own loader before anything starts, builds the
+# image, starts the stack and waits on the health checks with a deadline, then makes sure the MinIO
+# bucket exists.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
     cat <<EOF
-Usage: $VG_PROG [--local] [--scale] [--check | --stop] [--no-build] [--timeout SECONDS] [--env-file FILE]
+Usage: $VG_PROG [--local] [--scale] [--check | --stop | --install-only] [--prefix DIR]
+       [--environment NAME] [--no-build] [--timeout SECONDS] [--env-file FILE]
 
-  (default)         build and start the Docker Compose stack in deploy/ (mysql, redis, minio, voicegrow)
-  --scale           also use docker-compose.scale.yml: nginx (TLS) in front of three replicas;
-                    certificates must be in /etc/voicegrow/certs (fullchain.pem, privkey.pem)
-  --local           no Docker: start 'voicegrow serve' from this checkout's virtualenv against the
-                    services named in the env file, and wait for its health endpoint
-  --check           only validate the env file (secrets and settings); change nothing
-  --stop            stop the stack (docker compose stop; data stays) or the local server
-  --no-build        start with the image already built
-  --timeout SECONDS how long to wait for the health checks (default 300)
-  --env-file FILE   settings file (default deploy/.env); the environment wins over it
-  -h, --help        this text
+  (default)          install DIR (default /opt/voicegrow) from this checkout, then build and start
+                     the Docker Compose stack there (server, mysql, redis, minio)
+  --prefix DIR       where the stack is installed (default \$VG_HOME or /opt/voicegrow)
+  --environment NAME development, testing, staging or production (environments/NAME.env):
+                     written into DIR/.env when it is created, or updated in it when given
+  --install-only     install DIR and its .env, start nothing
+  --scale            also use docker-compose.scale.yml: nginx (TLS) in front of three replicas;
+                     certificates must be in /etc/voicegrow/certs (fullchain.pem, privkey.pem)
+  --local            no Docker: start 'voicegrow serve' from this checkout's virtualenv against the
+                     services named in the env file, and wait for its health endpoint
+  --check            only validate the env file (secrets and settings); change nothing
+  --stop             stop the stack (docker compose stop; data stays) or the local server
+  --no-build         start with the image already built
+  --timeout SECONDS  how long to wait for the health checks (default 300)
+  --env-file FILE    settings file (default DIR/.env); the environment wins over it
+  -h, --help         this text
 
-A missing deploy/.env is created from deploy/.env.example (mode 0600) and the script stops so that
-you can set the secrets: MYSQL_PASSWORD, REDIS_PASSWORD, MINIO_ACCESS_KEY, MINIO_SECRET_KEY, ADMIN_TOKEN.
+A missing DIR/.env is created from .env.example (mode 0600) and the script stops so that you can set
+the secrets: MYSQL_PASSWORD, MYSQL_ROOT_PASSWORD, REDIS_PASSWORD, MINIO_ACCESS_KEY, MINIO_SECRET_KEY,
+ADMIN_TOKEN.
 EOF
 }
 
 check_only=0
 stop=0
 build=1
+install_only=0
+environment=""
+passed=()
 VG_OPTIONS="local scale timeout env-file"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --check) check_only=1 ;;
         --stop) stop=1 ;;
         --no-build) build=0 ;;
-        *) vg_common_option "$@"; shift "$VG_SHIFT"; continue ;;
+        --install-only) install_only=1 ;;
+        --prefix) need_arg "$1" "${2-}"; VG_HOME="$2"; shift ;;
+        --environment)
+            need_arg "$1" "${2-}"
+            [[ "$2" =~ ^(development|testing|staging|production)$ ]] ||
+                die "--environment must be development, testing, staging or production, not '$2'" 2
+            environment="$2"
+            shift
+            ;;
+        *)
+            vg_common_option "$@"
+            passed+=("${@:1:$VG_SHIFT}")
+            shift "$VG_SHIFT"
+            continue
+            ;;
     esac
+    case "$1" in --check | --stop | --no-build) passed+=("$1") ;; esac
     shift
 done
 
-ENV_FILE="${ENV_FILE:-$VG_DEPLOY_DIR/.env}"
+# .env: made once from .env.example plus the environment's overlay; later --environment updates it.
+# An env file named by --env-file / ENV_FILE is used as it is (and updated by --environment).
+created_env=0
+make_env_file() {
+    local home="$1" target="${ENV_FILE:-$1/.env}" overlay
+    if [[ ! -f "$target" ]]; then
+        [[ -z "${ENV_FILE:-}" ]] || die "cannot read env file $target"
+        (umask 077 && cp "$home/.env.example" "$target")
+        environment="${environment:-production}"
+        created_env=1
+    fi
+    if [[ -n "$environment" ]]; then
+        overlay="$home/environments/$environment.env"
+        log "applying the $environment environment ($overlay) to $target"
+        vg_apply_overlay "$target" "$overlay"
+    fi
+    [[ -z "${ENV_FILE:-}" ]] && chmod 600 "$target"
+    return 0
+}
+
+if [[ "$MODE" == docker && "$check_only" == 0 && "$stop" == 0 ]]; then
+    if [[ "$VG_INSTALLED" == 0 ]]; then
+        vg_install_layout
+        make_env_file "$VG_HOME"
+        if [[ "$install_only" == 1 ]]; then
+            log "installed $VG_HOME$([[ "$created_env" == 1 ]] && echo "; set the secrets in $VG_HOME/.env")"
+            exit 0
+        fi
+        if [[ "$created_env" == 1 ]]; then
+            die "created $VG_HOME/.env ($environment): set its secrets (openssl rand -hex 24), then run $VG_HOME/scripts/deploy.sh"
+        fi
+        export VG_HOME
+        exec "$VG_HOME/scripts/deploy.sh" "${passed[@]}"
+    fi
+    [[ "$install_only" == 0 ]] || die "--install-only installs from a checkout; this is the installed copy in $VG_HOME"
+    make_env_file "$VG_HOME"
+    [[ "$created_env" == 0 ]] || die "created $VG_HOME/.env ($environment): set its secrets (openssl rand -hex 24), then run $VG_PROG again"
+fi
+
+ENV_FILE="${ENV_FILE:-$(vg_default_env_file)}"
 if [[ "$stop" == 1 ]]; then
     vg_load_config
     if [[ "$MODE" == local ]]; then
@@ -51,10 +118,6 @@ if [[ "$stop" == 1 ]]; then
         vg_compose stop
     fi
     exit 0
-fi
-if [[ ! -f "$ENV_FILE" && "$MODE" == docker && "$check_only" == 0 ]]; then
-    (umask 077 && cp "$VG_DEPLOY_DIR/.env.example" "$ENV_FILE")
-    die "created $ENV_FILE from .env.example: set its secrets (openssl rand -hex 24), then run $VG_PROG again"
 fi
 vg_load_config
 vg_check_secrets
@@ -92,7 +155,7 @@ if [[ "$MODE" == local ]]; then
 fi
 
 vg_need_docker
-if [[ ${#VG_SCALE_ARGS[@]} -gt 0 ]]; then
+if vg_scaled; then
     for cert in /etc/voicegrow/certs/fullchain.pem /etc/voicegrow/certs/privkey.pem; do
         [[ -r "$cert" ]] || die "$cert is missing: nginx needs a TLS certificate (see docs/operations.md, TLS)"
     done
@@ -100,10 +163,10 @@ fi
 vg_compose config --quiet || die "the Compose files do not validate with $ENV_FILE"
 if [[ "$build" == 1 ]]; then
     log "building the server image"
-    vg_compose build voicegrow
+    vg_compose build server
 fi
 log "validating the settings inside the image"
-vg_compose run --rm --no-deps -T --entrypoint python voicegrow \
+vg_compose run --rm --no-deps -T --entrypoint python server \
     -c 'from voicegrow.settings import load_settings; load_settings(env_file=None)' ||
     die "the settings in $ENV_FILE are not valid (see above)"
 
@@ -113,4 +176,9 @@ vg_compose up -d --remove-orphans
 
 log "making sure bucket '${MINIO_BUCKET:-voicegrow}' exists"
 vg_mc "" mb --ignore-existing "minio/${MINIO_BUCKET:-voicegrow}" >&2
-log "deployed: speakers connect to ws://<this host>:${WS_PORT:-4399}, the API is on port ${HTTP_PORT:-8000}"
+log "deployed in $VG_HOME: speakers connect to ws://<this host>:${WS_PORT:-4399}, the API is on port ${HTTP_PORT:-8000}"
+case "${BACKUP_SCHEDULE:-daily}" in
+    none) log "backups: none scheduled (BACKUP_SCHEDULE=none)" ;;
+    hourly) log "backups: install the hourly schedule with: crontab -u root $VG_HOME/scripts/crontab.hourly" ;;
+    *) log "backups: install the daily schedule with: crontab -u root $VG_HOME/scripts/crontab" ;;
+esac

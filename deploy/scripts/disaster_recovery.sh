@@ -15,13 +15,13 @@ Usage: $VG_PROG [--local] [--scale] [--yes] [--dry-run] [--dir DIR] [--mysql FIL
   --scale           the stack runs with docker-compose.scale.yml
   --yes             do not ask for confirmation
   --dry-run         verify the backups and print the plan; change nothing
-  --dir DIR         backup root (default \$BACKUP_DIR or /var/backups/voicegrow)
+  --dir DIR         backup root (default \$BACKUP_DIR or /opt/voicegrow/backup)
   --mysql FILE      MySQL dump to restore (default: the newest under DIR/mysql)
   --minio FILE      bucket archive to restore (default: the newest under DIR/minio)
   --skip-minio      do not restore the bucket
   --no-start        restore the data only; do not start the server
   --timeout SECONDS how long to wait for each health check (default 300)
-  --env-file FILE   settings file (default deploy/.env); the environment wins over it
+  --env-file FILE   settings file (default /opt/voicegrow/.env); the environment wins over it
   -h, --help        this text
 EOF
 }
@@ -80,7 +80,12 @@ if [[ "$MODE" == docker ]]; then
     "$VG_SCRIPTS_DIR/healthcheck.sh" "${VG_SCALE_ARGS[@]}" --service mysql --service redis --service minio --wait "$VG_TIMEOUT"
 fi
 
-"$VG_SCRIPTS_DIR/restore_mysql.sh" --yes "$mysql_backup"
+if [[ "$MODE" == docker ]]; then
+    # Nothing may write while the data comes back (the document stops everything first).
+    mapfile -t servers < <(vg_server_services)
+    vg_compose stop "${servers[@]}"
+fi
+"$VG_SCRIPTS_DIR/restore_mysql.sh" --yes --keep-running "$mysql_backup"
 
 if [[ "$skip_minio" == 0 ]]; then
     mkdir -p "$BACKUP_DIR"

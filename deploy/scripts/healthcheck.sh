@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Is the deployment healthy? Docker mode reads the health status Docker keeps for every container of
-# the stack (each service has a HEALTHCHECK) and asks the API's /api/v1/health; local mode asks the API.
+# Is the deployment healthy? (section 7.2.1 of the deployment document) Docker mode reads the health
+# status Docker keeps for every container of the stack (server, mysql, redis, minio and whatever
+# profile is on; each has a HEALTHCHECK) and asks the API's /api/v1/health; local mode asks the API.
 # With --wait it polls until healthy or a deadline passes, so deploy/update never sleep a fixed time.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -20,7 +21,7 @@ Exit 0 when everything checked is healthy, 1 otherwise; one line per check on st
   --service NAME    check only this Compose service (repeatable; default: every service)
   --wait SECONDS    poll every 2 s until healthy; fail when SECONDS have passed
   --quiet           print nothing when healthy (for cron)
-  --env-file FILE   settings file (default deploy/.env); the environment wins over it
+  --env-file FILE   settings file (default /opt/voicegrow/.env); the environment wins over it
   -h, --help        this text
 EOF
 }
@@ -43,7 +44,7 @@ done
 vg_load_config
 need_cmd curl
 check_http=0
-if [[ -n "$url" || "$MODE" == local || (${#services[@]} -eq 0 && ${#VG_COMPOSE_FILES[@]} -eq 1) ]]; then
+if [[ -n "$url" || "$MODE" == local ]] || { [[ ${#services[@]} -eq 0 ]] && ! vg_scaled; }; then
     check_http=1
 fi
 url="${url:-http://127.0.0.1:${HTTP_PORT:-8000}/api/v1/health}"

@@ -9,21 +9,35 @@
 
 VG_SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VG_DEPLOY_DIR="$(dirname "$VG_SCRIPTS_DIR")"
-VG_REPO_DIR="$(dirname "$VG_DEPLOY_DIR")"
 VG_PROG="$(basename "$0")"
 VG_COMPOSE_FILES=(docker-compose.yml)
 VG_TEMP_PATHS=()
 
+# Two places the scripts run from: a checkout (<repo>/deploy/scripts) or the installed layout of the
+# deployment document (/opt/voicegrow/scripts, next to docker-compose.yml, .env and server/, the source).
+# VG_HOME is the installed directory the Compose stack runs in; VG_REPO_DIR the source tree.
+if [[ -f "$VG_DEPLOY_DIR/server/Dockerfile" && -f "$VG_DEPLOY_DIR/docker-compose.yml" ]]; then
+    VG_INSTALLED=1
+    VG_HOME="${VG_HOME:-$VG_DEPLOY_DIR}"
+    VG_REPO_DIR="$VG_DEPLOY_DIR/server"
+else
+    VG_INSTALLED=0
+    VG_HOME="${VG_HOME:-/opt/voicegrow}"
+    VG_REPO_DIR="$(dirname "$VG_DEPLOY_DIR")"
+fi
+
 # Settings that hold secrets (the `secret=True` fields of voicegrow/settings.py; tests keep this in sync).
-VG_SECRET_VARS=(ADMIN_TOKEN TTS_API_KEY TTS_SECRET_KEY LLM_API_KEY LLM_SECRET_KEY MYSQL_PASSWORD REDIS_PASSWORD MINIO_ACCESS_KEY MINIO_SECRET_KEY XIAOAI_TOKEN)
+VG_SECRET_VARS=(ADMIN_TOKEN TTS_API_KEY TTS_SECRET_KEY LLM_API_KEY LLM_SECRET_KEY MYSQL_PASSWORD REDIS_PASSWORD MINIO_ACCESS_KEY MINIO_SECRET_KEY XIAOAI_TOKEN XIAOZHI_TOKEN)
 # Secrets the Compose stack cannot start without (the databases take them as their credentials).
-VG_STACK_SECRET_VARS=(MYSQL_PASSWORD REDIS_PASSWORD MINIO_ACCESS_KEY MINIO_SECRET_KEY ADMIN_TOKEN)
+# MYSQL_ROOT_PASSWORD is no server setting: only the mysql container, the operator and the backup
+# scripts use it (the server container gets it emptied).
+VG_STACK_SECRET_VARS=(MYSQL_PASSWORD MYSQL_ROOT_PASSWORD REDIS_PASSWORD MINIO_ACCESS_KEY MINIO_SECRET_KEY ADMIN_TOKEN)
 # Values copied from examples and tutorials; a deployment that still has one is not secured.
 VG_PLACEHOLDERS=" change-me changeme change_me password secret minioadmin admin root voicegrow example xxx "
 
 MODE="${MODE:-docker}"
 ASSUME_YES="${ASSUME_YES:-0}"
-BACKUP_DIR="${BACKUP_DIR:-/var/backups/voicegrow}"
+BACKUP_DIR="${BACKUP_DIR:-$VG_HOME/backup}"
 VG_TIMEOUT=300
 VG_SCALE_ARGS=()
 
@@ -115,28 +129,52 @@ load_env_file() {
     done <"$file"
 }
 
+# The settings file: the installed .env (docker mode, or any script of the installed layout), else the
+# checkout's deploy/.env (local mode from a checkout).
+vg_default_env_file() {
+    if [[ "$VG_INSTALLED" == 1 || "$MODE" == docker ]]; then
+        printf '%s\n' "$VG_HOME/.env"
+    else
+        printf '%s\n' "$VG_DEPLOY_DIR/.env"
+    fi
+}
+
 # Load $ENV_FILE when it exists. Scripts call it after parsing their options (--env-file sets it).
 vg_load_config() {
-    ENV_FILE="${ENV_FILE:-$VG_DEPLOY_DIR/.env}"
+    ENV_FILE="${ENV_FILE:-$(vg_default_env_file)}"
     if [[ -f "$ENV_FILE" ]]; then
         load_env_file "$ENV_FILE"
     elif [[ "$MODE" == docker ]]; then
-        die "$ENV_FILE not found: copy deploy/.env.example to deploy/.env and set its secrets"
+        die "$ENV_FILE not found: run deploy/scripts/deploy.sh (it installs $VG_HOME and creates .env), then set its secrets"
     fi
     case "$MODE" in
         docker | local) ;;
         *) die "MODE must be docker or local, not '$MODE'" ;;
     esac
+    # COMPOSE_FILE (set by the environment overlays, e.g. production = the scale file too) chooses the
+    # Compose files here as it does for a plain `docker-compose` in $VG_HOME.
+    if [[ -n "${COMPOSE_FILE:-}" && ${#VG_SCALE_ARGS[@]} -eq 0 ]]; then
+        IFS=: read -r -a VG_COMPOSE_FILES <<<"$COMPOSE_FILE"
+        if vg_scaled; then
+            VG_SCALE_ARGS=(--scale)
+        fi
+    fi
 }
 
 vg_use_scale() {
     VG_COMPOSE_FILES=(docker-compose.yml docker-compose.scale.yml)
 }
 
+# Whether the scale file (replicas behind nginx) is among the Compose files in use.
+vg_scaled() {
+    [[ " ${VG_COMPOSE_FILES[*]} " == *" docker-compose.scale.yml "* ]]
+}
+
 vg_compose() {
-    local args=(compose --project-directory "$VG_DEPLOY_DIR" --env-file "$ENV_FILE") file
+    local args=(compose --project-directory "$VG_HOME" --env-file "$ENV_FILE") file
     for file in "${VG_COMPOSE_FILES[@]}"; do
-        args+=(-f "$VG_DEPLOY_DIR/$file")
+        [[ "$file" == /* ]] || file="$VG_HOME/$file"
+        args+=(-f "$file")
     done
     docker "${args[@]}" "$@"
 }
@@ -148,17 +186,17 @@ vg_need_docker() {
 
 # The server services of the stack: one, or every replica when the scale file is in use.
 vg_server_services() {
-    if [[ ${#VG_COMPOSE_FILES[@]} -gt 1 ]]; then
-        printf '%s\n' voicegrow voicegrow-2 voicegrow-3
+    if vg_scaled; then
+        printf '%s\n' server server-2 server-3
     else
-        printf '%s\n' voicegrow
+        printf '%s\n' server
     fi
 }
 
 # Refuse secrets left at a placeholder; in docker mode also require the stack's own credentials.
 vg_check_secrets() {
     local name value lowered problems=()
-    for name in "${VG_SECRET_VARS[@]}"; do
+    for name in "${VG_SECRET_VARS[@]}" MYSQL_ROOT_PASSWORD; do
         value="${!name:-}"
         lowered="${value,,}"
         if [[ -n "$value" && "$VG_PLACEHOLDERS" == *" $lowered "* ]]; then
@@ -240,11 +278,11 @@ newest_backup() {
     return 0
 }
 
-# The newest MySQL dump: daily first, then weekly; nothing when there is none.
+# The newest MySQL dump of MYSQL_DATABASE: DIR/mysql first, then DIR/mysql/weekly; nothing when none.
 newest_mysql_backup() {
-    local found
-    found="$(newest_backup "$BACKUP_DIR/mysql/daily" '*.sql.gz')"
-    [[ -n "$found" ]] || found="$(newest_backup "$BACKUP_DIR/mysql/weekly" '*.sql.gz')"
+    local found glob="${MYSQL_DATABASE:-voicegrow}_*.sql.gz"
+    found="$(newest_backup "$BACKUP_DIR/mysql" "$glob")"
+    [[ -n "$found" ]] || found="$(newest_backup "$BACKUP_DIR/mysql/weekly" "$glob")"
     printf '%s' "$found"
 }
 
@@ -264,9 +302,10 @@ prune_backups() {
 
 # --- MySQL, in either mode; credentials never on a command line -----------------------------------
 
-# A 0600 option file for the mysql clients (local mode): the password stays out of `ps`.
+# A 0600 option file for the mysql clients (local mode): the password stays out of `ps`. The backup
+# scripts work as MySQL's root with MYSQL_ROOT_PASSWORD, as the deployment document has it.
 vg_mysql_option_file() {
-    local file password="${MYSQL_PASSWORD:-}"
+    local file password="${MYSQL_ROOT_PASSWORD:-}"
     file="$(vg_tempfile)"
     password="${password//\\/\\\\}"
     password="${password//\"/\\\"}"
@@ -274,15 +313,16 @@ vg_mysql_option_file() {
         printf '[client]\n'
         printf 'host=%s\n' "${MYSQL_HOST:-127.0.0.1}"
         printf 'port=%s\n' "${MYSQL_PORT:-3306}"
-        printf 'user=%s\n' "${MYSQL_USER:-voicegrow}"
+        printf 'user=root\n'
         printf 'password="%s"\n' "$password"
         printf 'default-character-set=utf8mb4\n'
     } >"$file"
     printf '%s\n' "$file"
 }
 
-# Run a mysql client program (mysql, mysqldump, ...) on the configured database with extra options.
-# Docker mode runs it inside the mysql container with the container's own MYSQL_USER/MYSQL_PASSWORD.
+# Run a mysql client program (mysql, mysqldump, ...) on the configured database with extra options,
+# as root. Docker mode runs it inside the mysql container with the container's own
+# MYSQL_ROOT_PASSWORD (what the container was created with), handed over in MYSQL_PWD.
 vg_mysql_run() {
     local program="$1" option_file
     shift
@@ -292,8 +332,8 @@ vg_mysql_run() {
         "$program" --defaults-extra-file="$option_file" "$@" "${MYSQL_DATABASE:-voicegrow}"
     else
         # shellcheck disable=SC2016 # expanded by the container's shell, from the container's env
-        vg_compose exec -T mysql sh -c 'program="$1"; shift; MYSQL_PWD="$MYSQL_PASSWORD" exec "$program" \
-            --user="$MYSQL_USER" --default-character-set=utf8mb4 "$@" "$MYSQL_DATABASE"' sh "$program" "$@"
+        vg_compose exec -T mysql sh -c 'program="$1"; shift; MYSQL_PWD="$MYSQL_ROOT_PASSWORD" exec "$program" \
+            --user=root --default-character-set=utf8mb4 "$@" "$MYSQL_DATABASE"' sh "$program" "$@"
     fi
 }
 
@@ -364,4 +404,91 @@ vg_mc() {
     else
         vg_compose run --rm -T "${mount[@]}" mc "$@"
     fi
+}
+
+# --- the installed layout (section 2.3 of the deployment document) -------------------------------------
+
+# What deploy.sh copies from a checkout's deploy/ into VG_HOME; .env is made once and never overwritten.
+VG_SHIPPED=(docker-compose.yml docker-compose.scale.yml .env.example config scripts environments firewall
+    prometheus grafana alertmanager loki)
+# The source files the image is built from (the .dockerignore whitelist, and the deploy files so that a
+# copied tree can install itself again).
+VG_SOURCE_FILES=(Dockerfile .dockerignore setup.cfg pyproject.toml README.md LICENSE voicegrow bench deploy)
+# The directories of section 2.3 (and data/server, the server's DATA_DIR); the container users that
+# must own some of them: the server runs as uid 10001, MySQL as 999.
+VG_LAYOUT_DIRS=(config/mysql config/redis config/nginx data/mysql data/redis data/minio data/models
+    data/server data/server-2 data/server-3 logs/server logs/mysql logs/nginx scripts backup/mysql
+    backup/minio)
+
+# Copy SRC (a file or a directory) over DEST. An existing file that differs is kept as FILE.bak-<time>
+# first (an operator may have edited config/), and files are replaced by new inodes, so that a script
+# that is running while it is updated keeps reading its old copy.
+vg_copy_tree() {
+    local src="$1" dest="$2" file rel stamp="${VG_STAMP:=$(timestamp)}"
+    if [[ -d "$src" && ! -e "$dest" ]]; then
+        # A first install: the whole tree at once, then out with what is never installed.
+        mkdir -p "$(dirname "$dest")"
+        cp -Rp -- "$src" "$dest"
+        find "$dest" \( -name .env -o -name '*.pyc' -o -name __pycache__ -o -name '*.bak-*' \) -prune -exec rm -rf {} +
+        return 0
+    fi
+    if [[ -d "$src" ]]; then
+        while IFS= read -r -d '' file; do
+            rel="${file#"$src"/}"
+            vg_copy_tree "$file" "$dest/$rel"
+        # Never a settings file with secrets (a checkout's deploy/.env), nor caches and kept backups.
+        done < <(find "$src" -type f ! -name .env ! -name '*.pyc' ! -path '*/__pycache__/*' ! -name '*.bak-*' -print0)
+        return 0
+    fi
+    mkdir -p "$(dirname "$dest")"
+    if [[ -f "$dest" ]]; then
+        cmp -s -- "$src" "$dest" && return 0
+        case "$dest" in
+            */config/*) log "keeping your changed $dest as $dest.bak-$stamp"; cp -p -- "$dest" "$dest.bak-$stamp" ;;
+        esac
+    fi
+    cp -p -- "$src" "$dest.new.$$" && mv -f -- "$dest.new.$$" "$dest"
+}
+
+# Install (or refresh) the stack's files into VG_HOME from the checkout VG_REPO_DIR: the document's
+# directories, the deploy files, the source tree as VG_HOME/server (unless the checkout is that
+# directory already), executable scripts. Data, logs, backups and .env are never touched.
+vg_install_layout() {
+    local item dir
+    [[ "$VG_INSTALLED" == 0 ]] || die "already running from the installed layout $VG_HOME"
+    log "installing the stack into $VG_HOME"
+    mkdir -p "$VG_HOME" || die "cannot create $VG_HOME (run as root, or choose --prefix DIR)"
+    for dir in "${VG_LAYOUT_DIRS[@]}"; do
+        mkdir -p "$VG_HOME/$dir"
+    done
+    for item in "${VG_SHIPPED[@]}"; do
+        [[ -e "$VG_DEPLOY_DIR/$item" ]] && vg_copy_tree "$VG_DEPLOY_DIR/$item" "$VG_HOME/$item"
+    done
+    if [[ "$(cd "$VG_REPO_DIR" && pwd -P)" != "$(mkdir -p "$VG_HOME/server" && cd "$VG_HOME/server" && pwd -P)" ]]; then
+        for item in "${VG_SOURCE_FILES[@]}"; do
+            [[ -e "$VG_REPO_DIR/$item" ]] && vg_copy_tree "$VG_REPO_DIR/$item" "$VG_HOME/server/$item"
+        done
+    fi
+    chmod +x "$VG_HOME"/scripts/*.sh
+    if [[ "$(id -u)" == 0 ]]; then
+        chown 10001:10001 "$VG_HOME"/data/server* "$VG_HOME/logs/server"
+        chown 999:999 "$VG_HOME/logs/mysql"
+    else
+        log "not root: give $VG_HOME/data/server* to uid 10001 (the server) and logs/mysql to uid 999 (MySQL) yourself"
+    fi
+}
+
+# Set KEY=value lines of OVERLAY in FILE: replace a key's line where FILE has it, append it otherwise.
+# Comments and every other line of FILE stay as they are.
+vg_apply_overlay() {
+    local file="$1" overlay="$2" tmp
+    [[ -r "$overlay" ]] || die "no environment overlay $overlay"
+    tmp="$(vg_tempfile)"
+    awk -F= '
+        NR == FNR { if ($0 !~ /^[[:space:]]*(#|$)/) { key = $1; sub(/^[[:space:]]+/, "", key); value[key] = $0; order[++n] = key }; next }
+        { key = $1; sub(/^[[:space:]]*(export[[:space:]]+)?/, "", key)
+          if ($0 !~ /^[[:space:]]*#/ && (key in value)) { print value[key]; done[key] = 1 } else print }
+        END { for (i = 1; i <= n; i++) if (!(order[i] in done)) print value[order[i]] }
+    ' "$overlay" "$file" >"$tmp"
+    cat -- "$tmp" >"$file"
 }

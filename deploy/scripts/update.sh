@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Update a running deployment to the checkout's newest code: back up the database first, pull,
-# rebuild, then replace the server one replica at a time, each waited on until healthy. If a new
-# replica does not become healthy, the previous image is put back and the script fails.
+# Update a running deployment to the newest code (section 8.1.2 of the deployment document): back up
+# the database first, pull the source (VG_HOME/server when it is a git checkout), refresh the installed
+# files, rebuild, then replace the server one replica at a time, each waited on until healthy. If a
+# new replica does not become healthy, the previous image is put back and the script fails.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -11,14 +12,14 @@ usage() {
 Usage: $VG_PROG [--local] [--scale] [--no-pull] [--no-backup] [--timeout SECONDS] [--env-file FILE]
 
   (default)          rebuild the image and recreate the server container(s) of the Compose stack
-  --scale            the stack runs with docker-compose.scale.yml: update voicegrow, voicegrow-2 and
-                     voicegrow-3 one after another (nginx keeps routing to the others meanwhile)
+  --scale            the stack runs with docker-compose.scale.yml: update server, server-2 and
+                     server-3 one after another (nginx keeps routing to the others meanwhile)
   --local            no Docker: reinstall the package into the virtualenv and restart the local
                      server started by deploy.sh --local
   --no-pull          do not 'git pull --ff-only' first
   --no-backup        skip the MySQL backup taken before the update
   --timeout SECONDS  how long each replica may take to become healthy (default 300)
-  --env-file FILE    settings file (default deploy/.env); the environment wins over it
+  --env-file FILE    settings file (default /opt/voicegrow/.env); the environment wins over it
   -h, --help         this text
 EOF
 }
@@ -44,9 +45,21 @@ if [[ "$backup" == 1 ]]; then
     "$VG_SCRIPTS_DIR/backup_mysql.sh" >/dev/null
 fi
 if [[ "$pull" == 1 ]]; then
-    need_cmd git
-    log "pulling the newest code"
-    git -C "$VG_REPO_DIR" pull --ff-only
+    if [[ -d "$VG_REPO_DIR/.git" || "$MODE" == local ]]; then
+        need_cmd git
+        log "pulling the newest code"
+        git -C "$VG_REPO_DIR" pull --ff-only
+    else
+        log "$VG_REPO_DIR is no git checkout: copy the new source there (or run update.sh from a checkout)"
+    fi
+fi
+if [[ "$MODE" == docker ]]; then
+    # New compose files, scripts and rules reach the installed directory (never .env or data).
+    if [[ "$VG_INSTALLED" == 1 ]]; then
+        "$VG_REPO_DIR/deploy/scripts/deploy.sh" --install-only --prefix "$VG_HOME"
+    else
+        vg_install_layout
+    fi
 fi
 
 if [[ "$MODE" == local ]]; then
@@ -73,7 +86,7 @@ if docker image inspect "$IMAGE" >/dev/null 2>&1; then
     docker image tag "$IMAGE" "$ROLLBACK_IMAGE"
 fi
 log "building the new image"
-vg_compose build voicegrow
+vg_compose build server
 
 updated=()
 roll_back() {

@@ -32,6 +32,7 @@ class ErrorCode(enum.IntEnum):
     SERVER_BUSY = 101
     RATE_LIMITED = 102
     HANDSHAKE_TIMEOUT = 103
+    AUTH_THROTTLED = 104
 
     @property
     def ws_close_code(self) -> int:
@@ -56,6 +57,7 @@ _WS_CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.SERVER_BUSY: 1013,
     ErrorCode.RATE_LIMITED: 1008,
     ErrorCode.HANDSHAKE_TIMEOUT: 1008,
+    ErrorCode.AUTH_THROTTLED: 4429,
 }
 
 

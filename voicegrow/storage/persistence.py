@@ -26,7 +26,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,7 +37,7 @@ from voicegrow.audio import wav_bytes
 from voicegrow.metrics import Metrics
 from voicegrow.settings import Settings
 from voicegrow.storage.blobs import BlobStore, LocalBlobs, S3Blobs
-from voicegrow.storage.errors import BackendUnavailable, SpoolError
+from voicegrow.storage.errors import BackendUnavailable, SpoolError, SpoolLockedError
 from voicegrow.storage.health import ComponentHealth
 from voicegrow.storage.mysql import MySQLStore
 from voicegrow.storage.records import (
@@ -45,6 +45,7 @@ from voicegrow.storage.records import (
 )
 from voicegrow.storage.spool import Spool, lock_directory
 from voicegrow.storage.sqlite import SQLiteStore
+from voicegrow.storage.sqlite_state import SQLiteState
 from voicegrow.storage.sqlstore import SqlStore
 from voicegrow.storage.state import MemoryState, RedisState, StateStore
 from voicegrow.storage.writer import Acknowledgement, SpoolWriter
@@ -63,7 +64,9 @@ class Persistence:
                  replica_id: str, session_ttl_s: int = 86400, metrics: Metrics | None = None,
                  retry_initial_s: float = 0.5, retry_max_s: float = 10.0, probe_interval_s: float = 5.0,
                  state_timeout_s: float = 0.5, startup_timeout_s: float = 10.0, delete_wait_s: float = 10.0,
-                 max_attempts: int = 5, fsync: bool = True) -> None:
+                 max_attempts: int = 5, fsync: bool = True, orphan_spools: Sequence[Path] = ()) -> None:
+        """``orphan_spools``: spool directories of worker indexes that no longer run (WORKERS was
+        lowered); :meth:`run` delivers what they hold, then leaves them empty."""
         self.records = records
         self.state = state
         self.blobs = blobs
@@ -77,6 +80,7 @@ class Persistence:
         timing = dict(retry_initial_s=retry_initial_s, retry_max_s=retry_max_s,
                       probe_interval_s=probe_interval_s, max_attempts=max_attempts)
         self._probe_interval_s = probe_interval_s
+        self._timing, self._fsync, self._orphan_spools = timing, fsync, list(orphan_spools)
         self._writers: dict[str, SpoolWriter] = {}
         for name, sink in (("mysql", records), ("minio", blobs)):
             spool = Spool(self.spool_dir / name, fsync=fsync)
@@ -90,9 +94,21 @@ class Persistence:
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None, *, key_prefix: str = "voicegrow:",
                       spool_dir: str | Path | None = None, connect_timeout_s: float = 3.0,
-                      **tuning: Any) -> Persistence:
-        """Backends as the settings say; ``tuning`` passes the timing parameters of ``__init__``."""
+                      worker: int | None = None, **tuning: Any) -> Persistence:
+        """Backends as the settings say; ``tuning`` passes the timing parameters of ``__init__``.
+
+        ``worker``: this process is worker ``worker`` of several. A spool has one writer process, so
+        worker 0 keeps ``{DATA_DIR}/spool`` (that of a single-process server) and worker k takes
+        ``{DATA_DIR}/spool/worker-k`` (its replacement after a crash replays it). Without Redis, the live
+        state goes to ``{DATA_DIR}/state.sqlite3``, which all workers share, instead of process memory.
+        """
         data_dir = Path(settings.data_dir)
+        orphans: list[Path] = []
+        if spool_dir is None:
+            spool_dir = data_dir / "spool" if not worker else data_dir / "spool" / f"worker-{worker}"
+            if not worker:  # the first (or only) process adopts the spools of workers beyond WORKERS
+                orphans = [p for p in (data_dir / "spool").glob("worker-*")
+                           if p.name[7:].isdigit() and int(p.name[7:]) >= settings.workers]
         records: SqlStore
         if settings.mysql_host:
             records = MySQLStore(host=settings.mysql_host, port=settings.mysql_port, user=settings.mysql_user,
@@ -105,6 +121,8 @@ class Persistence:
             state = RedisState(host=settings.redis_host, port=settings.redis_port, password=settings.redis_password,
                                db=settings.redis_db, key_prefix=key_prefix,
                                socket_timeout_s=min(connect_timeout_s, 1.0))
+        elif worker is not None:
+            state = SQLiteState(data_dir / "state.sqlite3")
         else:
             state = MemoryState()
         blobs: BlobStore
@@ -115,10 +133,11 @@ class Persistence:
                             timeout_s=connect_timeout_s)
         else:
             blobs = LocalBlobs(data_dir / "audio")
-        return cls(records=records, state=state, blobs=blobs,
-                   spool_dir=Path(spool_dir) if spool_dir is not None else data_dir / "spool",
-                   replica_id=settings.replica_id or socket.gethostname(), session_ttl_s=settings.session_ttl_s,
-                   metrics=metrics, **tuning)
+        replica_id = settings.replica_id or socket.gethostname()
+        if worker is not None:
+            replica_id += f"/worker-{worker}"
+        return cls(records=records, state=state, blobs=blobs, spool_dir=Path(spool_dir), replica_id=replica_id,
+                   session_ttl_s=settings.session_ttl_s, metrics=metrics, orphan_spools=orphans, **tuning)
 
     # -- lifetime
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -140,6 +159,8 @@ class Persistence:
                 for writer in self._writers.values():
                     nursery.start_soon(writer.run)
                 nursery.start_soon(self._watch_state)
+                for orphan in self._orphan_spools:
+                    nursery.start_soon(self._deliver_orphan, orphan)
                 self._running = True
                 task_status.started()
         finally:
@@ -149,8 +170,33 @@ class Persistence:
                     await closable.aclose()
             lock.close()
 
+    async def _deliver_orphan(self, root: Path) -> None:
+        """Deliver a spool that no running worker owns, then let it go (a live worker's is locked)."""
+        try:
+            lock = await trio.to_thread.run_sync(lock_directory, root)
+        except SpoolLockedError:
+            return
+        try:
+            for name, sink in (("mysql", self.records), ("minio", self.blobs)):
+                spool = Spool(root / name, fsync=self._fsync)
+                await spool.open()
+                if not len(spool):
+                    continue
+                log.info("delivering %d %s records left by %s", len(spool), name, root.name)
+                writer = SpoolWriter(spool, sink, self._writers[name].health, **self._timing)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(writer.run)
+                    await spool.wait_empty()
+                    nursery.cancel_scope.cancel()
+        finally:
+            lock.close()
+
     def _healths(self) -> list[ComponentHealth]:
         return [self._writers["mysql"].health, self._state_health, self._writers["minio"].health]
+
+    async def wait_records_delivered(self) -> None:
+        """Until the record spool is empty (the timer book loads its timers after that)."""
+        await self._writers["mysql"].spool.wait_empty()
 
     async def wait_delivered(self) -> None:
         """Until both spools are empty (tests, and a graceful shutdown that wants to flush)."""
@@ -201,6 +247,24 @@ class Persistence:
                 await self._spool("minio", {"op": "put_object", "key": key, "content_type": "audio/wav"},
                                   wav_bytes(pcm[:len(pcm) - len(pcm) % 2], rate))
         await self._spool("mysql", {"op": "turn", "turn": rec.to_dict()})
+
+    # -- timers (voicegrow.tools.timers.TimerStore)
+    async def save_timer(self, row: dict[str, Any]) -> None:
+        await self._spool("mysql", {"op": "timer", "timer": row})
+
+    async def set_timer_state(self, timer_id: str, state: str, at: float) -> None:
+        await self._spool("mysql", {"op": "timer_state", "timer_id": timer_id, "state": state, "at": at})
+
+    async def claim_timer(self, timer_id: str, state: str, at: float) -> bool | None:
+        """Directly, not spooled: whether this process moved the pending timer to ``state`` (see
+        ``SqlStore.claim_timer``); raises BackendUnavailable when the store cannot answer."""
+        return await (await self._records_ready()).claim_timer(timer_id, state, at)
+
+    async def load_pending_timers(self) -> list[dict[str, Any]]:
+        return await (await self._records_ready()).list_timers(None, ("pending",), limit=100_000)
+
+    async def list_timers(self, device_id: str, *, limit: int = 200) -> list[dict[str, Any]]:
+        return await (await self._records_ready()).list_timers(device_id, None, limit)
 
     # -- live state (Redis)
     async def _state_call(self, what: str, call: Callable[[], Awaitable[T]], default: T) -> T:
@@ -264,10 +328,10 @@ class Persistence:
         return Page(items, encode_cursor((items[-1]["device_id"],)) if more else None)
 
     async def list_turns(self, device_id: str | None = None, since: float | None = None, limit: int = 50,
-                         cursor: str | None = None) -> Page:
-        """Newest first."""
+                         cursor: str | None = None, text: str | None = None) -> Page:
+        """Newest first; ``text``: only turns whose transcript or reply contains it."""
         after = decode_cursor(cursor, (float, str)) if cursor else None
-        items, more = await (await self._records_ready()).list_turns(device_id, since, limit, after)
+        items, more = await (await self._records_ready()).list_turns(device_id, since, limit, after, text)
         last = items[-1] if items else None
         return Page(items, encode_cursor((last["started_at"], last["turn_id"])) if more and last else None)
 
@@ -278,7 +342,7 @@ class Persistence:
         return await (await self._records_ready()).get_session(session_id)
 
     async def delete_device_data(self, device_id: str) -> dict[str, Any]:
-        """Erase a device's turns, sessions, events, device row, audio objects and history.
+        """Erase a device's turns, sessions, events, timers, device row, audio objects and history.
 
         The deletions travel through the spools, behind any of the device's records still waiting
         there, so nothing spooled earlier can reappear after them. The counts come back if the backends
@@ -297,7 +361,7 @@ class Persistence:
                 assert ack is not None
                 await ack.wait()
         report: dict[str, Any] = {"device_id": device_id, "turns": None, "sessions": None, "events": None,
-                                  "devices": None, "audio_objects": None, "history_keys": history,
+                                  "timers": None, "devices": None, "audio_objects": None, "history_keys": history,
                                   "pending": [], "failed": [] if history is not None else ["redis"]}
         for name, ack in acks.items():
             assert ack is not None

@@ -13,6 +13,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from voicegrow import __version__
+from voicegrow.auth_throttle import address_key
 from voicegrow.device_auth import new_nonce
 from voicegrow.protocol import native as wire
 from voicegrow.protocol.errors import ErrorCode, ProtocolError
@@ -54,6 +55,12 @@ class NativeLink:
     async def interrupt(self, turn_id: int) -> None:
         self._outbox.drop_audio_through(turn_id)
 
+    async def set_volume(self, level: int) -> None:
+        """The ``volume`` event (docs/protocol.md): the device sets its speaker to ``level`` percent."""
+        if type(level) is not int or not 0 <= level <= 100:
+            raise ValueError(f"volume {level!r} is not an integer from 0 to 100")
+        await self.send_event("volume", {"level": level}, 0)
+
 
 #: Audio a device may send ahead of the MAX_AUDIO_RATE allowance (a buffered start after a reconnect).
 _AUDIO_BURST_S = 3.0
@@ -62,9 +69,13 @@ _AUDIO_BURST_S = 3.0
 class NativeSession:
     """Drives one native-protocol connection from hello to close."""
 
-    def __init__(self, services: Services, ws: WebSocketConnection, info: SessionInfo,
-                 first_message: bytes | str | None, handshake_deadline: float) -> None:
+    def __init__(self, services: Services, ws: Any, info: SessionInfo,
+                 first_message: bytes | str | None, handshake_deadline: float, *,
+                 auth_mode: str | None = None) -> None:
         self.services = services
+        #: ``DEVICE_AUTH`` unless the caller knows better (the browser's talk socket): ``off`` for the
+        #: operator, ``operator`` for a peer that is not and has no device credential to offer.
+        self._auth_mode = auth_mode or services.settings.device_auth
         self.ws = ws
         self.info = info
         self._first = first_message
@@ -116,16 +127,21 @@ class NativeSession:
 
     async def _authenticate(self, hello: wire.Hello) -> None:
         """Check the device's credentials (DEVICE_AUTH); answers HELLO_ACK on success."""
-        mode = self.services.settings.device_auth
+        mode = self._auth_mode
+        if mode == "operator":
+            self._refuse("not_operator")
+            raise ProtocolError(ErrorCode.AUTH_REQUIRED, "sign in with the admin token (ADMIN_TOKEN) first")
         credentials = self.services.device_credentials
         info = self.info
         nonce = new_nonce() if mode == "hmac" else ""
+        if mode != "off":
+            self._check_not_locked_out()
         if mode == "token":
             if not hello.token:
                 self._refuse("missing_token")
                 raise ProtocolError(ErrorCode.AUTH_REQUIRED, "this server requires a device token in HELLO")
             if not credentials.check_token(hello.device_id, hello.token):
-                self._refuse("bad_token")
+                self._refuse("bad_token", guess=f"{hello.device_id}\n{hello.token}")
                 raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown device or wrong token")
         await self.outbox.put(wire.encode(wire.HelloAck(
             session_id=info.session_id, audio_in=hello.audio_in, audio_out=hello.audio_out,
@@ -140,13 +156,24 @@ class NativeSession:
                                 "this server requires a CONTROL auth event with the HMAC of its nonce first")
         proof = answer.data.get("hmac")
         if not isinstance(proof, str) or not credentials.check_proof(hello.device_id, nonce, info.session_id, proof):
-            self._refuse("bad_proof")
+            self._refuse("bad_proof", guess=proof if isinstance(proof, str) and proof else None)
             raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown device or wrong HMAC")
         await self.outbox.put(wire.encode(wire.Control(event="auth_ok", data={})))
 
-    def _refuse(self, reason: str) -> None:
+    def _check_not_locked_out(self) -> None:
+        """An address that guessed too many credentials is refused before its credential is looked at."""
+        retry = self.services.auth_throttle.retry_after(address_key(self.info.remote_host))
+        if retry is not None:
+            self._refuse("throttled")
+            raise ProtocolError(ErrorCode.AUTH_THROTTLED,
+                                f"too many failed authentications from this address; retry in {retry} s")
+
+    def _refuse(self, reason: str, *, guess: str | None = None) -> None:
+        """Count a refusal; a wrong credential (``guess``) also counts towards this address's lock-out."""
         log.warning("device authentication refused: %s", reason)
         self.services.metrics.auth_refusals.labels("native", reason).inc()
+        if guess is not None:
+            self.services.auth_throttle.failed(address_key(self.info.remote_host), guess)
 
     async def _serve(self, hello: wire.Hello, nursery: trio.Nursery) -> None:
         services = self.services
@@ -194,7 +221,11 @@ class NativeSession:
                 last_ts = frame.timestamp_ms
                 ingest_lag.observe(lag_meter.observe(trio.current_time(), sent_at_s))
             elif isinstance(frame, wire.Control):
-                await self._on_control(frame, voice)
+                try:
+                    await self._on_control(frame, voice)
+                except ProtocolError as exc:
+                    await self._fail(exc)
+                    return
             elif isinstance(frame, wire.Ping):
                 await self.outbox.put(wire.encode(wire.Pong(nonce=frame.nonce)))
             elif isinstance(frame, wire.Close):
@@ -208,6 +239,11 @@ class NativeSession:
             await voice.end_of_speech()
         elif frame.event == "listen_start":
             await voice.wake()
+        elif frame.event == "text":
+            text = frame.data.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise ProtocolError(ErrorCode.BAD_PAYLOAD, "a text event needs a non-empty string in data.text")
+            await voice.text_input(text.strip())
         else:
             log.debug("ignoring control event %r", frame.event)
 

@@ -4,9 +4,11 @@ Each accepted connection gets its own cancel scope inside the server's handler n
 is in the registry from accept until its last task has exited. Shutdown stops the listener first,
 then asks every session to say goodbye, waits up to the grace period, and cancels what is left.
 
-Protocol detection: a native client speaks first (its hello). An open-xiaoai speaker says nothing
-after connecting, so silence for ``PROTOCOL_DETECT_MS`` — or a first message that is JSON text —
-means open-xiaoai, and the server starts that conversation itself.
+Protocol detection (:mod:`voicegrow.protocol.detect`): a xiaozhi board names itself in the
+handshake (path ``/xiaozhi/…``, its ``Device-Id`` headers). Otherwise a native client speaks first
+(its hello); an open-xiaoai speaker says nothing after connecting, so silence for
+``PROTOCOL_DETECT_MS`` — or a first message that is JSON text — means open-xiaoai, and the server
+starts that conversation itself.
 """
 
 from __future__ import annotations
@@ -16,32 +18,20 @@ import importlib.util
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from voicegrow.logsetup import session_id_var
+from voicegrow.protocol.detect import detect_from_handshake, detect_protocol
 from voicegrow.services import Services
 from voicegrow.streaming.registry import SessionInfo
 
 __all__ = ["VoiceServer", "detect_protocol"]
 
 log = logging.getLogger(__name__)
-
-_NATIVE_MAGIC_PREFIX = b"VG"
-
-
-def detect_protocol(first_message: bytes | str | None) -> str:
-    """``native`` or ``xiaoai`` from the first message a client sent within the detection window."""
-    if first_message is None:
-        return "xiaoai"
-    if isinstance(first_message, str):
-        return "xiaoai"
-    if first_message[:1] == b"{":
-        return "xiaoai"  # an open-xiaoai Stream frame is JSON in a binary message
-    return "native"  # a garbage first frame is answered by the native decoder's error frame
-
 
 class _ConnectRateLimiter:
     """Connection attempts per source address in a sliding minute."""
@@ -74,8 +64,10 @@ class _PortReporter:
 
 
 class VoiceServer:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, listeners: list[trio.SocketListener] | None = None) -> None:
+        """``listeners``: already listening sockets (a worker's, inherited); None: open ``WS_PORT``."""
         self.services = services
+        self._given_listeners = listeners
         s = services.settings
         self._rate_limiter = _ConnectRateLimiter(s.max_connects_per_ip_per_min)
         self._listen_scope = trio.CancelScope()
@@ -84,8 +76,11 @@ class VoiceServer:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until :meth:`stop_accepting`; then keep running until every session has ended."""
         s = self.services.settings
-        listeners = await trio.open_tcp_listeners(s.ws_port, host=s.server_host or None)
-        port = listeners[0].socket.getsockname()[1]
+        tcp_listeners = self._given_listeners or await trio.open_tcp_listeners(s.ws_port, host=s.server_host or None)
+        port = tcp_listeners[0].socket.getsockname()[1]
+        listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
+        if self.services.tls is not None:  # wss://: the TLS handshake runs inside the handshake deadline
+            listeners = [trio.SSLListener(listener, self.services.tls.ws_context) for listener in tcp_listeners]
         # Room for an open-xiaoai audio frame as JSON (3-4 bytes per sample byte) over our frame limit.
         max_message = max(4 * s.max_frame_bytes, 1 << 20)
         self._max_message = max_message
@@ -96,7 +91,7 @@ class VoiceServer:
                                            task_status=_PortReporter(task_status, port))
         # Listening stopped; the handlers nursery has waited for every session to end.
 
-    async def _serve_stream(self, stream: trio.SocketStream) -> None:
+    async def _serve_stream(self, stream: trio.abc.Stream) -> None:
         """One TCP connection: the WebSocket handshake, then the session, every failure contained.
 
         trio-websocket runs its reader task in the nursery it is given; keeping that nursery per
@@ -106,6 +101,12 @@ class VoiceServer:
         try:
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(self.services.settings.handshake_timeout_s) as handshake:
+                    if isinstance(stream, trio.SSLStream):  # a client that speaks no TLS fails here, at once
+                        try:
+                            await stream.do_handshake()
+                        except trio.BrokenResourceError as exc:
+                            log.info("TLS handshake failed: %s", exc.__cause__ or exc)
+                            return
                     request = await wrap_server_stream(nursery, stream, message_queue_size=8,
                                                        max_message_size=self._max_message)
                 if not handshake.cancelled_caught:
@@ -152,21 +153,27 @@ class VoiceServer:
         return None
 
     async def _handle(self, request: WebSocketRequest) -> None:
-        metrics = self.services.metrics
         remote = request.remote
         host = str(getattr(remote, "address", remote))
         remote_addr = f"{host}:{getattr(remote, 'port', '')}"
-        refusal = self._admission_refusal(host)
+        refusal = self.admit(host)
         if refusal is not None:
             status, limit, reason = refusal
-            metrics.limit_hits.labels(limit).inc()
-            metrics.connections.labels("unknown", "refused").inc()
             log.info("refused connection from %s: %s", remote_addr, reason)
             await request.reject(status, extra_headers=[(b"content-type", b"application/json")],
                                  body=f'{{"error":"{limit}","reason":"{reason}"}}'.encode())
             return
         connected_at = trio.current_time()
         ws = await request.accept()
+        await self.run_session(ws, remote_addr, lambda info: self._serve(ws, info, request, connected_at))
+
+    async def run_session(self, ws: Any, remote_addr: str, serve: Callable[[SessionInfo], Awaitable[None]]) -> None:
+        """One accepted WebSocket as a session: in the registry, under its cancel scope, recorded at its end.
+
+        ``ws`` is a trio-websocket connection or anything with its ``get_message`` / ``send_message`` /
+        ``aclose`` / ``closed`` surface (the HTTP port's talk route hands in such an adapter).
+        """
+        metrics = self.services.metrics
         info = SessionInfo(session_id=uuid.uuid4().hex[:16], remote_addr=remote_addr)
         session_id_var.set(info.session_id)
         registry = self.services.registry
@@ -176,9 +183,9 @@ class VoiceServer:
             with trio.CancelScope() as scope:
                 info.cancel_scope = scope
                 async with trio.open_nursery() as nursery:
-                    if self.services.settings.ws_ping_interval_s > 0:
+                    if self.services.settings.ws_ping_interval_s > 0 and hasattr(ws, "ping"):
                         nursery.start_soon(self._keepalive, ws, scope)
-                    await self._serve(ws, info, request, connected_at)
+                    await serve(info)
                     nursery.cancel_scope.cancel()
         except Exception:
             outcome = "error"
@@ -193,9 +200,43 @@ class VoiceServer:
                     await ws.aclose(1011 if outcome == "error" else 1000)
             log.info("session ended", extra={"protocol": info.protocol, "turns": info.turns})
 
+    def admit(self, host: str) -> tuple[int, str, str] | None:
+        """The admission limits for a connection from ``host`` accepted elsewhere (the talk route):
+        None, or (HTTP status, limit, reason) with the limit's hit already counted."""
+        refusal = self._admission_refusal(host)
+        if refusal is not None:
+            self.services.metrics.limit_hits.labels(refusal[1]).inc()
+            self.services.metrics.connections.labels("unknown", "refused").inc()
+        return refusal
+
+    async def serve_native(self, ws: Any, remote_addr: str, *, operator: bool) -> None:
+        """A native-protocol session on a WebSocket accepted by the HTTP port (the browser's talk page).
+
+        ``operator``: the peer proved the admin token, so device authentication is not asked again;
+        otherwise it must authenticate as a device, and with ``DEVICE_AUTH=off`` it cannot.
+        """
+        from voicegrow.streaming.native import NativeSession
+
+        settings = self.services.settings
+        deadline = trio.current_time() + settings.handshake_timeout_s
+        mode = "off" if operator else (settings.device_auth if settings.device_auth != "off" else "operator")
+
+        async def serve(info: SessionInfo) -> None:
+            info.protocol = "native"
+            await NativeSession(self.services, ws, info, None, deadline, auth_mode=mode).run()
+
+        await self.run_session(ws, remote_addr, serve)
+
     async def _serve(self, ws: WebSocketConnection, info: SessionInfo, request: WebSocketRequest,
                      connected_at: float) -> None:
         s = self.services.settings
+        handshake_deadline = connected_at + s.handshake_timeout_s
+        if detect_from_handshake(request.path, request.headers) == "xiaozhi":
+            from voicegrow.streaming.xiaozhi import XiaozhiSession
+
+            info.protocol = "xiaozhi"
+            await XiaozhiSession(self.services, ws, info, request, handshake_deadline).run()
+            return
         first: bytes | str | None = None
         with trio.move_on_after(s.protocol_detect_ms / 1000):
             try:
@@ -203,7 +244,6 @@ class VoiceServer:
             except ConnectionClosed:
                 return
         protocol = detect_protocol(first)
-        handshake_deadline = connected_at + s.handshake_timeout_s
         if protocol == "xiaoai":
             xiaoai = _xiaoai_driver()
             if xiaoai is not None:

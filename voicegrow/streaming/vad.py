@@ -175,6 +175,8 @@ class VadSegmenter:
         self._history: collections.deque[tuple[int, bytes, bool]] = collections.deque(
             maxlen=self._preroll_frames + self._window_frames)
         self._utterance: _Utterance | None = None
+        #: Push-to-talk: silence never ends an utterance, only :meth:`flush` (or the length cap) does.
+        self.hold_until_flush = False
 
     # -- what the session reads between events
 
@@ -282,7 +284,7 @@ class VadSegmenter:
                     events.append(SpeechPaused(at_s=self._seconds(frame_start), audio=bytes(utterance.audio)))
         utterance.audio += frame
         utterance.frames += 1
-        if utterance.silence_run >= self._hangover_frames:
+        if utterance.silence_run >= self._hangover_frames and not self.hold_until_flush:
             self._finish(events, forced=False)
         elif utterance.frames >= self._max_frames:
             self._finish(events, forced=True)
