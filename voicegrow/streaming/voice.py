@@ -97,20 +97,22 @@ class VoiceSession:
         self._speculation: _Speculation | None = None
         self._flushing = False  # the device ended the utterance (push-to-talk), not the VAD
         self.language = None if s.asr_language == "auto" else s.asr_language
-        info.state_of = self.state
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the session's nursery for turns and speculative ASR until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            self.info.announce = self.announce
+            # The registry's SessionInfo gets our methods only while we run: the info is ours too, and
+            # keeping them afterwards would tie this session (its last turn's audio and all) in a cycle
+            # that only a full garbage collection, hours apart in this process, would free.
+            self.info.announce, self.info.state_of = self.announce, self.state
             try:
                 if self.services.timers is not None:  # reminders held while the device was away
                     self.services.timers.device_online(self.info.device_id)
                 await trio.sleep_forever()
             finally:
-                self.info.announce = None
+                self.info.announce = self.info.state_of = None
 
     def state(self) -> str:
         """For the console's live list: a reply playing, a turn before its audio, speech heard, or idle."""
