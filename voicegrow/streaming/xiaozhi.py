@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -174,6 +175,15 @@ class _Refused(Exception):
         self.code, self.reason, self.error = code, reason, error
 
 
+def _mcp_sender(outbox: Outbox) -> Callable[[wire.Mcp], Awaitable[None]]:
+    """How the board's MCP client sends: through the outbox alone. A method of the session would tie
+    session and client (which the session holds) in a reference cycle, freed only by a full collection."""
+    async def send(message: wire.Mcp) -> None:
+        await outbox.put(wire.encode_text(message))
+
+    return send
+
+
 class XiaozhiSession:
     """Drives one xiaozhi connection from the handshake to close (constructed by server.py)."""
 
@@ -184,7 +194,8 @@ class XiaozhiSession:
         self.ws = ws
         self.info = info
         self._handshake_deadline = handshake_deadline
-        self.host = info.remote_host  # the device's address, behind a trusted proxy too
+        remote = request.remote
+        self.host = str(getattr(remote, "address", remote))
         self.device_id, self.client_id = device_ids(request)
         self.authorization = header(request.headers, b"authorization")
         version_header = header(request.headers, b"protocol-version")
@@ -281,7 +292,8 @@ class XiaozhiSession:
                                 output_rate=output_rate)
         if hello.mcp:
             self.mcp = info.device_tools = DeviceMcpClient(
-                self._send_mcp, timeout_s=services.settings.xiaozhi_mcp_timeout_s, session_id=info.session_id)
+                _mcp_sender(self.outbox), timeout_s=services.settings.xiaozhi_mcp_timeout_s,
+                session_id=info.session_id)
         # The hello first: the board gives up 10 s after its own; history and model can follow.
         await self.outbox.put(wire.encode_text(wire.ServerHello(
             session_id=info.session_id,
@@ -293,9 +305,6 @@ class XiaozhiSession:
             nursery.start_soon(self._list_device_tools, self.mcp)
         log.info("xiaozhi session established", extra={
             "remote": info.remote_addr, "version": hello.version, "client_id": self.client_id})
-
-    async def _send_mcp(self, message: wire.Mcp) -> None:
-        await self.outbox.put(wire.encode_text(message))
 
     async def _list_device_tools(self, mcp: DeviceMcpClient) -> None:
         try:
