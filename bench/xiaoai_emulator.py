@@ -34,6 +34,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
 
+from voicegrow.client import connect_websocket_from
 from voicegrow.protocol import xiaoai as proto
 from voicegrow.protocol.xiaoai import AudioConfig, Event, PlayingState, Request, Response, Stream, XiaoaiError
 
@@ -179,9 +180,12 @@ class SpeakerEmulator:
                  play_queue_chunks: int = CLIENT_PLAY_QUEUE_CHUNKS,
                  play_write_timeout: float = CLIENT_PLAY_WRITE_TIMEOUT_S,
                  pipe_buffer_bytes: int = PIPE_BUFFER_BYTES,
-                 max_message_size: int = CLIENT_MAX_MESSAGE_BYTES, keep_played_audio: bool = True) -> None:
-        """``keep_played_audio=False`` counts played bytes without keeping them (long soak runs)."""
+                 max_message_size: int = CLIENT_MAX_MESSAGE_BYTES, keep_played_audio: bool = True,
+                 source_address: str | None = None) -> None:
+        """``keep_played_audio=False`` counts played bytes without keeping them (long soak runs);
+        ``source_address`` is the speaker's own address (many speakers from one machine)."""
         self.url = url
+        self.source_address = source_address
         self.keep_played_audio = keep_played_audio
         self.serial = serial
         self.model = model
@@ -298,6 +302,9 @@ class SpeakerEmulator:
         deadline = math.inf if give_up_after is None else trio.current_time() + give_up_after
         while True:
             try:
+                if self.source_address is not None:
+                    return await connect_websocket_from(nursery, self.url, self.source_address,
+                                                        max_message_size=self.max_message_size)
                 return await connect_websocket_url(nursery, self.url, max_message_size=self.max_message_size)
             except (OSError, HandshakeError, ConnectionClosed) as exc:
                 if trio.current_time() + self.retry_interval > deadline:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import ssl
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -244,6 +245,29 @@ class NativeClient:
         return wire_ms(trio.current_time())
 
 
+async def connect_websocket_from(nursery: trio.Nursery, url: str, local_address: str, *,
+                                 ssl_context: ssl.SSLContext | None = None,
+                                 max_message_size: int = 1 << 20) -> trio_websocket.WebSocketConnection:
+    """A WebSocket client connection whose TCP source address is ``local_address``.
+
+    trio-websocket's own connect functions choose the source address themselves; tests and benchmarks
+    that play many devices from many addresses (127.0.0.0/8 is all loopback on Linux) need to choose it.
+    """
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "wss"
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+    port = parts.port or (443 if secure else 80)
+    stream: trio.abc.Stream = await trio.open_tcp_stream(parts.hostname, port, local_address=local_address)
+    if secure:
+        stream = trio.SSLStream(stream, ssl_context or ssl.create_default_context(),
+                                server_hostname=parts.hostname, https_compatible=True)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    return await trio_websocket.wrap_client_stream(nursery, stream, host, resource,
+                                                   max_message_size=max_message_size)
+
+
 @contextlib.asynccontextmanager
 async def open_native_client(
     url: str,
@@ -258,11 +282,13 @@ async def open_native_client(
     connect_timeout_s: float = 10.0,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     ssl_context: ssl.SSLContext | None = None,
+    local_address: str | None = None,
 ) -> AsyncIterator[NativeClient]:
     """Connect, do the HELLO/HELLO_ACK handshake, and close cleanly on exit.
 
     A ``wss://`` URL verifies the server against the system's CAs, or against ``ssl_context`` when given
     (a private CA or a self-signed certificate: ``ssl.create_default_context(cafile=...)``).
+    ``local_address`` binds the connection's source address (many simulated devices on one machine).
 
     Raises :class:`ConnectFailed` when no WebSocket could be opened and :class:`HandshakeFailed`
     when the server refused the session.
@@ -271,10 +297,17 @@ async def open_native_client(
                   client=client_name)
     async with contextlib.AsyncExitStack() as stack:
         try:
-            ws = await stack.enter_async_context(trio_websocket.open_websocket_url(
-                url, ssl_context=ssl_context, connect_timeout=connect_timeout_s, disconnect_timeout=_CLOSE_GRACE_S,
-                max_message_size=HEADER_SIZE + max_payload))
-        except (OSError, ValueError, trio_websocket.HandshakeError) as exc:
+            if local_address is None:
+                ws = await stack.enter_async_context(trio_websocket.open_websocket_url(
+                    url, ssl_context=ssl_context, connect_timeout=connect_timeout_s,
+                    disconnect_timeout=_CLOSE_GRACE_S, max_message_size=HEADER_SIZE + max_payload))
+            else:
+                nursery = await stack.enter_async_context(trio.open_nursery())
+                with trio.fail_after(connect_timeout_s):
+                    ws = await connect_websocket_from(nursery, url, local_address, ssl_context=ssl_context,
+                                                      max_message_size=HEADER_SIZE + max_payload)
+                stack.push_async_callback(ws.aclose)
+        except (OSError, ValueError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
             cause = exc.__cause__ or exc.__context__ or exc
             raise ConnectFailed(f"cannot connect to {url}: {cause or type(exc).__name__}") from exc
         client = NativeClient(ws, max_payload=max_payload)

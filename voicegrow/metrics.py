@@ -81,6 +81,10 @@ class Metrics:
         self.auth_refusals = Counter(
             "voicegrow_auth_refusals_total", "Refused authentications, by protocol and reason",
             ["protocol", "reason"], registry=r)
+        self.forwarded_ignored = Counter(
+            "voicegrow_forwarded_headers_ignored_total",
+            "Requests whose X-Forwarded-For / X-Real-IP came from a peer not in TRUSTED_PROXIES", ["port"],
+            registry=r)
         self.protocol_errors = Counter(
             "voicegrow_protocol_errors_total", "Protocol errors answered with an error frame", ["code"],
             registry=r)

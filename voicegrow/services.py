@@ -16,8 +16,9 @@ import httpx
 import trio
 
 from voicegrow.auth_throttle import AuthThrottle
+from voicegrow.forwarded import TrustedProxies
 from voicegrow.metrics import Metrics
-from voicegrow.settings import Settings
+from voicegrow.settings import Settings, parse_networks
 from voicegrow.streaming.registry import SessionRegistry
 from voicegrow.workers.context import WorkerContext
 from voicegrow.workers.control import Box, LocalWorker, rss_bytes
@@ -39,6 +40,8 @@ class Services:
     auth_throttle: AuthThrottle = dataclasses.field(default_factory=AuthThrottle)  # every credential's guesses
     admin_auth: Any = None  # voicegrow.admin_auth.AdminAuth: the admin token and ADMIN_ALLOW_FROM
     tls: Any = None  # voicegrow.tls.CertificateStore when TLS_CERT_FILE is set
+    #: TRUSTED_PROXIES: whose X-Forwarded-For is believed (set from the settings after construction).
+    proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
     #: This process's place among WORKERS (None: the single-process server).
     worker: WorkerContext | None = None
     #: Every worker's sessions and state (just this process with WORKERS=1); set by open_services.
@@ -48,6 +51,7 @@ class Services:
     ws_port: int = 0  # the speaker port as bound (WS_PORT may be 0); the xiaozhi OTA answer hands it out
 
     def __post_init__(self) -> None:
+        self.proxies = TrustedProxies(parse_networks(self.settings.trusted_proxies, "TRUSTED_PROXIES"))
         index, restarts = (self.worker.index, self.worker.restarts) if self.worker else (0, 0)
         peers = {k: self.worker.control_socket(k) for k in self.worker.peers()} if self.worker else {}
         self.box = Box(LocalWorker(self, index, restarts), peers)

@@ -23,6 +23,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
+from voicegrow.forwarded import header_map
 from voicegrow.logsetup import session_id_var
 from voicegrow.protocol.detect import detect_from_handshake, detect_protocol
 from voicegrow.services import Services
@@ -154,8 +155,13 @@ class VoiceServer:
     async def _handle(self, request: WebSocketRequest) -> None:
         metrics = self.services.metrics
         remote = request.remote
-        host = str(getattr(remote, "address", remote))
-        remote_addr = f"{host}:{getattr(remote, 'port', '')}"
+        peer = str(getattr(remote, "address", remote))
+        client = self.services.proxies.resolve(peer, header_map(request.headers))
+        if client.ignored:
+            metrics.forwarded_ignored.labels("ws").inc()
+        host = client.host
+        # Behind a proxy the device's own port is not known: the address alone, as nginx passes it.
+        remote_addr = host if client.proxy else f"{host}:{getattr(remote, 'port', '')}"
         refusal = self._admission_refusal(host)
         if refusal is not None:
             status, limit, reason = refusal
@@ -167,7 +173,8 @@ class VoiceServer:
             return
         connected_at = trio.current_time()
         ws = await request.accept()
-        info = SessionInfo(session_id=uuid.uuid4().hex[:16], remote_addr=remote_addr)
+        info = SessionInfo(session_id=uuid.uuid4().hex[:16], remote_addr=remote_addr, remote_host=host,
+                           via_proxy=client.proxy)
         session_id_var.set(info.session_id)
         registry = self.services.registry
         registry.add(info)
