@@ -35,6 +35,34 @@ async def delivered(p: Persistence) -> None:
         await p.wait_delivered()
 
 
+async def test_turns_are_found_by_text_ignoring_case_with_wildcards_taken_literally(
+        storage_target: StorageTarget) -> None:
+    p = storage_target.persistence()
+    async with running(p):
+        kitchen = make_turn(transcript="Turn on the Kitchen light", reply_text="Done: 100% on.")
+        lamp = make_turn(transcript="打开台灯", reply_text="好的")
+        under = make_turn(transcript="what_is that", reply_text="A bird!")
+        for turn in (kitchen, lamp, under):
+            await p.submit_turn(turn, PCM_IN, 16000, PCM_OUT, 24000)
+        await delivered(p)
+
+        async def found(text: str, **kw: Any) -> set[str]:
+            return {t["turn_id"] for t in (await p.list_turns(text=text, **kw)).items}
+
+        assert await found("kitchen LIGHT") == {kitchen.turn_id}
+        assert await found("100%") == {kitchen.turn_id}
+        assert await found("%") == {kitchen.turn_id}  # a literal percent sign, not "anything"
+        assert await found("_") == {under.turn_id}
+        assert await found("!") == {under.turn_id}
+        assert await found("台灯") == {lamp.turn_id}
+        assert await found("好的", device_id="someone-else") == set()
+        assert await found("nothing like this") == set()
+        first = await p.list_turns(text="t", limit=1)  # in two turns: paged like any listing
+        assert len(first.items) == 1 and first.next_cursor
+        rest = await p.list_turns(text="t", limit=5, cursor=first.next_cursor)
+        assert {t["turn_id"] for t in first.items + rest.items} == {kitchen.turn_id, under.turn_id}
+
+
 async def test_records_are_written_and_read_back(storage_target: StorageTarget) -> None:
     p = storage_target.persistence()
     async with running(p):

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import types
@@ -176,8 +177,8 @@ def _serve(tmp_path: Path, **extra: str) -> Iterator[tuple[subprocess.Popen[byte
 
 
 @contextlib.asynccontextmanager
-async def running_box(tmp_path: Path) -> AsyncIterator[ServedBox]:
-    with _serve(tmp_path) as (proc, log):
+async def running_box(tmp_path: Path, **extra: str) -> AsyncIterator[ServedBox]:
+    with _serve(tmp_path, **extra) as (proc, log):
         ports = None
         with trio.fail_after(START_TIMEOUT_S):
             while ports is None:
@@ -305,3 +306,48 @@ async def test_killed_worker_is_replaced_and_the_other_is_untouched(tmp_path: Pa
                 await trio.sleep(0.05)
     assert box.proc.returncode == 0, box.output()[-3000:]
     assert placed  # (the first speakers reached both workers)
+
+
+async def test_a_speaker_that_lands_on_the_other_worker_continues_its_conversation(tmp_path: Path,
+                                                                                  audio_fixtures: Path) -> None:
+    """Embedded stores, no Redis: turn one on one worker, reconnect until the other takes the speaker,
+    turn two there; the history the second worker saved holds both turns, so it had read the first."""
+    from bench.fake_ai import FakeAiConfig, run_fake_ai
+    from voicegrow.audio import read_wav
+    from voicegrow.client import stream_wav_and_collect
+
+    def clip(name: str) -> bytes:
+        samples, _ = read_wav(audio_fixtures / f"{name}.wav")
+        return samples.astype("<i2").tobytes()
+
+    async with run_fake_ai(FakeAiConfig(ttft_ms=50, tokens_per_s=200, tts_ms_per_char=5)) as ai, \
+            running_box(tmp_path, LLM_BASE_URL=ai.url, TTS_BASE_URL=ai.url, ASR_LANGUAGE="en") as box:
+        transcripts, workers = [], []
+        for name in ("en-00", "en-01"):
+            for _ in range(24):  # until the kernel hands this connection to a worker not used yet
+                async with open_native_client(box.ws_url, device_id="den") as client:
+                    listing = (await box.sessions())["sessions"]
+                    worker = next(s["worker"] for s in listing if s["device_id"] == "den")
+                    if worker in workers:
+                        continue
+                    result = await stream_wav_and_collect(client, clip(name), speed=2.0, timeout_s=90)
+                assert result.transcript, result
+                transcripts.append(result.transcript)
+                workers.append(worker)
+                break
+        assert sorted(workers) == [0, 1]
+        with trio.fail_after(10):
+            while True:
+                with sqlite3.connect(tmp_path / "data" / "state.sqlite3") as db:
+                    row = db.execute("SELECT value FROM live_state WHERE kind = 'history' AND device_id = 'den'"
+                                     ).fetchone()
+                said = [m["content"] for m in json.loads(row[0]) if m["role"] == "user"] if row else []
+                if len(said) == 2:
+                    break
+                await trio.sleep(0.1)
+        assert said == transcripts
+        box.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            while box.proc.poll() is None:
+                await trio.sleep(0.05)
+    assert box.proc.returncode == 0

@@ -28,6 +28,7 @@ DEFAULT_LIMIT = 50
 _MAX_ID = 128
 _MAX_KEY_BYTES = 1024
 _MAX_KEY_PART_BYTES = 255
+_MAX_SEARCH_CHARS = 200
 
 JsonResponse = tuple[dict[str, Any], int]
 
@@ -77,6 +78,14 @@ def _identifier(name: str, raw: str | None, *, required: bool) -> str | None:
     if len(raw) > _MAX_ID or not raw.isprintable():
         raise BadRequest(f"invalid_{name}", f"{name}: expected up to {_MAX_ID} printable characters")
     return raw
+
+
+def _search_text(raw: str | None) -> str | None:
+    if raw is None or raw.strip() == "":
+        return None
+    if len(raw) > _MAX_SEARCH_CHARS or not raw.isprintable():
+        raise BadRequest("invalid_q", f"q: expected up to {_MAX_SEARCH_CHARS} printable characters")
+    return raw.strip()
 
 
 def _check_audio_key(key: str) -> None:
@@ -134,7 +143,8 @@ def make_data_blueprint(persistence: Persistence) -> Blueprint:
         page = await persistence.list_turns(
             device_id=_identifier("device_id", args.get("device_id"), required=False),
             since=parse_since(since) if since else None,
-            limit=_limit(args.get("limit")), cursor=args.get("cursor") or None)
+            limit=_limit(args.get("limit")), cursor=args.get("cursor") or None,
+            text=_search_text(args.get("q")))
         return {"turns": [present_turn(t) for t in page.items], "next_cursor": page.next_cursor}, 200
 
     @bp.get("/api/v1/conversations/<turn_id>")

@@ -246,7 +246,7 @@ class NativeClient:
 
 
 async def connect_websocket_from(nursery: trio.Nursery, url: str, local_address: str, *,
-                                 ssl_context: ssl.SSLContext | None = None,
+                                 ssl_context: ssl.SSLContext | None = None, subprotocols: tuple[str, ...] = (),
                                  max_message_size: int = 1 << 20) -> trio_websocket.WebSocketConnection:
     """A WebSocket client connection whose TCP source address is ``local_address``.
 
@@ -264,7 +264,7 @@ async def connect_websocket_from(nursery: trio.Nursery, url: str, local_address:
                                 server_hostname=parts.hostname, https_compatible=True)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-    return await trio_websocket.wrap_client_stream(nursery, stream, host, resource,
+    return await trio_websocket.wrap_client_stream(nursery, stream, host, resource, subprotocols=list(subprotocols),
                                                    max_message_size=max_message_size)
 
 
@@ -283,12 +283,15 @@ async def open_native_client(
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     ssl_context: ssl.SSLContext | None = None,
     local_address: str | None = None,
+    subprotocols: tuple[str, ...] = (),
 ) -> AsyncIterator[NativeClient]:
     """Connect, do the HELLO/HELLO_ACK handshake, and close cleanly on exit.
 
     A ``wss://`` URL verifies the server against the system's CAs, or against ``ssl_context`` when given
     (a private CA or a self-signed certificate: ``ssl.create_default_context(cafile=...)``).
     ``local_address`` binds the connection's source address (many simulated devices on one machine).
+    ``subprotocols``: WebSocket subprotocols to offer (the HTTP port's ``/api/v1/talk`` wants
+    ``voicegrow.native.v1``, and the admin token as ``voicegrow.bearer.<base64url>``).
 
     Raises :class:`ConnectFailed` when no WebSocket could be opened and :class:`HandshakeFailed`
     when the server refused the session.
@@ -299,12 +302,14 @@ async def open_native_client(
         try:
             if local_address is None:
                 ws = await stack.enter_async_context(trio_websocket.open_websocket_url(
-                    url, ssl_context=ssl_context, connect_timeout=connect_timeout_s,
-                    disconnect_timeout=_CLOSE_GRACE_S, max_message_size=HEADER_SIZE + max_payload))
+                    url, ssl_context=ssl_context, subprotocols=list(subprotocols),
+                    connect_timeout=connect_timeout_s, disconnect_timeout=_CLOSE_GRACE_S,
+                    max_message_size=HEADER_SIZE + max_payload))
             else:
                 nursery = await stack.enter_async_context(trio.open_nursery())
                 with trio.fail_after(connect_timeout_s):
                     ws = await connect_websocket_from(nursery, url, local_address, ssl_context=ssl_context,
+                                                      subprotocols=subprotocols,
                                                       max_message_size=HEADER_SIZE + max_payload)
                 stack.push_async_callback(ws.aclose)
         except (OSError, ValueError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:

@@ -306,10 +306,10 @@ class Persistence:
         return Page(items, encode_cursor((items[-1]["device_id"],)) if more else None)
 
     async def list_turns(self, device_id: str | None = None, since: float | None = None, limit: int = 50,
-                         cursor: str | None = None) -> Page:
-        """Newest first."""
+                         cursor: str | None = None, text: str | None = None) -> Page:
+        """Newest first; ``text``: only turns whose transcript or reply contains it."""
         after = decode_cursor(cursor, (float, str)) if cursor else None
-        items, more = await (await self._records_ready()).list_turns(device_id, since, limit, after)
+        items, more = await (await self._records_ready()).list_turns(device_id, since, limit, after, text)
         last = items[-1] if items else None
         return Page(items, encode_cursor((last["started_at"], last["turn_id"])) if more and last else None)
 

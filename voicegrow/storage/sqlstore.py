@@ -170,12 +170,19 @@ class SqlStore:
         return items[:limit], len(items) > limit
 
     async def list_turns(self, device_id: str | None, since: float | None, limit: int,
-                         after: tuple[float, str] | None) -> tuple[list[dict[str, Any]], bool]:
-        """Newest first; ``after`` is the (started_at, turn_id) of the last row of the previous page."""
-        conditions, params = [], []
+                         after: tuple[float, str] | None, text: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """Newest first; ``after`` is the (started_at, turn_id) of the last row of the previous page;
+        ``text`` keeps the turns whose transcript or reply contains it, ignoring case (LIKE with its
+        wildcards escaped; the tables' binary collation would make MySQL's LIKE case-sensitive)."""
+        conditions: list[str] = []
+        params: list[Any] = []
         if device_id is not None:
             conditions.append("device_id = %s")
             params.append(device_id)
+        if text:
+            pattern = "%" + text.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+            conditions.append("(LOWER(transcript) LIKE %s ESCAPE '!' OR LOWER(reply_text) LIKE %s ESCAPE '!')")
+            params.extend((pattern, pattern))
         if since is not None:
             conditions.append("started_at >= %s")
             params.append(since)

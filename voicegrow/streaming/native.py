@@ -63,9 +63,11 @@ _AUDIO_BURST_S = 3.0
 class NativeSession:
     """Drives one native-protocol connection from hello to close."""
 
-    def __init__(self, services: Services, ws: WebSocketConnection, info: SessionInfo,
-                 first_message: bytes | str | None, handshake_deadline: float) -> None:
+    def __init__(self, services: Services, ws: Any, info: SessionInfo,
+                 first_message: bytes | str | None, handshake_deadline: float, *, operator: bool = False) -> None:
         self.services = services
+        #: The peer already proved the admin token (the browser's talk page): no device authentication.
+        self._auth_mode = "off" if operator else services.settings.device_auth
         self.ws = ws
         self.info = info
         self._first = first_message
@@ -117,7 +119,7 @@ class NativeSession:
 
     async def _authenticate(self, hello: wire.Hello) -> None:
         """Check the device's credentials (DEVICE_AUTH); answers HELLO_ACK on success."""
-        mode = self.services.settings.device_auth
+        mode = self._auth_mode
         credentials = self.services.device_credentials
         info = self.info
         nonce = new_nonce() if mode == "hmac" else ""

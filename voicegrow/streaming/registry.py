@@ -24,6 +24,9 @@ class SessionInfo:
     device_id: str = ""
     since: float = dataclasses.field(default_factory=time.time)
     turns: int = 0
+    #: What the session is doing now (``listening``, ``hearing``, ``thinking``, ``speaking``); set by
+    #: the voice session once the device is established, ``handshake`` before.
+    state_of: Callable[[], str] | None = None
     #: Cancels the session's task tree; set by the connection handler.
     cancel_scope: trio.CancelScope | None = None
     #: Asks the session to say goodbye (close frame) before it is cancelled.
@@ -50,6 +53,7 @@ class SessionInfo:
             "protocol": self.protocol,
             "since": self.since,
             "turns": self.turns,
+            "state": self.state_of() if self.state_of is not None else "handshake",
             "device_tools": [tool.name for tool in self.device_tools.tools] if self.device_tools else [],
         }
 

@@ -82,6 +82,7 @@ class VoiceSession:
         self._speculation: _Speculation | None = None
         self._flushing = False  # the device ended the utterance (push-to-talk), not the VAD
         self.language = None if s.asr_language == "auto" else s.asr_language
+        info.state_of = self.state
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the session's nursery for turns and speculative ASR until cancelled."""
@@ -89,6 +90,13 @@ class VoiceSession:
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+    def state(self) -> str:
+        """For the console's live list: a reply playing, a turn before its audio, speech heard, or idle."""
+        turn = self._turn
+        if turn is not None and not turn.done.is_set() and not turn.interrupted:
+            return "speaking" if turn.playing else "thinking"
+        return "hearing" if self.vad.current_speech_ms > 0 else "listening"
 
     # -- input from the driver --------------------------------------------------------------------
 
