@@ -247,6 +247,7 @@ class NativeClient:
 
 async def connect_websocket_from(nursery: trio.Nursery, url: str, local_address: str, *,
                                  ssl_context: ssl.SSLContext | None = None, subprotocols: tuple[str, ...] = (),
+                                 extra_headers: list[tuple[bytes, bytes]] | None = None,
                                  max_message_size: int = 1 << 20) -> trio_websocket.WebSocketConnection:
     """A WebSocket client connection whose TCP source address is ``local_address``.
 
@@ -265,7 +266,35 @@ async def connect_websocket_from(nursery: trio.Nursery, url: str, local_address:
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
     return await trio_websocket.wrap_client_stream(nursery, stream, host, resource, subprotocols=list(subprotocols),
-                                                   max_message_size=max_message_size)
+                                                   extra_headers=extra_headers, max_message_size=max_message_size)
+
+
+@contextlib.asynccontextmanager
+async def open_websocket_from(url: str, local_address: str, *, connect_timeout: float = 10.0, **options: Any
+                              ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """:func:`connect_websocket_from` with a nursery of its own, closed on exit, like trio-websocket's
+    ``open_websocket_url``: a refused handshake raises its :class:`trio_websocket.HandshakeError` (which
+    the library's reader task raises inside the nursery), not an exception group."""
+    connected = False
+    refusal: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(connect_timeout):
+                ws = await connect_websocket_from(nursery, url, local_address, **options)
+            connected = True
+            try:
+                yield ws
+            finally:
+                await ws.aclose()
+    except BaseExceptionGroup as group:
+        refused = None if connected else group.subgroup(trio_websocket.HandshakeError)
+        if refused is None:
+            raise
+        refusal = refused
+        while isinstance(refusal, BaseExceptionGroup):
+            refusal = refusal.exceptions[0]
+    if refusal is not None:  # raised here, outside the handler, so the group is not its context
+        raise refusal
 
 
 @contextlib.asynccontextmanager
@@ -306,12 +335,9 @@ async def open_native_client(
                     connect_timeout=connect_timeout_s, disconnect_timeout=_CLOSE_GRACE_S,
                     max_message_size=HEADER_SIZE + max_payload))
             else:
-                nursery = await stack.enter_async_context(trio.open_nursery())
-                with trio.fail_after(connect_timeout_s):
-                    ws = await connect_websocket_from(nursery, url, local_address, ssl_context=ssl_context,
-                                                      subprotocols=subprotocols,
-                                                      max_message_size=HEADER_SIZE + max_payload)
-                stack.push_async_callback(ws.aclose)
+                ws = await stack.enter_async_context(open_websocket_from(
+                    url, local_address, connect_timeout=connect_timeout_s, ssl_context=ssl_context,
+                    subprotocols=subprotocols, max_message_size=HEADER_SIZE + max_payload))
         except (OSError, ValueError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
             cause = exc.__cause__ or exc.__context__ or exc
             raise ConnectFailed(f"cannot connect to {url}: {cause or type(exc).__name__}") from exc
