@@ -1,4 +1,4 @@
-"""``python -m bench COMMAND``: latency, load, asr, soak, ingest."""
+"""``python -m bench COMMAND``: latency, load, asr, soak, ingest, storm."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ COMMANDS = {
     "asr": "bench.asr",
     "soak": "bench.soak",
     "ingest": "bench.ingest",
+    "storm": "bench.storm",
 }
 
 

@@ -300,16 +300,32 @@ class SpeakerEmulator:
 
     async def _connect(self, nursery: trio.Nursery, give_up_after: float | None) -> WebSocketConnection:
         deadline = math.inf if give_up_after is None else trio.current_time() + give_up_after
+        dial_errors = (OSError, HandshakeError, ConnectionClosed)
         while True:
             try:
-                if self.source_address is not None:
-                    return await connect_websocket_from(nursery, self.url, self.source_address,
-                                                        max_message_size=self.max_message_size)
-                return await connect_websocket_url(nursery, self.url, max_message_size=self.max_message_size)
-            except (OSError, HandshakeError, ConnectionClosed) as exc:
-                if trio.current_time() + self.retry_interval > deadline:
-                    raise EmulatorError(f"could not connect to {self.url}: {exc!r}") from exc
+                return await nursery.start(self._dial)
+            except dial_errors as exc:
+                failure: BaseException = exc
+            except BaseExceptionGroup as group:  # a refused handshake (an HTTP 502 from a proxy, say)
+                refused, rest = group.split(dial_errors)
+                if rest is not None or refused is None:
+                    raise
+                failure = refused
+            if trio.current_time() + self.retry_interval > deadline:
+                raise EmulatorError(f"could not connect to {self.url}: {failure!r}") from failure
             await trio.sleep(self.retry_interval)
+
+    async def _dial(self, task_status: trio.TaskStatus[WebSocketConnection] = trio.TASK_STATUS_IGNORED) -> None:
+        """One connection attempt. trio-websocket's reader raises a refused handshake inside the nursery
+        it runs in: a nursery of this attempt's own makes that an error of this call (as the Rust
+        client's connect fails) instead of the speaker's end."""
+        async with trio.open_nursery() as connection:
+            if self.source_address is not None:
+                ws = await connect_websocket_from(connection, self.url, self.source_address,
+                                                  max_message_size=self.max_message_size)
+            else:
+                ws = await connect_websocket_url(connection, self.url, max_message_size=self.max_message_size)
+            task_status.started(ws)
 
     async def _serve(self, ws: WebSocketConnection) -> None:
         self.connections += 1

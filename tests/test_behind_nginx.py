@@ -8,13 +8,13 @@ replica sees and limits those addresses; without it every speaker is nginx, as b
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import ssl
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,12 @@ import httpx
 import pytest
 import trio
 
+from bench import nginx as nginx_proxy
+from bench.nginx import Replica
+from bench.storm import ReplicaProcess
 from bench.xiaoai_emulator import run_emulator
 from tests.conftest import REPO_ROOT, make_settings
-from tests.nginx_fixture import Replica, running_nginx
-from tests.service_fixtures import free_port
+from tests.service_fixtures import _unreachable
 from voicegrow.app import running_server
 from voicegrow.client import (
     ConnectFailed,
@@ -39,6 +41,16 @@ from voicegrow.protocol.native import AudioFormat, Hello
 
 NGINX_PEER = "127.0.0.1"  # nginx reaches the replicas from here
 TRUSTED = {"trusted_proxies": "127.0.0.1/32"}
+
+
+@contextlib.contextmanager
+def running_nginx(folder: Path, replicas: list[Replica]) -> Iterator[nginx_proxy.Nginx]:
+    """The repository's nginx.conf in a real nginx; missing nginx fails under CI, else skips."""
+    try:
+        with nginx_proxy.running_nginx(folder, replicas) as nginx:
+            yield nginx
+    except nginx_proxy.NginxUnavailable as exc:
+        _unreachable(str(exc))
 
 
 def speaker_address(index: int) -> str:
@@ -187,41 +199,11 @@ async def test_speakers_stick_to_a_replica_the_api_round_robins_and_tls_works(tm
 
 # -- a replica stopped with SIGTERM: its speakers move to the other one ---------------------------------------
 
-class ReplicaProcess:
-    def __init__(self, folder: Path) -> None:
-        self.ws_port, self.http_port = free_port(), free_port()
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "SERVER_HOST": "127.0.0.1", "WS_PORT": str(self.ws_port),
-               "HTTP_PORT": str(self.http_port), "DATA_DIR": str(folder), "ASR_PRELOAD": "false",
-               "LOG_FORMAT": "text", "SHUTDOWN_GRACE_S": "2", "PROTOCOL_DETECT_MS": "300",
-               "TRUSTED_PROXIES": "127.0.0.1/32"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "voicegrow", "--env-file", "/nonexistent", "serve"],
-                                     env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.proc.poll() is None, self.proc.stderr.read().decode() if self.proc.stderr else ""
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.http_url}/api/v1/health", timeout=0.5).status_code == 200:
-                    return
-            assert time.monotonic() < deadline, "replica did not start"
-            time.sleep(0.1)
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.mark.slow
 async def test_a_sigtermed_replicas_speakers_are_served_by_the_other_within_5_s(tmp_path) -> None:
     processes = [ReplicaProcess(tmp_path / f"replica{i}") for i in range(2)]
+    for process in processes:
+        process.start()
     try:
         with running_nginx(tmp_path / "nginx", [Replica(p.ws_port, p.http_port) for p in processes]) as nginx:
             addresses = [speaker_address(i) for i in range(12)]
@@ -246,9 +228,21 @@ async def test_a_sigtermed_replicas_speakers_are_served_by_the_other_within_5_s(
                             break
                         await trio.sleep(0.1)
                 moved_in = trio.current_time() - stopped_at
-                assert await trio.to_thread.run_sync(processes[0].proc.wait, 15) == 0
+                assert await trio.to_thread.run_sync(processes[0].wait) == 0
                 assert moved_in < 5, f"took {moved_in:.1f} s"
     finally:
         for process in processes:
             process.stop()
-        print((tmp_path / "nginx" / "error.log").read_text()[-3000:])
+
+
+@pytest.mark.slow
+def test_bench_storm_in_a_tiny_configuration(tmp_path) -> None:
+    out = tmp_path / "storm.json"
+    result = subprocess.run([sys.executable, "-m", "bench", "storm", "--speakers", "4", "--json", str(out)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["back"] == figures["back_within_target"] == 4 and figures["old_replica_exit_code"] == 0
+    assert figures["distinct_addresses_listed"] == 4 and not figures["limit_hits"].get("connect_rate")
+    assert "| reconnect storm | figure |" in result.stdout

@@ -1,4 +1,5 @@
-"""A real nginx (Debian's nginx-light) running the repository's ``deploy/config/nginx/nginx.conf``.
+"""A real nginx (Debian's nginx-light) running the repository's ``deploy/config/nginx/nginx.conf``,
+for ``tests/test_behind_nginx.py`` and ``python -m bench storm``.
 
 The file is rendered for this machine only where it must be: the Compose service names in its upstreams
 become loopback replicas, its listening ports become free loopback ports, and the certificate, pid and
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -17,14 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.conftest import REPO_ROOT
-from tests.service_fixtures import _unreachable, free_port
-
-NGINX_CONF = REPO_ROOT / "deploy" / "config" / "nginx" / "nginx.conf"
+NGINX_CONF = Path(__file__).resolve().parents[1] / "deploy" / "config" / "nginx" / "nginx.conf"
 #: The ports the file listens on, by their role.
 LISTEN_PORTS = {"http_redirect": 80, "https": 443, "ws": 4399, "wss": 4443, "device_http": 8000, "health": 8081}
+
+
+class NginxUnavailable(RuntimeError):
+    """nginx (or openssl for its certificate) is not installed, or it would not start."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class Nginx:
 def throwaway_certificate(folder: Path) -> Path:
     openssl = shutil.which("openssl")
     if openssl is None:
-        _unreachable("openssl not found (Debian package openssl)")
+        raise NginxUnavailable("openssl not found (Debian package openssl)")
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(folder / "privkey.pem"),
                     "-out", str(folder / "fullchain.pem")], check=True, capture_output=True, timeout=60)
@@ -81,7 +89,7 @@ def render(conf: str, replicas: Sequence[Replica], ports: dict[str, int], folder
 def running_nginx(folder: Path, replicas: Sequence[Replica]) -> Iterator[Nginx]:
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if binary is None:
-        _unreachable("nginx not found (Debian package nginx-light)")
+        raise NginxUnavailable("nginx not found (Debian package nginx-light)")
     folder.mkdir(parents=True, exist_ok=True)
     cert = throwaway_certificate(folder)
     ports = {role: free_port() for role in LISTEN_PORTS}
@@ -94,14 +102,15 @@ def running_nginx(folder: Path, replicas: Sequence[Replica]) -> Iterator[Nginx]:
         deadline = time.monotonic() + 15
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"nginx exited: {proc.stderr.read().decode() if proc.stderr else ''}\n{nginx.error_log()}")
+                raise NginxUnavailable(f"nginx exited: {proc.stderr.read().decode() if proc.stderr else ''}\n"
+                                       f"{nginx.error_log()}")
             try:
                 if httpx.get(nginx.url("health", "/healthz"), timeout=0.5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"nginx did not answer its health check:\n{nginx.error_log()}")
+                raise NginxUnavailable(f"nginx did not answer its health check:\n{nginx.error_log()}")
             time.sleep(0.05)
         yield nginx
     finally:
