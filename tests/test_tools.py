@@ -517,3 +517,12 @@ async def test_a_devices_own_mcp_tools_join_the_registry_for_its_turns() -> None
     assert not refused.ok and "invalid arguments" in refused.result
     assert not timed_out.ok and "no answer within 5 s" in timed_out.result
     assert board.calls == [("self.audio_speaker.set_volume", {"volume": 20}), ("self.light.toggle", {})]
+
+
+async def test_the_fake_refuses_malformed_scripted_tool_calls() -> None:
+    config = FakeAiConfig()
+    for bad in ({"tool_calls": "set_timer"}, {"tool_calls": [{"arguments": "{}"}]}, {"tool_calls": [3]}):
+        with pytest.raises(ValueError, match="tool_calls"):
+            config.update(bad)
+    config.update({"tool_calls": [{"name": "stop"}], "tool_triggers": True})
+    assert config.tool_calls == [{"name": "stop"}]
