@@ -70,10 +70,12 @@ class NativeSession:
     """Drives one native-protocol connection from hello to close."""
 
     def __init__(self, services: Services, ws: Any, info: SessionInfo,
-                 first_message: bytes | str | None, handshake_deadline: float, *, operator: bool = False) -> None:
+                 first_message: bytes | str | None, handshake_deadline: float, *,
+                 auth_mode: str | None = None) -> None:
         self.services = services
-        #: The peer already proved the admin token (the browser's talk page): no device authentication.
-        self._auth_mode = "off" if operator else services.settings.device_auth
+        #: ``DEVICE_AUTH`` unless the caller knows better (the browser's talk socket): ``off`` for the
+        #: operator, ``operator`` for a peer that is not and has no device credential to offer.
+        self._auth_mode = auth_mode or services.settings.device_auth
         self.ws = ws
         self.info = info
         self._first = first_message
@@ -126,6 +128,9 @@ class NativeSession:
     async def _authenticate(self, hello: wire.Hello) -> None:
         """Check the device's credentials (DEVICE_AUTH); answers HELLO_ACK on success."""
         mode = self._auth_mode
+        if mode == "operator":
+            self._refuse("not_operator")
+            raise ProtocolError(ErrorCode.AUTH_REQUIRED, "sign in with the admin token (ADMIN_TOKEN) first")
         credentials = self.services.device_credentials
         info = self.info
         nonce = new_nonce() if mode == "hmac" else ""

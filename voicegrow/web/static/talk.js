@@ -303,6 +303,7 @@ async function main() {
   });
   $("signout").addEventListener("click", () => { setToken(""); page.signedIn = false; updateAccess(); });
   $("talk").addEventListener("click", () => toggleTalk());
+  $("device-form").addEventListener("submit", (event) => event.preventDefault());
   $("stop").addEventListener("click", () => call && call.abortReply());
   updateAccess();
 }
