@@ -526,3 +526,16 @@ async def test_the_fake_refuses_malformed_scripted_tool_calls() -> None:
             config.update(bad)
     config.update({"tool_calls": [{"name": "stop"}], "tool_triggers": True})
     assert config.tool_calls == [{"name": "stop"}]
+
+
+async def test_a_server_that_refuses_tools_still_gets_the_question_without_them() -> None:
+    class NoFunctions(_ScriptedModel):
+        async def stream(self, messages, tools=None, tool_choice=None):
+            self.requests.append(([dict(m) for m in messages], tool_choice))
+            if tools:
+                raise LlmError("http_4xx", "HTTP 400: auto tool choice requires --enable-auto-tool-choice")
+            yield "Plain answer."
+
+    model = NoFunctions([])
+    text, outcomes = await _converse(model, ToolRegistry([BuiltinTools()]))
+    assert text == "Plain answer." and outcomes == [] and len(model.requests) == 2
