@@ -9,10 +9,13 @@ Screenshots: tests/output/browser-*.png.
 
 from __future__ import annotations
 
+import io
 import time
+import wave
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.browser_support import (ServerThread, chromium, padded_clip, require_chromium, screenshot,
@@ -34,6 +37,20 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 def question(tmp_path_factory: pytest.TempPathFactory, audio_fixtures: Path, manifest: list[dict]) -> tuple[Path, str]:
     entry = next(e for e in manifest if e["id"] == "en-00")
     return padded_clip(audio_fixtures / entry["file"], tmp_path_factory.mktemp("clip") / "question.wav"), entry["text"]
+
+
+def _similarity(wav: bytes, clip: Path) -> float:
+    """Peak normalised cross-correlation of a recording with the clip's speech (1: the same samples)."""
+    with wave.open(io.BytesIO(wav)) as w:
+        assert w.getframerate() == 16000
+        got = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float64)
+    with wave.open(str(clip)) as w:
+        ref = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float64)
+    ref = ref[np.flatnonzero(ref)[0]:np.flatnonzero(ref)[-1] + 1]  # the speech, without the padding
+    short, long_ = (got, ref) if len(got) <= len(ref) else (ref, got)
+    corr = np.correlate(long_, short, "valid")
+    at = int(np.argmax(np.abs(corr)))
+    return float(abs(corr[at]) / (np.linalg.norm(short) * np.linalg.norm(long_[at:at + len(short)]) + 1e-9))
 
 
 def _text(driver, css: str) -> str:
@@ -95,6 +112,9 @@ def test_talk_page_answers_and_console_shows_the_session_and_the_turn(server, qu
         turn = turns[0]
         assert "weather" in turn["transcript"].lower() and turn["outcome"] == "completed"
         assert turn["audio_in_url"] and turn["audio_out_url"]
+        # What the page captured (the browser's rate, resampled to 16 kHz in the worklet) is the clip.
+        recorded = httpx.get(f"{server.url}{turn['audio_in_url']}").content
+        assert _similarity(recorded, clip) > 0.6
         devices = httpx.get(f"{server.url}/api/v1/devices").json()["devices"]
         assert DEVICE in [d["device_id"] for d in devices]
         found = httpx.get(f"{server.url}/api/v1/conversations", params={"q": "weather"}).json()["turns"]
@@ -210,10 +230,14 @@ def test_talking_over_the_reply_interrupts_it(server, long_replies, audio_fixtur
                           "a reply interrupted by talking", driver)[0]
         number = int(barged.get_attribute("data-turn-id"))
         assert "(interrupted)" in barged.find_element("css selector", ".entry.assistant").text
-        following = wait_for(lambda: driver.find_element(
-            "css selector", f'#log .turn[data-turn-id="{number + 1}"] .entry.user .text').text, 60,
-            "the question that interrupted it, heard", driver)
-        assert "weather" in following.lower()
+        def heard_after() -> list[str]:  # turn ids may skip one superseded before it began
+            return [turn.find_element("css selector", ".entry.user .text").text
+                    for turn in driver.find_elements("css selector", "#log .turn")
+                    if int(turn.get_attribute("data-turn-id")) > number]
+
+        following = wait_for(lambda: [text for text in heard_after() if text], 60,
+                             "the question that interrupted it, heard", driver)
+        assert "weather" in following[0].lower()
         screenshot(driver, "browser-talk-barge-in")
         driver.find_element("id", "talk").click()
     outcomes = [t["outcome"] for t in wait_for(lambda: _stored(server, device), 30, "the turns stored")]

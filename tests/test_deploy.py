@@ -819,6 +819,13 @@ def test_deploy_builds_starts_waits_for_health_then_makes_the_bucket(
     assert steps[2][steps[2].index("--entrypoint") + 1] == "python", "settings are validated in the image"
     assert [c[-1] for c in calls if c[0] == "inspect"] == ["id-server", "id-mysql", "id-redis", "id-minio"]
     assert calls[-1][-3:] == ["mb", "--ignore-existing", "minio/voicegrow"]
+    # From a checkout it installed the document's layout first, and Compose ran there.
+    home = Path(fake_docker["VG_HOME"])
+    assert (home / "docker-compose.yml").is_file() and (home / "server" / "Dockerfile").is_file()
+    files = {line.split()[1] for line in Path(fake_docker["FAKE_DOCKER_LOG"]).read_text().splitlines()
+             if line.startswith("file ")}
+    assert files == {str(home / "docker-compose.yml")}
+    assert "crontab -u root" in result.stderr, "deploy.sh says which backup schedule to install"
 
 
 def test_deploy_fails_when_the_stack_stays_unhealthy(fake_docker: dict[str, str]) -> None:
@@ -958,7 +965,7 @@ def check_metric_references(text: str, where: str) -> None:
         assert name in series, f"{where} uses {name}, which voicegrow/metrics.py does not export"
     for name, selector in re.findall(r"\b(voicegrow_[a-z_]+)\{([^}]*)\}", text):
         for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector):
-            assert label in series[name] | {"job", "instance", "replica"}, f"{where}: {name} has no label {label}"
+            assert label in series[name] | {"job", "instance", "service"}, f"{where}: {name} has no label {label}"
 
 
 def test_alert_rules_cover_the_objectives_with_real_metrics() -> None:

@@ -428,3 +428,35 @@ def test_windows_firewall_script_opens_the_same_ports() -> None:
     assert re.search(r"\[int\] \$WsPort = 4399", text) and re.search(r"\[int\] \$HttpPort = 8000", text)
     assert all("-RemoteAddress" in r for r in rules[:2]), "restricted to the given networks"
     assert "Remove-NetFirewallRule" in text and text.count('-Group "VoiceGrow"') == 5
+
+
+def test_production_environment_runs_the_scale_file_and_wants_tls(tmp_path: Path) -> None:
+    """The production overlay's COMPOSE_FILE makes the scripts use the scale file (replicas, nginx, TLS)."""
+    from tests.test_deploy import FAKE_DOCKER, STACK_SECRETS
+
+    if Path("/etc/voicegrow/certs/fullchain.pem").exists():
+        pytest.skip("this machine has real certificates in /etc/voicegrow/certs")
+    home = tmp_path / "opt-voicegrow"
+    env = {**script_env(tmp_path), "VG_HOME": str(home)}
+    env.pop("ENV_FILE")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_DOCKER_LOG=str(tmp_path / "docker.log"))
+    made = subprocess.run([str(SCRIPTS / "deploy.sh"), "--environment", "production"], env=env, capture_output=True,
+                          encoding="utf-8", timeout=120)
+    assert made.returncode == 1 and "set its secrets" in made.stderr, made.stderr
+    text = (home / ".env").read_text()
+    for name, value in STACK_SECRETS.items():
+        text = re.sub(rf"^{name}=.*$", f"{name}={value}", text, flags=re.M)
+    (home / ".env").write_text(text)
+    result = subprocess.run([str(home / "scripts" / "deploy.sh"), "--no-build"], env=env, capture_output=True,
+                            encoding="utf-8", timeout=120)
+    assert result.returncode == 1 and "/etc/voicegrow/certs/fullchain.pem is missing" in result.stderr, result.stderr
+    updated = subprocess.run([str(home / "scripts" / "update.sh"), "--no-pull", "--no-backup", "--timeout", "1"],
+                             env={**env, "FAKE_HAS_IMAGE": "1"}, capture_output=True, encoding="utf-8", timeout=120)
+    assert updated.returncode == 0, updated.stderr
+    log = (tmp_path / "docker.log").read_text()
+    assert f"file {home}/docker-compose.scale.yml" in log
+    assert [line.split()[-1] for line in log.splitlines() if "--force-recreate" in line] == ["server", "server-2", "server-3"]

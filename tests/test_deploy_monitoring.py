@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import http.server
 import importlib.util
 import io
 import json
@@ -139,7 +140,7 @@ class Robot:
         self.received: list[tuple[str, dict[str, Any]]] = []
         robot = self
 
-        class Handler(__import__("http.server").server.BaseHTTPRequestHandler):
+        class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 robot.received.append((self.path, json.loads(body)))

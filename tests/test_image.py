@@ -91,7 +91,8 @@ class RunSpec:
     """``docker run`` arguments equivalent to ``docker compose up`` of the server service."""
 
     environment: dict[str, str]
-    volume_target: str
+    #: (source, target, options): a named volume, or a path relative to the Compose file's folder.
+    mounts: list[tuple[str, str, str]]
     health_cmd: list[str]
     health: dict[str, str]
     stop_grace_s: float
@@ -102,10 +103,17 @@ class RunSpec:
         """``docker run`` takes a health command as a shell line only: the exec form, quoted for sh."""
         return shlex.join(self.health_cmd)
 
-    def argv(self, name: str, volume: str, env_file: Path) -> list[str]:
+    @property
+    def data_mount(self) -> tuple[str, str, str]:
+        (mount,) = [m for m in self.mounts if m[1] == "/data"]
+        return mount
+
+    def argv(self, name: str, sources: dict[str, str], env_file: Path) -> list[str]:
+        """``sources``: where each mount's source is on this machine (a volume name or a directory)."""
         args = ["run", "-d", "--name", name, "--network", "host", "--env-file", str(env_file),
-                "-v", f"{volume}:{self.volume_target}", "--stop-timeout", str(int(self.stop_grace_s)),
-                "--health-cmd", self.health_shell]
+                "--stop-timeout", str(int(self.stop_grace_s)), "--health-cmd", self.health_shell]
+        for source, target, options in self.mounts:
+            args += ["-v", ":".join(filter(None, [sources[source], target, options]))]
         for flag, value in self.health.items():
             args += [f"--health-{flag}", value]
         for key, value in self.environment.items():
@@ -120,16 +128,18 @@ def run_spec(env: dict[str, str]) -> RunSpec:
     environment = service.get("environment") or {}
     if isinstance(environment, list):
         environment = dict(item.split("=", 1) for item in environment)
-    named_volumes = [v for v in service.get("volumes", []) if not str(v).startswith((".", "/"))]
-    assert len(named_volumes) == 1, f"expected one named data volume, got {named_volumes}"
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, target, *options = str(volume).split(":")
+        mounts.append((source, target, ",".join(options)))
+    assert [m for m in mounts if m[1] == "/data"], f"no mount on the image's /data volume: {mounts}"
     check = service["healthcheck"]
     test = check["test"]
     health_cmd = test[1:] if test[0] == "CMD" else ["sh", "-c", test[1]]
     health = {"interval": check["interval"], "timeout": check["timeout"], "retries": str(check["retries"]),
               "start-period": check["start_period"]}
     limits = ((service.get("deploy") or {}).get("resources") or {}).get("limits") or {}
-    return RunSpec({k: interpolate(str(v), env) for k, v in environment.items()},
-                   str(named_volumes[0]).split(":", 1)[1], health_cmd, health,
+    return RunSpec({k: interpolate(str(v), env) for k, v in environment.items()}, mounts, health_cmd, health,
                    compose_seconds(service.get("stop_grace_period", "10s")), limits)
 
 
@@ -231,7 +241,7 @@ def _wait_http(url: str, ok: Any, timeout: float) -> httpx.Response:
 @dataclass
 class Container:
     name: str
-    volume: str
+    sources: dict[str, str]
     ws_url: str
     http_url: str
     spec: RunSpec
@@ -244,7 +254,7 @@ class Container:
         Returns seconds until the health endpoint first answered and until Docker called the container
         healthy (the latter is at least the Compose file's first ``interval``)."""
         started = time.monotonic()
-        docker(*self.spec.argv(self.name, self.volume, self.env_file))
+        docker(*self.spec.argv(self.name, self.sources, self.env_file))
         deadline = started + compose_seconds(self.spec.health["start-period"]) + 120
         answering: float | None = None
         while (status := self.state()["Health"]["Status"]) != "healthy":
@@ -287,15 +297,29 @@ def container(image: dict[str, float], backends: dict[str, Any], tmp_path_factor
     env_file = tmp_path_factory.mktemp("image") / "server.env"  # Compose's env_file: .env
     env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()), encoding="utf-8")
     suffix = uuid.uuid4().hex[:8]
-    box = Container(f"voicegrow-ci-{suffix}", f"voicegrow-ci-data-{suffix}", f"ws://127.0.0.1:{ws_port}",
-                    f"http://127.0.0.1:{http_port}", run_spec(env), env_file, token)
+    spec = run_spec(env)
+    home = tmp_path_factory.mktemp("voicegrow-home")  # the stack's folder (/opt/voicegrow), as deploy.sh lays it
+    sources: dict[str, str] = {}
+    for source, _target, _options in spec.mounts:
+        if source.startswith((".", "/")):
+            directory = (home / source).resolve()
+            directory.mkdir(parents=True, exist_ok=True)
+            if directory.relative_to(home).as_posix().startswith("data/server"):
+                os.chown(directory, 10001, 10001)  # deploy/scripts/lib.sh: the server runs as uid 10001
+            sources[source] = str(directory)
+        else:
+            sources[source] = f"voicegrow-ci-{source}-{suffix}"
+    box = Container(f"voicegrow-ci-{suffix}", sources, f"ws://127.0.0.1:{ws_port}",
+                    f"http://127.0.0.1:{http_port}", spec, env_file, token)
     try:
         answering, healthy = box.start()
         image.update(answering_s=round(answering, 1), healthy_s=round(healthy, 1))
         yield box
     finally:
         box.remove()
-        docker("volume", "rm", "-f", box.volume, check=False)
+        for source, name in sources.items():
+            if not source.startswith((".", "/")):
+                docker("volume", "rm", "-f", name, check=False)
         FIGURES.parent.mkdir(parents=True, exist_ok=True)
         FIGURES.write_text(json.dumps(image, indent=2) + "\n", encoding="utf-8")
 
@@ -313,7 +337,7 @@ def test_compose_server_definition_is_what_the_container_gets(container: Contain
     inspected = json.loads(docker("inspect", container.name).stdout)[0]
     assert inspected["HostConfig"]["NetworkMode"] == "host"
     assert inspected["Config"]["Healthcheck"]["Test"] == ["CMD-SHELL", container.spec.health_shell]
-    assert [m["Destination"] for m in inspected["Mounts"]] == [container.spec.volume_target]
+    assert sorted(m["Destination"] for m in inspected["Mounts"]) == sorted(m[1] for m in container.spec.mounts)
     env = dict(item.split("=", 1) for item in inspected["Config"]["Env"])
     for key in (service.get("environment") or {}):
         assert key in env, f"{key} of the Compose service is missing in the container"
@@ -398,7 +422,7 @@ def test_a_second_start_on_the_same_volume_reuses_model_cache_and_data(container
     listing = httpx.get(f"{container.http_url}/api/v1/conversations", params={"device_id": "image-native"},
                         headers={"Authorization": f"Bearer {container.admin_token}"}, timeout=10).json()
     assert listing["turns"], "the first run's conversation is gone"
-    files = docker("exec", container.name, "ls", "-A", container.spec.volume_target).stdout.split()
+    files = docker("exec", container.name, "ls", "-A", "/data").stdout.split()
     assert "spool" in files, files  # the first run's data directory, on the same volume
 
 

@@ -164,6 +164,18 @@ async def test_allowlist_is_exact_and_proxied_requests_need_the_token(tmp_path) 
                            401, "unauthorized")
 
 
+async def test_metrics_need_the_credential_unless_metrics_public(tmp_path) -> None:
+    for public in (False, True):
+        async with running_server(make_settings(tmp_path / str(public), metrics_public=public)) as server:
+            async with client_from(server, "127.0.0.2") as remote:
+                metrics = await remote.get("/metrics")
+                if public:
+                    assert metrics.status_code == 200 and "voicegrow_up" in metrics.text
+                else:
+                    assert_refused(metrics, 401, "unauthorized")
+                assert_refused(await remote.get("/api/v1/sessions"), 401, "unauthorized")  # the rest stays closed
+
+
 def test_admin_allow_from_and_tls_settings_are_validated() -> None:
     base = {"ASR_MODEL_SIZE": "base"}
     for bad in ("localhost", "127.0.0.1,", "10.0.0.0/33", "::1/200", "auto,127.0.0.1"):

@@ -16,6 +16,7 @@ from voicegrow.storage import Persistence, SessionRecord, TurnRecord
 from voicegrow.audio import wav_bytes
 from voicegrow.storage.spool import Spool
 from voicegrow.storage.state import MemoryState
+from voicegrow.tools.timers import Timer
 
 PCM_IN = bytes(range(256)) * 20
 PCM_OUT = bytes(reversed(range(256))) * 30
@@ -157,11 +158,15 @@ async def test_deleting_a_device_erases_its_data_and_nothing_else(storage_target
             for _ in range(2):
                 await p.submit_turn(make_turn(device=device, session=f"s-{device}"), PCM_IN, 16000, PCM_OUT, 24000)
             await p.save_history(device, [{"role": "user", "content": "hi"}])
+            await p.save_timer(Timer(f"t-{device}", device, "timer", time.time() + 60, time.time(),
+                                     duration_s=60).row())
         # no waiting for delivery: the deletion queues up behind the records still in the spool
         report = await p.delete_device_data("dev-1")
-        assert report == {"device_id": "dev-1", "turns": 2, "sessions": 1, "events": 1, "devices": 1,
+        assert report == {"device_id": "dev-1", "turns": 2, "sessions": 1, "events": 1, "timers": 1, "devices": 1,
                           "audio_objects": 4, "history_keys": 1, "pending": [], "failed": []}
         await delivered(p)
+        assert await p.list_timers("dev-1") == []
+        assert [t["timer_id"] for t in await p.list_timers("dev-2")] == ["t-dev-2"]
         assert (await p.list_turns("dev-1")).items == []
         assert await p.load_history("dev-1") == []
         assert await p.blobs.keys("dev-1/") == []

@@ -1,4 +1,5 @@
-"""The data part of the admin HTTP API: devices, conversations (turns) with their audio, and erasure.
+"""The data part of the admin HTTP API: devices, conversations (turns) with their audio and tool calls,
+timers and alarms, and erasure.
 
 A Quart blueprint over :class:`~voicegrow.storage.Persistence`; the application registers it and checks
 ``ADMIN_TOKEN`` for every route, this module does no authentication. Every error is JSON
@@ -101,7 +102,8 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def make_data_blueprint(persistence: Persistence) -> Blueprint:
+def make_data_blueprint(persistence: Persistence, *, timers: Any = None) -> Blueprint:
+    """``timers``: the timer book (voicegrow.tools.timers.TimerBook), told when a device is erased."""
     bp = Blueprint("data", __name__)
 
     def present_turn(turn: dict[str, Any]) -> dict[str, Any]:
@@ -155,11 +157,20 @@ def make_data_blueprint(persistence: Persistence) -> Blueprint:
             return _error(404, "not_found", f"no turn {turn_id!r}")
         return present_turn(turn), 200
 
+    @bp.get("/api/v1/devices/<device_id>/timers")
+    async def list_timers(device_id: str) -> JsonResponse:
+        _identifier("device_id", device_id, required=True)
+        items = await persistence.list_timers(device_id, limit=_limit(request.args.get("limit")))
+        return {"device_id": device_id, "timers": [
+            {**t, "due_at_iso": _iso(t["due_at"]), "fired_at_iso": _iso(t["fired_at"])} for t in items]}, 200
+
     @bp.delete("/api/v1/devices/<device_id>/data")
     async def delete_device_data(device_id: str) -> JsonResponse:
         _identifier("device_id", device_id, required=True)
+        if timers is not None:
+            timers.forget_device(device_id)  # no reminder of an erased device fires any more
         report = await persistence.delete_device_data(device_id)
-        counted = ("turns", "sessions", "events", "devices", "audio_objects", "history_keys")
+        counted = ("turns", "sessions", "events", "timers", "devices", "audio_objects", "history_keys")
         if not report["pending"] and not report["failed"] and not any(report[k] for k in counted):
             return _error(404, "not_found", f"no data for device {device_id!r}")
         return report, 202 if report["pending"] else 200

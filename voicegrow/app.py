@@ -56,6 +56,9 @@ async def running_server(settings: Settings, *, persistence_options: dict[str, A
     async with open_services(settings, persistence_options=persistence_options, worker=worker) as services, \
             trio.open_nursery() as nursery:
         await nursery.start(services.persistence.run)
+        await nursery.start(services.timers.run)
+        if services.tools is not None:
+            await nursery.start(services.tools.run)
         if settings.asr_preload:  # the first user should not wait for a model load
             nursery.start_soon(services.asr.warm_up)
             if hasattr(services.tts, "preload"):

@@ -126,7 +126,9 @@ def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
     # Werkzeug answers '//' in a path with an HTML redirect; here it reaches the route (and its JSON 400).
     app.url_map.merge_slashes = False
     cors_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
-    public_paths = _PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set())
+    from voicegrow.xiaozhi_ota import OTA_PATHS, make_ota_blueprint
+
+    public_paths = _PUBLIC_PATHS | OTA_PATHS | ({"/metrics"} if settings.metrics_public else set())
     media_origins = ((f"{'https' if settings.minio_secure else 'http'}://{settings.minio_endpoint}",)
                      if settings.minio_endpoint else ())
 
@@ -219,7 +221,8 @@ def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
 
     from voicegrow.admin_api import make_data_blueprint
 
-    app.register_blueprint(make_data_blueprint(services.persistence))
+    app.register_blueprint(make_data_blueprint(services.persistence, timers=services.timers))
+    app.register_blueprint(make_ota_blueprint(services))
     app.register_blueprint(make_web_blueprint(services, voice_server=voice_server))
     return app
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
@@ -31,6 +31,8 @@ class SessionInfo:
     cancel_scope: trio.CancelScope | None = None
     #: Asks the session to say goodbye (close frame) before it is cancelled.
     request_close: Callable[[int, str], None] | None = None
+    #: Speaks (text, language, data) on the device as a turn of its own; set once the voice session runs.
+    announce: Callable[[str, str, dict[str, Any]], Awaitable[None]] | None = None
     #: The device's own tools (a :class:`~voicegrow.streaming.device_mcp.DeviceMcpClient`), for
     #: devices that serve MCP (xiaozhi boards); a tool registry offers them to the LLM.
     device_tools: Any = None
@@ -84,6 +86,11 @@ class SessionRegistry:
 
     def __contains__(self, session_id: object) -> bool:
         return session_id in self._sessions
+
+    def announcer(self, device_id: str) -> Callable[[str, str, dict[str, Any]], Awaitable[None]] | None:
+        """How to speak on ``device_id`` now (its newest session that can), or None if it is not here."""
+        sessions = [s for s in self._sessions.values() if s.device_id == device_id and s.announce is not None]
+        return max(sessions, key=lambda s: s.since).announce if sessions else None
 
     def count_by_protocol(self) -> dict[str, int]:
         counts: dict[str, int] = {}

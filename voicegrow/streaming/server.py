@@ -221,15 +221,18 @@ class VoiceServer:
     async def serve_native(self, ws: Any, remote_addr: str, *, operator: bool) -> None:
         """A native-protocol session on a WebSocket accepted by the HTTP port (the browser's talk page).
 
-        ``operator``: the peer proved the admin token, so device authentication is not asked again.
+        ``operator``: the peer proved the admin token, so device authentication is not asked again;
+        otherwise it must authenticate as a device, and with ``DEVICE_AUTH=off`` it cannot.
         """
         from voicegrow.streaming.native import NativeSession
 
-        deadline = trio.current_time() + self.services.settings.handshake_timeout_s
+        settings = self.services.settings
+        deadline = trio.current_time() + settings.handshake_timeout_s
+        mode = "off" if operator else (settings.device_auth if settings.device_auth != "off" else "operator")
 
         async def serve(info: SessionInfo) -> None:
             info.protocol = "native"
-            await NativeSession(self.services, ws, info, None, deadline, operator=operator).run()
+            await NativeSession(self.services, ws, info, None, deadline, auth_mode=mode).run()
 
         await self.run_session(ws, remote_addr, serve)
 

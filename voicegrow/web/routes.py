@@ -24,8 +24,6 @@ from trio_websocket import CloseReason, ConnectionClosed
 from voicegrow import __version__
 from voicegrow.admin_auth import PROXY_HEADERS
 from voicegrow.auth_throttle import parse_address
-from voicegrow.protocol import native as wire
-from voicegrow.protocol.errors import ErrorCode
 from voicegrow.services import Services
 
 __all__ = ["make_web_blueprint", "is_public_path", "TALK_SUBPROTOCOL", "BEARER_SUBPROTOCOL_PREFIX"]
@@ -146,14 +144,9 @@ def make_web_blueprint(services: Services, *, voice_server: Any = None) -> Bluep
             if refusal is not None:
                 return _refusal(*refusal)
             await websocket.accept(subprotocol=TALK_SUBPROTOCOL)
+            # Not the operator: a device credential in HELLO, as on the speaker port (ERROR AUTH_REQUIRED,
+            # close 4401, after HELLO when DEVICE_AUTH is off).
             socket = BrowserSocket(websocket._get_current_object())
-            if not operator and settings.device_auth == "off":
-                # No device credential can stand in for the operator here: refuse in the protocol's terms.
-                services.metrics.auth_refusals.labels("native", "not_operator").inc()
-                await socket.send_message(wire.encode(wire.Error(
-                    code=int(ErrorCode.AUTH_REQUIRED), reason="sign in with the admin token (ADMIN_TOKEN)")))
-                await socket.aclose(4401, "sign in first")
-                return None
             await voice_server.serve_native(socket, remote_addr, operator=operator)
             return None
 

@@ -22,8 +22,8 @@ function stopPolling() {
 
 function signedOut() {
   stopPolling();
-  state.rendered.clear();
-  clear($("turns"));
+  state.turns = [];
+  forgetTurns();
   clear($("sessions").tBodies[0]);
   clear($("devices").tBodies[0]);
   clear($("health"));
@@ -107,7 +107,7 @@ async function refreshTurns() {
   const known = new Set(page.turns.map((turn) => turn.turn_id));
   const older = state.turns.slice(50).filter((turn) => !known.has(turn.turn_id));
   state.turns = [...page.turns, ...older];
-  if (state.cursor === null || older.length === 0) state.cursor = page.next_cursor;
+  if (older.length === 0) state.cursor = page.next_cursor; // else "More" goes on after the last page read
   renderTurns();
   drawLatencyChart($("latency"), page.turns.slice(0, 20).reverse(), t);
   $("latency-empty").hidden = page.turns.some((turn) => turn.timings_ms && turn.timings_ms.speech_end !== undefined);
@@ -168,11 +168,18 @@ function renderTurns() {
   $("turns-device").textContent = state.device ? `· ${state.device}` : "";
 }
 
+function forgetTurns() {
+  for (const audio of $("turns").querySelectorAll("audio")) {
+    if (audio.src.startsWith("blob:")) URL.revokeObjectURL(audio.src); // the downloaded recording
+  }
+  state.rendered.clear();
+  clear($("turns"));
+}
+
 function resetTurns() {
   state.turns = [];
   state.cursor = null;
-  state.rendered.clear();
-  clear($("turns"));
+  forgetTurns();
   return guarded(refreshTurns);
 }
 
@@ -210,8 +217,7 @@ function signedIn() {
 }
 
 function rerender() {
-  state.rendered.clear();
-  clear($("turns"));
+  forgetTurns();
   if (!$("console").hidden) startPolling();
 }
 

@@ -204,10 +204,13 @@ class Call {
       this.hangUp();
       return;
     }
-    this.micCtx = new AudioContext({ sampleRate: INPUT_RATE });
+    // The device's own rate: the worklet resamples to 16 kHz (not every browser lets a microphone feed
+    // a context at another rate).
+    this.micCtx = new AudioContext();
     await this.micCtx.audioWorklet.addModule("/static/capture-worklet.js");
     const source = this.micCtx.createMediaStreamSource(this.mic);
-    const capture = new AudioWorkletNode(this.micCtx, "voicegrow-capture", { channelCount: 1 });
+    const capture = new AudioWorkletNode(this.micCtx, "voicegrow-capture",
+      { channelCount: 1, processorOptions: { targetRate: INPUT_RATE } });
     const mute = this.micCtx.createGain();
     mute.gain.value = 0;
     capture.port.onmessage = (event) => {
@@ -303,6 +306,7 @@ async function main() {
   });
   $("signout").addEventListener("click", () => { setToken(""); page.signedIn = false; updateAccess(); });
   $("talk").addEventListener("click", () => toggleTalk());
+  $("device-form").addEventListener("submit", (event) => event.preventDefault());
   $("stop").addEventListener("click", () => call && call.abortReply());
   updateAccess();
 }
