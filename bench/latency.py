@@ -8,7 +8,7 @@ headline: **end of speech → first reply audio at the client**. Two ways to pla
   time are both ``trio.current_time()`` of one run. The server stamps each AUDIO frame with its clock,
   and the first one is sent in the same tick as the ``first_audio_sent`` mark, so
   ``speech_end = stamp - (first_audio_sent - speech_end)``.
-* device side (``--url``, open-xiaoai, and a cross-check in-process): the server's VAD is sans-IO and
+* device side (``--url``, open-xiaoai, xiaozhi, and a cross-check in-process): the server's VAD is sans-IO and
   deterministic, so replaying it here over the same audio in the same chunks finds the same end of
   speech in the clip; then ``headline = client_first_audio_s + (clip end - speech end)``, which also
   counts the network both ways.
@@ -80,6 +80,7 @@ COMPONENTS = (
 
 NATIVE_FRAME_MS = 20
 XIAOAI_FRAME_BYTES = 2 * 1440
+XIAOZHI_FRAME_BYTES = 2 * 16 * 60  # one 60 ms Opus packet of 16 kHz audio
 _MASK32 = 0xFFFF_FFFF
 
 
@@ -186,6 +187,41 @@ async def _xiaoai_turn(server: ServerUnderTest, pcm: bytes, span: SpeechSpan, tu
                 await trio.sleep(0.1)
     turn.device_side_headline_ms = 1000 * (first_audio_s + span.trailing_s)
     records = await _stored_turns(server, f"xiaoai-{serial}")  # the driver's device id for a serial
+    if records:
+        record = records[0]
+        turn.stages_ms = _stages(record.get("timings_ms") or {})
+        turn.transcript, turn.reply = record.get("transcript", ""), record.get("reply_text", "")
+    turn.ok = True
+
+
+def xiaozhi_url(ws_url: str) -> str:
+    """A board's ``websocket.url``: the server's speaker URL with the firmware's path, unless it has one."""
+    from urllib.parse import urlsplit
+
+    from voicegrow.protocol.xiaozhi import DEFAULT_PATH
+
+    return ws_url if urlsplit(ws_url).path.startswith("/xiaozhi/") else ws_url.rstrip("/") + DEFAULT_PATH
+
+
+async def _xiaozhi_turn(server: ServerUnderTest, pcm: bytes, span: SpeechSpan, turn: TurnMeasurement,
+                        device_id: str, timeout_s: float) -> None:
+    from bench.xiaozhi_emulator import run_xiaozhi_emulator
+
+    async with run_xiaozhi_emulator(xiaozhi_url(server.ws_url), device_id=device_id, mcp=False,
+                                    keep_played_audio=False) as board:
+        await board.listen_start("auto")
+        await board.stream_pcm(pcm, realtime=True)
+        clip_sent_at = trio.current_time()  # the last clip packet has just gone out
+        with trio.move_on_after(timeout_s):
+            await board.wait_until(lambda b: b.first_packet_at is not None, timeout=timeout_s)
+        if board.first_packet_at is None:
+            turn.failure = "no reply audio"
+            return
+        first_audio_s = board.first_packet_at - clip_sent_at
+        with trio.move_on_after(timeout_s):
+            await board.wait_for_tts("stop", timeout=timeout_s)
+    turn.device_side_headline_ms = 1000 * (first_audio_s + span.trailing_s)
+    records = await _stored_turns(server, f"xiaozhi-{device_id}")  # the driver's device id for a Device-Id
     if records:
         record = records[0]
         turn.stages_ms = _stages(record.get("timings_ms") or {})
@@ -333,7 +369,8 @@ async def run_latency(args: argparse.Namespace, clips: Sequence[Clip]) -> dict[s
                                  overrides=overrides, url=args.url, http_url=args.http_url,
                                  admin_token=args.admin_token) as server:
         settings = assumed_settings(server, args.env_file)
-        chunk = NATIVE_FRAME_MS * 32 if args.protocol == "native" else XIAOAI_FRAME_BYTES
+        chunk = {"native": NATIVE_FRAME_MS * 32, "xiaoai": XIAOAI_FRAME_BYTES,
+                 "xiaozhi": XIAOZHI_FRAME_BYTES}[args.protocol]
         async with _components_for(server, settings, args.repeat) as components:
             run_id = uuid.uuid4().hex[:8]
             turns: list[TurnMeasurement] = []
@@ -358,6 +395,8 @@ async def _measure_turn(server: ServerUnderTest, components: Components, clip: C
     try:
         if args.protocol == "native":
             await _native_turn(server, pcm, span, turn, f"bench-latency-{device_id}", args.timeout)
+        elif args.protocol == "xiaozhi":
+            await _xiaozhi_turn(server, pcm, span, turn, f"bench-latency-{device_id}", args.timeout)
         else:
             await _xiaoai_turn(server, pcm, span, turn, f"bench-latency-{device_id}", args.timeout)
     except Exception as exc:  # one failed turn is a figure, not the end of the run
@@ -473,7 +512,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench latency", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server's WebSocket URL (default: an in-process server)")
-    parser.add_argument("--protocol", choices=("native", "xiaoai"), default="native")
+    parser.add_argument("--protocol", choices=("native", "xiaoai", "xiaozhi"), default="native")
     parser.add_argument("--turns", type=int, default=12, help="measured turns, clips mixed zh/en (default 12)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured turns first (default 1)")
     parser.add_argument("--repeat", type=int, default=3,

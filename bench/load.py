@@ -27,7 +27,7 @@ import math
 import random
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,7 @@ class Behaviour:
     reconnect: float = 0.0  # chance of hanging up and reconnecting after a turn
     reply_timeout_s: float = 30.0
     xiaoai_share: float = 0.5
+    xiaozhi_share: float = 0.0  # of all speakers, before the open-xiaoai share of the rest
     ping_interval_s: float = 2.0
 
 
@@ -248,7 +249,7 @@ class Crowd:
         self.xiaoai = xiaoai
         self.run_id = uuid.uuid4().hex[:8]
         self.stats = CrowdStats()
-        self.connected = {"native": 0, "xiaoai": 0}
+        self.connected = {"native": 0, "xiaoai": 0, "xiaozhi": 0}
         self._started = 0
 
     def take_stats(self) -> CrowdStats:
@@ -257,6 +258,9 @@ class Crowd:
         return stats
 
     def protocol_of(self, index: int) -> str:
+        zshare = self.behaviour.xiaozhi_share
+        if int((index + 1) * zshare) > int(index * zshare):
+            return "xiaozhi"
         share = self.behaviour.xiaoai_share if self.xiaoai else 0.0
         return "xiaoai" if int((index + 1) * share) > int(index * share) else "native"
 
@@ -264,7 +268,8 @@ class Crowd:
         """Start ``count`` more speakers over ``ramp_s``; returns once they are connected (or the timeout)."""
         first = self._started
         for index in range(first, first + count):
-            speaker = self._xiaoai_speaker if self.protocol_of(index) == "xiaoai" else self._native_speaker
+            speaker = {"xiaoai": self._xiaoai_speaker, "xiaozhi": self._xiaozhi_speaker,
+                       "native": self._native_speaker}[self.protocol_of(index)]
             nursery.start_soon(speaker, index, random.Random(self.seed * 1_000_003 + index))
             self._started += 1
             await trio.sleep(ramp_s / max(count, 1))
@@ -393,19 +398,29 @@ class Crowd:
         from bench.xiaoai_emulator import run_emulator
 
         talk = _Conversation(self, rng)
+
+        async def converse(emu: Any) -> None:
+            await emu.wait_for_request("start_recording", timeout=30)
+            await self._xiaoai_conversation(emu, talk, rng)
+
+        # The speakers here never listen to what they played: count it, keep none of it.
+        await self._keep_dialling("xiaoai", talk, lambda: run_emulator(
+            self.url, serial=f"bench-{self.run_id}-{index}", connect_timeout=30, keep_played_audio=False), converse)
+
+    async def _keep_dialling(self, protocol: str, talk: _Conversation, connect: Callable[[], Any],
+                             converse: Callable[[Any], Awaitable[None]]) -> None:
+        """Connect (``connect()`` is an async context manager), converse, and after a loss dial again;
+        counted as for native speakers."""
         while True:
             try:
-                # The speakers here never listen to what they played: count it, keep none of it.
-                async with run_emulator(self.url, serial=f"bench-{self.run_id}-{index}", connect_timeout=30,
-                                        keep_played_audio=False) as emu:
+                async with connect() as device:
                     self.stats.connects += 1
-                    self.connected["xiaoai"] += 1
+                    self.connected[protocol] += 1
                     try:
-                        await emu.wait_for_request("start_recording", timeout=30)
-                        await self._xiaoai_conversation(emu, talk, rng)
+                        await converse(device)
                     finally:
-                        self.connected["xiaoai"] -= 1
-            except Exception as exc:  # as for native speakers: counted, and the speaker dials again
+                        self.connected[protocol] -= 1
+            except Exception as exc:
                 self._lost(exc, talk)
                 await trio.sleep(1.0)
             self._redial(talk)
@@ -450,6 +465,51 @@ class Crowd:
         talk.turn_over(trio.current_time())
 
 
+    # -- xiaozhi-esp32 -----------------------------------------------------------------------------------------
+
+    async def _xiaozhi_speaker(self, index: int, rng: random.Random) -> None:
+        from bench.latency import xiaozhi_url
+        from bench.xiaozhi_emulator import run_xiaozhi_emulator
+
+        talk = _Conversation(self, rng)
+
+        async def converse(board: Any) -> None:
+            await board.listen_start("auto")  # the live microphone streams silence from here on
+            await self._xiaozhi_conversation(board, talk)
+
+        await self._keep_dialling("xiaozhi", talk, lambda: run_xiaozhi_emulator(
+            xiaozhi_url(self.url), device_id=f"bench-{self.run_id}-{index}", mcp=False, keep_played_audio=False),
+            converse)
+
+    async def _xiaozhi_conversation(self, board: Any, talk: _Conversation) -> None:
+        frame_bytes = 2 * SAMPLE_RATE * 60 // 1000
+        timeout = self.behaviour.reply_timeout_s
+        while not talk.hang_up:
+            await trio.sleep_until(talk.next_at)
+            with trio.move_on_after(timeout):  # the microphone reopens once the last reply has been played
+                await board.wait_until(lambda b: b.mic_open or not b.connected, timeout=timeout)
+            if not board.connected:
+                self.stats.dropped_connections += 1
+                return
+            utterance = talk.rng.choice(self.utterances)
+            board.first_packet_at = None
+            stops = board.tts_states().count("stop")
+            await board.stream_pcm(utterance.pcm, realtime=True)
+            padded_s = math.ceil(len(utterance.pcm) / frame_bytes) * frame_bytes / (2 * SAMPLE_RATE)
+            talk.spoke(trio.current_time() - (padded_s - utterance.speech_end_s))
+            deadline = talk.speech_end_at + timeout
+            with trio.move_on_at(deadline):
+                await board.wait_until(lambda b: b.first_packet_at is not None or not b.connected, timeout=timeout)
+            if board.first_packet_at is None:
+                talk.check_timeout(trio.current_time())
+                continue
+            talk.reply_audio(board.first_packet_at)
+            with trio.move_on_at(deadline + timeout):
+                await board.wait_until(lambda b: b.tts_states().count("stop") > stops or not b.connected,
+                                       timeout=2 * timeout)
+            talk.turn_over(trio.current_time())
+
+
 # -- server-side figures -------------------------------------------------------------------------------------
 
 
@@ -464,7 +524,7 @@ def server_figures(before: MetricsSnapshot | None, after: MetricsSnapshot | None
         return after.total(name, **labels) - before.total(name, **labels)
 
     lag_by_protocol = {}
-    for protocol in ("native", "xiaoai"):
+    for protocol in ("native", "xiaoai", "xiaozhi"):
         buckets = after.bucket_delta(before, "voicegrow_ingest_lag_seconds", protocol=protocol)
         lag_by_protocol[protocol] = {"p50_s": histogram_quantile(0.5, buckets),
                                      "p99_s": histogram_quantile(0.99, buckets),
@@ -527,7 +587,8 @@ async def run_step(server: ServerUnderTest, utterances: Sequence[Utterance], beh
     figures = {
         "sessions": count,
         "connected": connected,
-        "by_protocol": {p: sum(1 for i in range(count) if crowd.protocol_of(i) == p) for p in ("native", "xiaoai")},
+        "by_protocol": {p: sum(1 for i in range(count) if crowd.protocol_of(i) == p)
+                        for p in ("native", "xiaoai", "xiaozhi")},
         "duration_s": wall,
         "server": server_figures(metrics_before, metrics_after),
         "process": process_usage(process_before, process_after),
@@ -573,7 +634,10 @@ async def run_load(args: argparse.Namespace, utterances_from: Sequence[Clip]) ->
                                  pid=args.server_pid, admin_token=args.admin_token) as server:
         utterances = prepare_utterances(utterances_from, assumed_settings(server, args.env_file))
         xiaoai = args.xiaoai_share > 0 and (mode == "url" or xiaoai_driver_present())
-        behaviour = Behaviour(gap_s=(args.gap_min_s, args.gap_max_s), xiaoai_share=args.xiaoai_share)
+        shares = {"mixed": (args.xiaoai_share, 0.0), "native": (0.0, 0.0), "xiaoai": (1.0, 0.0),
+                  "xiaozhi": (0.0, 1.0)}[args.protocol]
+        xiaoai = xiaoai and shares[0] > 0
+        behaviour = Behaviour(gap_s=(args.gap_min_s, args.gap_max_s), xiaoai_share=shares[0], xiaozhi_share=shares[1])
         steps = []
         with progress(len(args.sessions) * math.ceil(args.duration), "load", "s") as bar:
             for number, count in enumerate(args.sessions):
@@ -587,6 +651,9 @@ async def run_load(args: argparse.Namespace, utterances_from: Sequence[Clip]) ->
 # -- output --------------------------------------------------------------------------------------------------
 
 
+_MIX = ("native", "xiaoai", "xiaozhi")
+
+
 def render_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     rows = []
     for step in results["steps"]:
@@ -595,7 +662,7 @@ def render_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         latency = client["turn_latency_s"]
         mix = step["by_protocol"]
         rows.append([
-            f"{step['sessions']} ({mix['native']}+{mix['xiaoai']})", str(step["connected"]),
+            f"{step['sessions']} ({'+'.join(str(mix.get(p, 0)) for p in _MIX)})", str(step["connected"]),
             fmt(proc.get("cpu_cores"), 2), fmt(proc.get("rss_mb")),
             fmt(srv.get("ingest_lag_p50_s"), 1, 1000),
             ("≥" if srv.get("ingest_lag_p99_beyond_histogram") else "") + fmt(srv.get("ingest_lag_p99_s"), 1, 1000),
@@ -607,7 +674,7 @@ def render_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     best = results["largest_sessions_lag_ok"]
     errors = [f"{step['sessions']} sessions: {step['client']['errors']}" for step in results["steps"]
               if step["client"]["errors"] or step["ramp_connect_failures"]]
-    header = ["sessions (native+xiaoai)", "connected", "server CPU (cores)", "RSS MB", "ingest lag p50 ms",
+    header = [f"sessions ({'+'.join(_MIX)})", "connected", "server CPU (cores)", "RSS MB", "ingest lag p50 ms",
               "ingest lag p99 ms", "frames dropped", "utterances/replies/turns done", "turn latency p50 s",
               "turn latency p99 s", "ASR queue max", "ping RTT p99 ms", "generator CPU (cores)", "held: all in, lag p99 < 50 ms"]
     return "\n".join([
@@ -684,6 +751,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per step (default 20)")
     add_server_options(parser, default="subprocess")
     add_crowd_options(parser, gap_s=(4.0, 12.0))
+    parser.add_argument("--protocol", choices=("mixed", "native", "xiaoai", "xiaozhi"), default="mixed",
+                        help="every speaker of one protocol, or native and open-xiaoai mixed by --xiaoai-share")
     add_common_options(parser)
     args = parser.parse_args(argv)
     if args.duration <= 0:

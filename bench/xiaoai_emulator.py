@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -204,6 +205,7 @@ class SpeakerEmulator:
         self.play_writes: list[PlayWrite] = []
         self.connections = 0
         self.media_state = PlayingState.IDLE
+        self.volume: int | None = None  # set by the model's fixed volume script (proto.VOLUME_COMMANDS)
         self.record_config: AudioConfig | None = None
         self.play_config: AudioConfig | None = None
 
@@ -391,6 +393,11 @@ class SpeakerEmulator:
         found = self.shell_outputs.get(key)
         if found is not None:
             return found
+        template = proto.VOLUME_COMMANDS.get(self.model, proto.VOLUME_COMMANDS["default"])[0]
+        volume = re.fullmatch(re.escape(template).replace("%d", "([0-9]{1,3})"), key)
+        if volume is not None and int(volume[1]) <= 100:
+            self.volume = int(volume[1])
+            return "", "", 0
         return "", "/bin/sh: the emulator runs no scripts and has no fake output for this one\n", 127
 
     async def _on_binary(self, data: bytes) -> None:

@@ -82,7 +82,7 @@ def default_tools(state: dict[str, Any]) -> list[EmulatedTool]:
 class XiaozhiEmulator:
     def __init__(self, url: str, *, device_id: str = DEFAULT_DEVICE_ID, client_id: str = DEFAULT_CLIENT_ID,
                  token: str = "", version: int = 1, mcp: bool = True, hello_timeout: float = wire.HELLO_TIMEOUT_S,
-                 tools_page_size: int = 1, keep_played_audio: bool = True) -> None:
+                 tools_page_size: int = 1, keep_played_audio: bool = True, live_mic: bool = True) -> None:
         self.url = url
         self.device_id = device_id
         self.client_id = client_id
@@ -92,6 +92,11 @@ class XiaozhiEmulator:
         self.hello_timeout = hello_timeout
         self.tools_page_size = tools_page_size
         self.keep_played_audio = keep_played_audio
+        self.live_mic = live_mic  # silence between what it is told to say, as a real microphone
+        self.mode = "auto"
+        self.listening = False
+        self._say = bytearray()
+        self._burst = False
         self.state: dict[str, Any] = {"volume": 70}
         self.tools = default_tools(self.state)
         self.tool_calls: list[tuple[str, dict[str, Any]]] = []
@@ -152,6 +157,7 @@ class XiaozhiEmulator:
                     while not hello_seen.is_set() and self._ws is not None:
                         await self._changed.wait()
                 if hello_seen.is_set():
+                    nursery.start_soon(self._microphone)
                     task_status.started()
                 else:
                     failure = EmulatorError(f"no server hello (closed with {self.close_code} {self.close_reason})"
@@ -196,6 +202,12 @@ class XiaozhiEmulator:
                 self.speaking = True
                 self.first_packet_at = None
             elif message.state == "stop":
+                # Speaking -> Listening (auto, realtime) sends listen start again, before the microphone
+                # reopens (the flag below reopens it); manual -> Idle.
+                if self.listening and self.mode != "manual":
+                    await self.send(wire.Listen(state="start", mode=self.mode, session_id=self.session_id))
+                elif self.mode == "manual":
+                    self.listening = False
                 self.speaking = False
         elif isinstance(message, wire.Mcp):
             await self._on_mcp(message.payload)
@@ -245,24 +257,23 @@ class XiaozhiEmulator:
                                 for t in page]}
             if nxt < len(self.tools):
                 result["nextCursor"] = str(nxt)
-        elif method == "tools/call":
+        elif method == "tools/call":  # McpServer::ReplyError answers failures with a message, no code
             name, arguments = params.get("name"), params.get("arguments") or {}
             tool = next((t for t in self.tools if t.name == name), None)
             if tool is None:
-                await self._send_mcp({"jsonrpc": "2.0", "id": call_id,
-                                      "error": {"code": -32601, "message": f"Unknown tool: {name}"}})
+                await self._send_mcp({"jsonrpc": "2.0", "id": call_id, "error": {"message": f"Unknown tool: {name}"}})
                 return
             self.tool_calls.append((name, arguments))
             try:
                 value = tool.run(arguments)
             except ValueError as exc:
-                await self._send_mcp({"jsonrpc": "2.0", "id": call_id, "error": {"code": -32602, "message": str(exc)}})
+                await self._send_mcp({"jsonrpc": "2.0", "id": call_id, "error": {"message": str(exc)}})
                 return
             text = value if isinstance(value, str) else json.dumps(value)
             result = {"content": [{"type": "text", "text": text}], "isError": False}
         else:
             await self._send_mcp({"jsonrpc": "2.0", "id": call_id,
-                                  "error": {"code": -32601, "message": f"Method not implemented: {method}"}})
+                                  "error": {"message": f"Method not implemented: {method}"}})
             return
         await self._send_mcp({"jsonrpc": "2.0", "id": call_id, "result": result})
 
@@ -286,10 +297,15 @@ class XiaozhiEmulator:
         await self._ws.send_message(data)
 
     async def listen_start(self, mode: str = "auto") -> None:
+        """``SendStartListening``: the microphone opens (and streams until listen stop or tts start)."""
+        self.mode, self.listening = mode, True
         await self.send(wire.Listen(state="start", mode=mode, session_id=self.session_id))
+        self._notify()
 
     async def listen_stop(self) -> None:
+        self.listening = False
         await self.send(wire.Listen(state="stop", session_id=self.session_id))
+        self._notify()
 
     async def wake_word(self, text: str = "你好小智") -> None:
         await self.send(wire.Listen(state="detect", text=text, session_id=self.session_id))
@@ -299,17 +315,52 @@ class XiaozhiEmulator:
         self.speaking = False
         await self.send(wire.Abort(reason=reason, session_id=self.session_id))
 
+    @property
+    def mic_open(self) -> bool:
+        """Listening, and not speaking unless in realtime mode (the firmware's AEC keeps the mic on)."""
+        return self.listening and (self.mode == "realtime" or not self.speaking)
+
     async def stream_pcm(self, pcm: bytes, *, realtime: bool = True) -> int:
-        """16 kHz PCM as 60 ms Opus packets, one per frame duration of the monotonic clock."""
+        """Say ``pcm`` (16 kHz) into the microphone: 60 ms Opus packets on the monotonic clock, or all at
+        once (``realtime=False``). Returns when the last packet has gone; needs an open microphone."""
+        if not self.mic_open:
+            raise EmulatorError("the microphone is closed: listen start first (or the board is speaking)")
         frame_bytes = UPLINK_RATE * wire.FRAME_DURATION_MS // 1000 * 2
-        start = trio.current_time()
-        sent = 0
-        for offset in range(0, len(pcm), frame_bytes):
-            if realtime:
-                await trio.sleep_until(start + sent * wire.FRAME_DURATION_MS / 1000)
-            await self.send_opus(self._encoder.encode(pcm[offset: offset + frame_bytes]))
-            sent += 1
-        return sent
+        self._say += pcm
+        self._burst = not realtime
+        self._notify()
+        while self._say and self._ws is not None:
+            await self._changed.wait()
+        return -(-len(pcm) // frame_bytes)
+
+    async def _microphone(self) -> None:
+        """One packet per 60 ms while the mic is open: what it was told to say, else (live) silence."""
+        frame_bytes = UPLINK_RATE * wire.FRAME_DURATION_MS // 1000 * 2
+        tick_s = wire.FRAME_DURATION_MS / 1000
+        next_at: float | None = None
+        while self._ws is not None:
+            if not self.mic_open or not (self._say or self.live_mic):
+                next_at = None
+                await self._changed.wait()
+                continue
+            if self._say:
+                frame, self._say[:] = bytes(self._say[:frame_bytes]), self._say[frame_bytes:]
+            else:
+                frame = bytes(frame_bytes)
+            burst = self._burst and len(self._say) > 0
+            try:
+                await self.send_opus(self._encoder.encode(frame))
+            except (EmulatorError, ConnectionClosed):
+                return
+            if not self._say:
+                self._notify()
+            if burst:
+                next_at = None
+                await trio.sleep(0)
+                continue
+            now = trio.current_time()
+            next_at = now + tick_s if next_at is None else next_at + tick_s
+            await trio.sleep_until(next_at)
 
     async def send_opus(self, packet: bytes) -> None:
         if self._ws is None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench import latency, load, soak
+from bench import ingest, latency, load, soak
 from bench.common import (
     SpeechSpan,
     beyond_last_bucket,
@@ -190,6 +190,21 @@ def test_load_command_with_two_sessions(tmp_path: Path, audio_fixtures: Path) ->
     assert_percentiles(client["ping_rtt_s"], at_least=1, high=60)
     assert step["lag_ok"] == (server["ingest_lag_p99_s"] < report["lag_target_s"])  # and all connected
     assert report["largest_sessions_lag_ok"] == (2 if step["lag_ok"] else None)
+
+
+@pytest.mark.slow
+def test_ingest_command_with_two_workers(tmp_path: Path, audio_fixtures: Path) -> None:
+    code, report = run_command(ingest, "ingest", tmp_path, audio_fixtures, "--workers", "2", "--speakers", "3",
+                               "--duration", "6", "--ramp-s", "1", "--settle-s", "1", "--gap-s", "1")
+    (run,) = report["runs"]
+    assert code == 0 and run["workers"] == 2 and run["connected"] == run["speakers"] == 3
+    assert run["server"]["available"] and run["server"]["frames_received"] > 0
+    assert 0 <= run["server"]["ingest_lag_p50_s"] <= run["server"]["ingest_lag_p99_s"] <= 2.0
+    assert set(run["worker_rss_mb"]) == {"0", "1"} and all(mb > 50 for mb in run["worker_rss_mb"].values())
+    assert run["process"]["rss_mb"] > sum(run["worker_rss_mb"].values())  # the tree: supervisor included
+    real = run["real_speaker"]
+    assert real["utterances"] >= real["replies"] >= 0
+    assert_percentiles(real["turn_latency_s"], high=60)
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_deploy import DEPLOY, REPO, SCRIPTS, ComposeLoader, compose, env_example, script_env
+from tests.test_deploy import DEPLOY, REPO, SCRIPTS, ComposeLoader, compose, env_example, require_tool, script_env
 from voicegrow.settings import read_env_file
 
 DOCUMENT = REPO.parent / "shared" / "deployment-design.md"
@@ -373,3 +373,90 @@ def test_brace_expansion_of_deploy_sh_mkdir() -> None:
     paths = [p for p, _ in itertools.groupby(brace_expand(
         "/opt/voicegrow/{config/{mysql,redis,nginx},data/{mysql,redis,minio,models},logs/{server,mysql},scripts,backup/{mysql,minio}}"))]
     assert len(paths) == 12 and "/opt/voicegrow/data/models" in paths
+
+
+# --- section 5.2: the firewall scripts ------------------------------------------------------------------
+
+FIREWALL = DEPLOY / "firewall"
+
+
+def documented_ports(language: str) -> set[int]:
+    blocks = code_blocks(section(5), language)
+    return {int(p) for block in blocks for p in re.findall(r"(?:--dport|-LocalPort) (\d+)", block)}
+
+
+def test_iptables_script_opens_what_the_stack_publishes_and_is_idempotent(tmp_path: Path) -> None:
+    """Run for real in a fresh network namespace when this machine allows one; else its --dry-run."""
+    require = subprocess.run([require_tool("shellcheck", "shellcheck"), str(FIREWALL / "iptables.sh")],
+                             capture_output=True, encoding="utf-8")
+    assert require.returncode == 0, require.stdout
+    assert documented_ports("bash") == {22, 4399, 8000, 9000, 9001, 3306, 6379}
+    script = str(FIREWALL / "iptables.sh")
+    probe = subprocess.run(["unshare", "-n", "iptables", "-S"], capture_output=True, encoding="utf-8")
+    if probe.returncode == 0:
+        rules_file = tmp_path / "rules.v4"
+        result = subprocess.run(["unshare", "-n", "bash", "-c",
+                                 f"{script} --speakers 192.168.1.0/24 --save {rules_file} && {script} --save none "
+                                 "--speakers 192.168.1.0/24 && iptables-save"],
+                                capture_output=True, encoding="utf-8", timeout=60)
+        assert result.returncode == 0, result.stderr
+        rules = result.stdout
+        assert rules.count("-A INPUT -j VOICEGROW-INPUT") == 1, "a second run must not add a second jump"
+        assert "-A VOICEGROW-INPUT" in rules_file.read_text()
+    else:
+        result = subprocess.run([script, "--dry-run", "--speakers", "192.168.1.0/24"], capture_output=True,
+                                encoding="utf-8", timeout=60)
+        assert result.returncode == 0, result.stderr
+        rules = result.stdout
+    opened = {int(p) for p in re.findall(r"--dport (\d+) .*-j ACCEPT", rules)}
+    assert opened == {22, 4399, 8000}, "3306, 6379, 9000 and 9001 are not published by the stack"
+    assert re.search(r"-s 192\.168\.1\.0/24 .*--dport 4399|--dport 4399 .*-s 192\.168\.1\.0/24", rules)
+    assert re.search(r"VOICEGROW-INPUT -j DROP", rules), "the document's default deny"
+    assert re.search(r"! -s 192\.168\.1\.0/24 .*--ctorigdstport 4399.*-j DROP", rules), "Docker's ports too"
+    bad = subprocess.run([script, "--dry-run", "--speakers", "everyone"], capture_output=True, encoding="utf-8")
+    assert bad.returncode == 2 and "not an IPv4 address" in bad.stderr
+
+
+def test_windows_firewall_script_opens_the_same_ports() -> None:
+    """No PowerShell here: the script's rules are read, and checked against the document's cmdlets."""
+    text = (FIREWALL / "windows-firewall.ps1").read_text(encoding="utf-8")
+    assert documented_ports("powershell") == {4399, 8000, 9000, 9001}
+    rules = re.findall(r"^\s*New-NetFirewallRule (.*)$", text, re.M)
+    assert len(rules) == 3 and all("-Direction Inbound -Protocol TCP" in r and "-Action Allow" in r for r in rules)
+    ports = [re.search(r"-LocalPort (\S+)", r).group(1) for r in rules]
+    assert ports == ["$WsPort", "$HttpPort", "80,443,4443"]
+    assert re.search(r"\[int\] \$WsPort = 4399", text) and re.search(r"\[int\] \$HttpPort = 8000", text)
+    assert all("-RemoteAddress" in r for r in rules[:2]), "restricted to the given networks"
+    assert "Remove-NetFirewallRule" in text and text.count('-Group "VoiceGrow"') == 5
+
+
+def test_production_environment_runs_the_scale_file_and_wants_tls(tmp_path: Path) -> None:
+    """The production overlay's COMPOSE_FILE makes the scripts use the scale file (replicas, nginx, TLS)."""
+    from tests.test_deploy import FAKE_DOCKER, STACK_SECRETS
+
+    if Path("/etc/voicegrow/certs/fullchain.pem").exists():
+        pytest.skip("this machine has real certificates in /etc/voicegrow/certs")
+    home = tmp_path / "opt-voicegrow"
+    env = {**script_env(tmp_path), "VG_HOME": str(home)}
+    env.pop("ENV_FILE")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_DOCKER_LOG=str(tmp_path / "docker.log"))
+    made = subprocess.run([str(SCRIPTS / "deploy.sh"), "--environment", "production"], env=env, capture_output=True,
+                          encoding="utf-8", timeout=120)
+    assert made.returncode == 1 and "set its secrets" in made.stderr, made.stderr
+    text = (home / ".env").read_text()
+    for name, value in STACK_SECRETS.items():
+        text = re.sub(rf"^{name}=.*$", f"{name}={value}", text, flags=re.M)
+    (home / ".env").write_text(text)
+    result = subprocess.run([str(home / "scripts" / "deploy.sh"), "--no-build"], env=env, capture_output=True,
+                            encoding="utf-8", timeout=120)
+    assert result.returncode == 1 and "/etc/voicegrow/certs/fullchain.pem is missing" in result.stderr, result.stderr
+    updated = subprocess.run([str(home / "scripts" / "update.sh"), "--no-pull", "--no-backup", "--timeout", "1"],
+                             env={**env, "FAKE_HAS_IMAGE": "1"}, capture_output=True, encoding="utf-8", timeout=120)
+    assert updated.returncode == 0, updated.stderr
+    log = (tmp_path / "docker.log").read_text()
+    assert f"file {home}/docker-compose.scale.yml" in log
+    assert [line.split()[-1] for line in log.splitlines() if "--force-recreate" in line] == ["server", "server-2", "server-3"]

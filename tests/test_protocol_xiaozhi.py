@@ -178,6 +178,9 @@ def test_mcp_results_errors_and_notifications() -> None:
     failed = wire.parse_mcp_result({"jsonrpc": "2.0", "id": 3,
                                     "error": {"code": -32601, "message": "Unknown tool: x"}})
     assert failed is not None and not failed.ok and failed.error_code == -32601
+    # McpServer::ReplyError sends a message and no code.
+    firmware = wire.parse_mcp_result({"jsonrpc": "2.0", "id": 4, "error": {"message": "Unknown tool: x"}})
+    assert firmware == wire.McpResult(4, error_code=None, error_message="Unknown tool: x", failed=True)
     assert wire.parse_mcp_result({"jsonrpc": "2.0", "method": "notifications/state_changed"}) is None
     for bad in ({"id": 1, "result": {}}, {"jsonrpc": "2.0", "id": 1}, {"jsonrpc": "2.0", "id": [1], "result": {}},
                 {"jsonrpc": "2.0", "id": 1, "error": {"code": "x"}}):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import shutil
 import ssl
@@ -101,6 +102,18 @@ async def test_default_start_refuses_other_hosts_and_admits_the_token_and_localh
             assert again.status_code == 404 and again.json()["error"] == "not_found"  # erased a moment ago
 
 
+async def test_first_start_makes_the_token_and_says_where_once(tmp_path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="voicegrow.admin_auth"):
+        async with running_server(make_settings(tmp_path)) as server:
+            token = server.services.admin_auth.token
+        async with running_server(make_settings(tmp_path)) as server:
+            assert server.services.admin_auth.token == token  # the same token on the next start
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "voicegrow.admin_auth"]
+    path = str(tmp_path / "data" / TOKEN_FILE_NAME)
+    assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
+    assert all(path in message and token not in message for _, message in lines)  # where, never what
+
+
 async def test_generated_token_file_is_private_stable_and_shared_with_the_cli(tmp_path, monkeypatch, capsys) -> None:
     data_dir = tmp_path / "data"
     token = admin_token_from_cli(monkeypatch, capsys, data_dir)  # the CLI makes it when the server has not
@@ -115,6 +128,17 @@ async def test_generated_token_file_is_private_stable_and_shared_with_the_cli(tm
     path.write_text("short\n")
     with pytest.raises(ConfigError, match="admin token file"):
         ensure_admin_token(data_dir)
+
+
+def test_processes_starting_together_agree_on_one_token(tmp_path) -> None:
+    """WORKERS=N start at once: whoever creates the file, every one reads the same complete token."""
+    import concurrent.futures
+
+    with concurrent.futures.ProcessPoolExecutor(4) as pool:
+        results = list(pool.map(ensure_admin_token, [tmp_path / "data"] * 8))
+    assert len({token for token, _, _ in results}) == 1
+    assert sum(created for _, _, created in results) == 1
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [TOKEN_FILE_NAME]
 
 
 async def test_explicit_admin_token_makes_no_file_and_the_cli_prints_it(tmp_path, monkeypatch, capsys) -> None:
@@ -138,6 +162,18 @@ async def test_allowlist_is_exact_and_proxied_requests_need_the_token(tmp_path) 
             # A wrong token is refused even from an allowed address (a sign-in check means something).
             assert_refused(await allowed.get("/api/v1/sessions", headers={"Authorization": "Bearer nope"}),
                            401, "unauthorized")
+
+
+async def test_metrics_need_the_credential_unless_metrics_public(tmp_path) -> None:
+    for public in (False, True):
+        async with running_server(make_settings(tmp_path / str(public), metrics_public=public)) as server:
+            async with client_from(server, "127.0.0.2") as remote:
+                metrics = await remote.get("/metrics")
+                if public:
+                    assert metrics.status_code == 200 and "voicegrow_up" in metrics.text
+                else:
+                    assert_refused(metrics, 401, "unauthorized")
+                assert_refused(await remote.get("/api/v1/sessions"), 401, "unauthorized")  # the rest stays closed
 
 
 def test_admin_allow_from_and_tls_settings_are_validated() -> None:

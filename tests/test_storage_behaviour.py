@@ -16,6 +16,7 @@ from voicegrow.storage import Persistence, SessionRecord, TurnRecord
 from voicegrow.audio import wav_bytes
 from voicegrow.storage.spool import Spool
 from voicegrow.storage.state import MemoryState
+from voicegrow.tools.timers import Timer
 
 PCM_IN = bytes(range(256)) * 20
 PCM_OUT = bytes(reversed(range(256))) * 30
@@ -33,6 +34,34 @@ def make_turn(device: str = "dev-1", session: str = "sess-1", started_at: float 
 async def delivered(p: Persistence) -> None:
     with trio.fail_after(10):
         await p.wait_delivered()
+
+
+async def test_turns_are_found_by_text_ignoring_case_with_wildcards_taken_literally(
+        storage_target: StorageTarget) -> None:
+    p = storage_target.persistence()
+    async with running(p):
+        kitchen = make_turn(transcript="Turn on the Kitchen light", reply_text="Done: 100% on.")
+        lamp = make_turn(transcript="打开台灯", reply_text="好的")
+        under = make_turn(transcript="what_is that", reply_text="A bird!")
+        for turn in (kitchen, lamp, under):
+            await p.submit_turn(turn, PCM_IN, 16000, PCM_OUT, 24000)
+        await delivered(p)
+
+        async def found(text: str, **kw: Any) -> set[str]:
+            return {t["turn_id"] for t in (await p.list_turns(text=text, **kw)).items}
+
+        assert await found("kitchen LIGHT") == {kitchen.turn_id}
+        assert await found("100%") == {kitchen.turn_id}
+        assert await found("%") == {kitchen.turn_id}  # a literal percent sign, not "anything"
+        assert await found("_") == {under.turn_id}
+        assert await found("!") == {under.turn_id}
+        assert await found("台灯") == {lamp.turn_id}
+        assert await found("好的", device_id="someone-else") == set()
+        assert await found("nothing like this") == set()
+        first = await p.list_turns(text="t", limit=1)  # in two turns: paged like any listing
+        assert len(first.items) == 1 and first.next_cursor
+        rest = await p.list_turns(text="t", limit=5, cursor=first.next_cursor)
+        assert {t["turn_id"] for t in first.items + rest.items} == {kitchen.turn_id, under.turn_id}
 
 
 async def test_records_are_written_and_read_back(storage_target: StorageTarget) -> None:
@@ -129,11 +158,15 @@ async def test_deleting_a_device_erases_its_data_and_nothing_else(storage_target
             for _ in range(2):
                 await p.submit_turn(make_turn(device=device, session=f"s-{device}"), PCM_IN, 16000, PCM_OUT, 24000)
             await p.save_history(device, [{"role": "user", "content": "hi"}])
+            await p.save_timer(Timer(f"t-{device}", device, "timer", time.time() + 60, time.time(),
+                                     duration_s=60).row())
         # no waiting for delivery: the deletion queues up behind the records still in the spool
         report = await p.delete_device_data("dev-1")
-        assert report == {"device_id": "dev-1", "turns": 2, "sessions": 1, "events": 1, "devices": 1,
+        assert report == {"device_id": "dev-1", "turns": 2, "sessions": 1, "events": 1, "timers": 1, "devices": 1,
                           "audio_objects": 4, "history_keys": 1, "pending": [], "failed": []}
         await delivered(p)
+        assert await p.list_timers("dev-1") == []
+        assert [t["timer_id"] for t in await p.list_timers("dev-2")] == ["t-dev-2"]
         assert (await p.list_turns("dev-1")).items == []
         assert await p.load_history("dev-1") == []
         assert await p.blobs.keys("dev-1/") == []

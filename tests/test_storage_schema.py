@@ -95,7 +95,7 @@ async def test_init_sql_and_migrations_build_the_same_schema(mysql_db: dict[str,
         migrated = await _schema(mysql_db, mysql_db["mysql_database"])
         initialised = await _schema(mysql_db, from_init)
         assert initialised == migrated
-        assert {t for t, *_ in migrated["columns"]} == {"schema_version", "devices", "sessions", "turns", "events"}
+        assert {t for t, *_ in migrated["columns"]} == {"schema_version", "devices", "sessions", "turns", "events", "timers"}
         # a server started on an init.sql database finds nothing to do
         store = _store({**mysql_db, "mysql_database": from_init})
         try:

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import types
@@ -103,6 +104,30 @@ async def test_box_answers_for_every_worker_and_says_which_did_not(tmp_path: Pat
     assert not (tmp_path / "worker-1.sock").exists()
 
 
+async def test_an_admin_closes_a_live_session_with_one_process_too(tmp_path: Path) -> None:
+    from tests.conftest import make_settings
+    from voicegrow.app import running_server
+
+    async with running_server(make_settings(tmp_path, admin_token="s3cret-token")) as server, \
+            httpx.AsyncClient(base_url=server.http_url) as http:
+        auth = {"Authorization": "Bearer s3cret-token"}
+        async with open_native_client(server.ws_url, device_id="porch") as client:
+            (session,) = (await http.get("/api/v1/sessions", headers=auth)).json()["sessions"]
+            assert session["worker"] == 0
+            refused = await http.delete(f"/api/v1/sessions/{session['session_id']}")
+            assert refused.status_code == 401  # an admin action: the token is required
+            malformed = await http.delete("/api/v1/sessions/" + "x" * 65, headers=auth)
+            assert malformed.status_code == 400 and malformed.json()["error"] == "invalid_session_id"
+            closed = await http.delete(f"/api/v1/sessions/{session['session_id']}", headers=auth)
+            assert closed.status_code == 202
+            with trio.fail_after(10), pytest.raises(ConnectionClosed) as ended:
+                while True:
+                    await client.next_frame()
+            assert ended.value.close_code == 1000
+        detail = (await http.get("/api/v1/health/detail", headers=auth)).json()
+        assert [w["worker"] for w in detail["workers"]] == [0] and detail["workers"][0]["restarts"] == 0
+
+
 async def test_spool_of_a_worker_beyond_workers_is_delivered(tmp_path: Path) -> None:
     """WORKERS lowered from 2 to 1: what worker 1 left spooled reaches the records all the same."""
     from tests.conftest import make_settings
@@ -176,8 +201,8 @@ def _serve(tmp_path: Path, **extra: str) -> Iterator[tuple[subprocess.Popen[byte
 
 
 @contextlib.asynccontextmanager
-async def running_box(tmp_path: Path) -> AsyncIterator[ServedBox]:
-    with _serve(tmp_path) as (proc, log):
+async def running_box(tmp_path: Path, **extra: str) -> AsyncIterator[ServedBox]:
+    with _serve(tmp_path, **extra) as (proc, log):
         ports = None
         with trio.fail_after(START_TIMEOUT_S):
             while ports is None:
@@ -305,3 +330,71 @@ async def test_killed_worker_is_replaced_and_the_other_is_untouched(tmp_path: Pa
                 await trio.sleep(0.05)
     assert box.proc.returncode == 0, box.output()[-3000:]
     assert placed  # (the first speakers reached both workers)
+
+
+async def test_a_speaker_that_lands_on_the_other_worker_continues_its_conversation(tmp_path: Path,
+                                                                                  audio_fixtures: Path) -> None:
+    """Embedded stores, no Redis: turn one on one worker, reconnect until the other takes the speaker,
+    turn two there; the history the second worker saved holds both turns, so it had read the first."""
+    from bench.fake_ai import FakeAiConfig, run_fake_ai
+    from voicegrow.audio import read_wav
+    from voicegrow.client import stream_wav_and_collect
+
+    def clip(name: str) -> bytes:
+        samples, _ = read_wav(audio_fixtures / f"{name}.wav")
+        return samples.astype("<i2").tobytes()
+
+    async with run_fake_ai(FakeAiConfig(ttft_ms=50, tokens_per_s=200, tts_ms_per_char=5)) as ai, \
+            running_box(tmp_path, LLM_BASE_URL=ai.url, TTS_BASE_URL=ai.url, ASR_LANGUAGE="en") as box:
+        transcripts, workers = [], []
+        for name in ("en-00", "en-01"):
+            for _ in range(24):  # until the kernel hands this connection to a worker not used yet
+                async with open_native_client(box.ws_url, device_id="den") as client:
+                    listing = (await box.sessions())["sessions"]
+                    worker = next(s["worker"] for s in listing if s["device_id"] == "den")
+                    if worker in workers:
+                        continue
+                    result = await stream_wav_and_collect(client, clip(name), speed=2.0, timeout_s=90)
+                assert result.transcript, result
+                transcripts.append(result.transcript)
+                workers.append(worker)
+                break
+        assert sorted(workers) == [0, 1]
+        with trio.fail_after(10):
+            while True:
+                with sqlite3.connect(tmp_path / "data" / "state.sqlite3") as db:
+                    row = db.execute("SELECT value FROM live_state WHERE kind = 'history' AND device_id = 'den'"
+                                     ).fetchone()
+                said = [m["content"] for m in json.loads(row[0]) if m["role"] == "user"] if row else []
+                if len(said) == 2:
+                    break
+                await trio.sleep(0.1)
+        assert said == transcripts
+        box.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            while box.proc.poll() is None:
+                await trio.sleep(0.05)
+    assert box.proc.returncode == 0
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; whoever adopted it reaps it in its own time
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    async with running_box(tmp_path) as box:
+        pids = [w["pid"] for w in (await box.detail())["workers"]]
+        box.proc.kill()  # SIGKILL: the supervisor cannot pass anything on
+        box.proc.wait()
+        try:
+            with trio.fail_after(20):  # each worker sees the pipe's end and drains (SHUTDOWN_GRACE_S=5)
+                while any(_running(pid) for pid in pids):
+                    await trio.sleep(0.1)
+        finally:
+            for pid in filter(_running, pids):  # never leave orphans behind a failed test
+                os.kill(pid, signal.SIGKILL)
+    assert "the supervisor is gone: shutting down" in box.output()

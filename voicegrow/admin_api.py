@@ -1,4 +1,5 @@
-"""The data part of the admin HTTP API: devices, conversations (turns) with their audio, and erasure.
+"""The data part of the admin HTTP API: devices, conversations (turns) with their audio and tool calls,
+timers and alarms, and erasure.
 
 A Quart blueprint over :class:`~voicegrow.storage.Persistence`; the application registers it and checks
 ``ADMIN_TOKEN`` for every route, this module does no authentication. Every error is JSON
@@ -28,6 +29,7 @@ DEFAULT_LIMIT = 50
 _MAX_ID = 128
 _MAX_KEY_BYTES = 1024
 _MAX_KEY_PART_BYTES = 255
+_MAX_SEARCH_CHARS = 200
 
 JsonResponse = tuple[dict[str, Any], int]
 
@@ -79,6 +81,14 @@ def _identifier(name: str, raw: str | None, *, required: bool) -> str | None:
     return raw
 
 
+def _search_text(raw: str | None) -> str | None:
+    if raw is None or raw.strip() == "":
+        return None
+    if len(raw) > _MAX_SEARCH_CHARS or not raw.isprintable():
+        raise BadRequest("invalid_q", f"q: expected up to {_MAX_SEARCH_CHARS} printable characters")
+    return raw.strip()
+
+
 def _check_audio_key(key: str) -> None:
     """``check_key`` plus the file system's name limits, which a key we wrote never reaches: a longer
     one is the client's mistake (400), not the audio store failing (ENAMETOOLONG)."""
@@ -92,7 +102,8 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def make_data_blueprint(persistence: Persistence) -> Blueprint:
+def make_data_blueprint(persistence: Persistence, *, timers: Any = None) -> Blueprint:
+    """``timers``: the timer book (voicegrow.tools.timers.TimerBook), told when a device is erased."""
     bp = Blueprint("data", __name__)
 
     def present_turn(turn: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +145,8 @@ def make_data_blueprint(persistence: Persistence) -> Blueprint:
         page = await persistence.list_turns(
             device_id=_identifier("device_id", args.get("device_id"), required=False),
             since=parse_since(since) if since else None,
-            limit=_limit(args.get("limit")), cursor=args.get("cursor") or None)
+            limit=_limit(args.get("limit")), cursor=args.get("cursor") or None,
+            text=_search_text(args.get("q")))
         return {"turns": [present_turn(t) for t in page.items], "next_cursor": page.next_cursor}, 200
 
     @bp.get("/api/v1/conversations/<turn_id>")
@@ -145,11 +157,20 @@ def make_data_blueprint(persistence: Persistence) -> Blueprint:
             return _error(404, "not_found", f"no turn {turn_id!r}")
         return present_turn(turn), 200
 
+    @bp.get("/api/v1/devices/<device_id>/timers")
+    async def list_timers(device_id: str) -> JsonResponse:
+        _identifier("device_id", device_id, required=True)
+        items = await persistence.list_timers(device_id, limit=_limit(request.args.get("limit")))
+        return {"device_id": device_id, "timers": [
+            {**t, "due_at_iso": _iso(t["due_at"]), "fired_at_iso": _iso(t["fired_at"])} for t in items]}, 200
+
     @bp.delete("/api/v1/devices/<device_id>/data")
     async def delete_device_data(device_id: str) -> JsonResponse:
         _identifier("device_id", device_id, required=True)
+        if timers is not None:
+            timers.forget_device(device_id)  # no reminder of an erased device fires any more
         report = await persistence.delete_device_data(device_id)
-        counted = ("turns", "sessions", "events", "devices", "audio_objects", "history_keys")
+        counted = ("turns", "sessions", "events", "timers", "devices", "audio_objects", "history_keys")
         if not report["pending"] and not report["failed"] and not any(report[k] for k in counted):
             return _error(404, "not_found", f"no data for device {device_id!r}")
         return report, 202 if report["pending"] else 200

@@ -15,7 +15,6 @@ API, the console's API) goes through it. It knows nothing of Quart: it takes the
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hmac
 import ipaddress
 import logging
@@ -95,13 +94,17 @@ def _read_token(path: Path) -> str:
         log.warning("admin token file %s is readable by others (mode %o); making it 0600", path, mode & 0o777)
         try:
             path.chmod(0o600)
-        except OSError as exc:
-            if exc.errno != errno.EPERM:
-                raise
+        except OSError as exc:  # not ours to change (another owner, a read-only mount): say so, go on
+            log.warning("admin token file %s: cannot make it 0600: %s", path, exc.strerror or exc)
     if len(token) < 16:
         raise ConfigError(f"admin token file {str(path)!r} holds no usable token (under 16 characters); "
                           "delete it to have a new one made")
     return token
+
+
+def _locked_out(retry_after_s: int) -> Refusal:
+    return Refusal(429, "too_many_failures",
+                   f"too many failed authentications from this address; retry in {retry_after_s} s", retry_after_s)
 
 
 def allowed_networks(settings: Settings) -> tuple[Network, ...]:
@@ -152,8 +155,7 @@ class AdminAuth:
         retry = self.throttle.retry_after(key)
         if retry is not None:
             self._count("throttled")
-            return Refusal(429, "too_many_failures",
-                           f"too many failed authentications from this address; retry in {retry} s", retry)
+            return _locked_out(retry)
         scheme, _, token = (authorization or "").partition(" ")
         if not authorization:
             if self.allowed_without_token(address, proxied):
@@ -167,8 +169,7 @@ class AdminAuth:
         if scheme.lower() == "bearer" and token:
             locked = self.throttle.failed(key, token)
             if locked is not None:
-                return Refusal(429, "too_many_failures",
-                               f"too many failed authentications from this address; retry in {locked} s", locked)
+                return _locked_out(locked)
         return Refusal(401, "unauthorized", "missing or wrong bearer token (ADMIN_TOKEN)")
 
     def _count(self, reason: str) -> None:

@@ -56,6 +56,9 @@ async def running_server(settings: Settings, *, persistence_options: dict[str, A
     async with open_services(settings, persistence_options=persistence_options, worker=worker) as services, \
             trio.open_nursery() as nursery:
         await nursery.start(services.persistence.run)
+        await nursery.start(services.timers.run)
+        if services.tools is not None:
+            await nursery.start(services.tools.run)
         if settings.asr_preload:  # the first user should not wait for a model load
             nursery.start_soon(services.asr.warm_up)
             if hasattr(services.tts, "preload"):
@@ -68,7 +71,7 @@ async def running_server(settings: Settings, *, persistence_options: dict[str, A
         http_stopped = trio.Event()
         http_port = await nursery.start(lambda task_status: run_http_server(
             services, shutdown=http_stopped, fd=None if worker is None else worker.http_fd,
-            task_status=task_status))
+            voice_server=voice, task_status=task_status))
         host = settings.server_host if settings.server_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         if services.tls is not None:
             nursery.start_soon(services.tls.watch)

@@ -258,11 +258,14 @@ async def open_native_client(
     connect_timeout_s: float = 10.0,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     ssl_context: ssl.SSLContext | None = None,
+    subprotocols: tuple[str, ...] = (),
 ) -> AsyncIterator[NativeClient]:
     """Connect, do the HELLO/HELLO_ACK handshake, and close cleanly on exit.
 
     A ``wss://`` URL verifies the server against the system's CAs, or against ``ssl_context`` when given
     (a private CA or a self-signed certificate: ``ssl.create_default_context(cafile=...)``).
+    ``subprotocols``: WebSocket subprotocols to offer (the HTTP port's ``/api/v1/talk`` wants
+    ``voicegrow.native.v1``, and the admin token as ``voicegrow.bearer.<base64url>``).
 
     Raises :class:`ConnectFailed` when no WebSocket could be opened and :class:`HandshakeFailed`
     when the server refused the session.
@@ -272,8 +275,8 @@ async def open_native_client(
     async with contextlib.AsyncExitStack() as stack:
         try:
             ws = await stack.enter_async_context(trio_websocket.open_websocket_url(
-                url, ssl_context=ssl_context, connect_timeout=connect_timeout_s, disconnect_timeout=_CLOSE_GRACE_S,
-                max_message_size=HEADER_SIZE + max_payload))
+                url, ssl_context=ssl_context, subprotocols=list(subprotocols), connect_timeout=connect_timeout_s,
+                disconnect_timeout=_CLOSE_GRACE_S, max_message_size=HEADER_SIZE + max_payload))
         except (OSError, ValueError, trio_websocket.HandshakeError) as exc:
             cause = exc.__cause__ or exc.__context__ or exc
             raise ConnectFailed(f"cannot connect to {url}: {cause or type(exc).__name__}") from exc

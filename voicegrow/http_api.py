@@ -20,6 +20,7 @@ from voicegrow import __version__
 from voicegrow.admin_auth import PROXY_HEADERS, AdminAuth
 from voicegrow.metrics import CONTENT_TYPE_LATEST
 from voicegrow.services import Services
+from voicegrow.web import is_public_path, make_web_blueprint
 
 __all__ = ["create_app", "run_http_server"]
 
@@ -71,9 +72,10 @@ def admin_refusal(auth: AdminAuth) -> Response | None:
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-:")  # urlsplit lower-cases the name
 
 
-def html_csp(host: str, ws_port: int) -> str:
-    """The Content-Security-Policy of every HTML page: scripts from this server only, no framing, and
-    WebSocket connections to this host's speaker port (the talk page) besides this origin."""
+def html_csp(host: str, ws_port: int, media_origins: tuple[str, ...] = ()) -> str:
+    """The Content-Security-Policy of every HTML page: scripts and styles from this server only (no inline
+    code), no framing, WebSocket connections to this host's speaker port besides this origin, and audio
+    from this origin, ``blob:`` URLs or ``media_origins`` (the object store's presigned URLs)."""
     connect = "'self'"
     try:
         hostname = urlsplit(f"//{host}").hostname or ""
@@ -83,8 +85,9 @@ def html_csp(host: str, ws_port: int) -> str:
         if ":" in hostname:
             hostname = f"[{hostname}]"
         connect += f" ws://{hostname}:{ws_port} wss://{hostname}:{ws_port}"
-    return ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
-            f"media-src 'self' blob:; worker-src 'self' blob:; connect-src {connect}; object-src 'none'; "
+    media = " ".join(("'self'", "blob:", *media_origins))
+    return ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            f"media-src {media}; worker-src 'self' blob:; connect-src {connect}; object-src 'none'; "
             "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
@@ -97,15 +100,20 @@ def overall_status(accepting: bool, components: dict[str, dict[str, Any]]) -> st
     return "ok" if worst == 0 else "degraded"
 
 
-def create_app(services: Services) -> QuartTrio:
+def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
+    """The application; ``voice_server`` (the speaker port's server) also serves the talk page's socket."""
     settings = services.settings
-    app = QuartTrio("voicegrow")
+    app = QuartTrio("voicegrow", static_folder=None)  # the pages serve their own files (voicegrow.web)
     app.config["MAX_CONTENT_LENGTH"] = settings.http_max_body_bytes
     app.config["PROPAGATE_EXCEPTIONS"] = False
     # Werkzeug answers '//' in a path with an HTML redirect; here it reaches the route (and its JSON 400).
     app.url_map.merge_slashes = False
     cors_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
-    public_paths = _PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set())
+    from voicegrow.xiaozhi_ota import OTA_PATHS, make_ota_blueprint
+
+    public_paths = _PUBLIC_PATHS | OTA_PATHS | ({"/metrics"} if settings.metrics_public else set())
+    media_origins = ((f"{'https' if settings.minio_secure else 'http'}://{settings.minio_endpoint}",)
+                     if settings.minio_endpoint else ())
 
     @app.before_request
     async def refuse_large_bodies() -> Response | None:
@@ -118,7 +126,7 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.before_request
     async def check_admin_credential() -> Response | None:
-        if request.path in public_paths:
+        if request.path in public_paths or is_public_path(request.path):
             return None
         return admin_refusal(services.admin_auth)
 
@@ -131,7 +139,7 @@ def create_app(services: Services) -> QuartTrio:
         # Recordings, transcripts and admin JSON must not linger in browser or proxy caches.
         headers.setdefault("Cache-Control", "no-store")
         if (response.mimetype or "") == "text/html":
-            headers.setdefault("Content-Security-Policy", html_csp(request.host, settings.ws_port))
+            headers.setdefault("Content-Security-Policy", html_csp(request.host, settings.ws_port, media_origins))
         origin = request.headers.get("Origin")
         if origin and origin in cors_origins:
             headers["Access-Control-Allow-Origin"] = origin
@@ -193,12 +201,14 @@ def create_app(services: Services) -> QuartTrio:
 
     from voicegrow.admin_api import make_data_blueprint
 
-    app.register_blueprint(make_data_blueprint(services.persistence))
+    app.register_blueprint(make_data_blueprint(services.persistence, timers=services.timers))
+    app.register_blueprint(make_ota_blueprint(services))
+    app.register_blueprint(make_web_blueprint(services, voice_server=voice_server))
     return app
 
 
 async def run_http_server(services: Services, *, shutdown: trio.Event, fd: int | None = None,
-                          task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+                          voice_server: Any = None, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API until ``shutdown`` is set; reports the bound port through ``task_status``.
 
     ``fd``: an inherited listening socket (a worker's) instead of binding ``HTTP_PORT``."""
@@ -217,7 +227,7 @@ async def run_http_server(services: Services, *, shutdown: trio.Event, fd: int |
     config.graceful_timeout = 2.0
     config.include_server_header = False
 
-    app = create_app(services)
+    app = create_app(services, voice_server=voice_server)
 
     async def started(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)

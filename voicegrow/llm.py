@@ -13,10 +13,10 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
 
 import httpx
 import trio
@@ -38,6 +38,9 @@ __all__ = [
     "OfflineResponder",
     "SseDecoder",
     "SseEvent",
+    "ToolCall",
+    "ToolCallAssembler",
+    "ToolCalls",
     "apology",
     "build_llm",
 ]
@@ -66,12 +69,39 @@ class LlmError(AiServiceError):
     """
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call the model asked for; ``arguments`` is the model's JSON text, unparsed."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def message_part(self) -> dict[str, Any]:
+        """The call as it goes back to the model inside the assistant message."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """The last item of a stream whose answer is a request to call functions (``finish_reason``
+    ``tool_calls``), after any text the model said first."""
+
+    calls: tuple[ToolCall, ...]
+
+
 class LanguageModel(Protocol):
-    """What the turn pipeline needs from :class:`LlmClient` and :class:`OfflineResponder`."""
+    """What the turn pipeline needs from :class:`LlmClient` and :class:`OfflineResponder`.
+
+    With ``tools`` (OpenAI function definitions) the stream may end with one :class:`ToolCalls`;
+    without, it yields text only. ``tool_choice="none"`` asks for text even though tools are listed
+    (the last round of a tool conversation).
+    """
 
     name: str
 
-    def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]: ...
+    def stream(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+               tool_choice: str | None = None) -> AsyncIterator[str | ToolCalls]: ...
 
     async def health(self) -> dict[str, object]: ...
 
@@ -240,6 +270,7 @@ class ChatStreamDecoder:
     def __init__(self) -> None:
         self.done = False
         self.finish_reason: str | None = None
+        self.tool_calls = ToolCallAssembler()
         self._sse = SseDecoder()
         self._mode: Literal["unknown", "sse", "json"] = "unknown"
         self._json_body = b""
@@ -300,12 +331,74 @@ class ChatStreamDecoder:
         if choice.get("finish_reason"):
             self.finish_reason = str(choice["finish_reason"])
         part = choice.get("delta") or choice.get("message") or {}
+        if isinstance(part, dict) and part.get("tool_calls"):
+            self.tool_calls.feed(part["tool_calls"])
         content = part.get("content") if isinstance(part, dict) else None
         if content is None:
             return []
         if not isinstance(content, str):
             raise LlmError("bad_stream", f"content is {type(content).__name__}, not text")
         return [content] if content else []
+
+
+class ToolCallAssembler:
+    """Streamed ``tool_calls`` deltas in, whole :class:`ToolCall` objects out.
+
+    OpenAI sends each call's ``id`` and ``name`` once and its ``arguments`` in fragments, all keyed
+    by ``index``; some servers (Gemini's endpoint, llama.cpp) omit ``index`` or send each call whole.
+    A delta without an index continues the last call unless it brings a new id.
+    """
+
+    MAX_CALLS = 16
+    MAX_ARGUMENT_CHARS = 64 * 1024
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+        self._last: int | None = None
+
+    def feed(self, deltas: object) -> None:
+        if not isinstance(deltas, list):
+            raise LlmError("bad_stream", "tool_calls is not a list")
+        for delta in deltas:
+            if not isinstance(delta, dict):
+                raise LlmError("bad_stream", "a tool call delta is not an object")
+            function = delta.get("function") or {}
+            if not isinstance(function, dict):
+                raise LlmError("bad_stream", "a tool call's function is not an object")
+            index = delta.get("index")
+            call_id = delta.get("id")
+            if not isinstance(index, int) or isinstance(index, bool):
+                new_id = isinstance(call_id, str) and call_id and all(c["id"] != call_id for c in self._calls.values())
+                index = len(self._calls) if new_id or self._last is None else self._last
+            call = self._calls.get(index)
+            if call is None:
+                if len(self._calls) >= self.MAX_CALLS:
+                    raise LlmError("bad_stream", f"more than {self.MAX_CALLS} tool calls in one answer")
+                call = self._calls[index] = {"id": "", "name": "", "arguments": ""}
+            self._last = index
+            if isinstance(call_id, str) and call_id:
+                call["id"] = call_id
+            name, arguments = function.get("name"), function.get("arguments")
+            if isinstance(name, str) and name:
+                call["name"] = name if not call["name"] or call["name"] == name else call["name"] + name
+            if isinstance(arguments, (dict, list)):  # a server that sends parsed JSON
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            if isinstance(arguments, str):
+                call["arguments"] += arguments
+                if len(call["arguments"]) > self.MAX_ARGUMENT_CHARS:
+                    raise LlmError("bad_stream", "tool call arguments are too long")
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
+
+    def calls(self) -> tuple[ToolCall, ...]:
+        """The calls in index order; missing ids are made up (``call_N``), nameless calls dropped."""
+        out = []
+        for position, index in enumerate(sorted(self._calls)):
+            call = self._calls[index]
+            if call["name"]:
+                out.append(ToolCall(call["id"] or f"call_{position}", call["name"], call["arguments"] or "{}"))
+        return tuple(out)
 
 
 def _payloads(data: str) -> list[str]:
@@ -360,25 +453,37 @@ class LlmClient:
     async def aclose(self) -> None:
         await self.service.aclose()
 
-    def request_body(self, messages: Sequence[ChatMessage]) -> bytes:
-        payload = {"model": self.model, "messages": list(messages), "max_tokens": self.max_tokens,
-                   "temperature": self.temperature, "stream": True}
+    def request_body(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                     tool_choice: str | None = None) -> bytes:
+        payload: dict[str, Any] = {"model": self.model, "messages": list(messages), "max_tokens": self.max_tokens,
+                                   "temperature": self.temperature, "stream": True}
+        if tools:
+            payload["tools"] = list(tools)
+            if tool_choice:
+                payload["tool_choice"] = tool_choice
         return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
-        """Text deltas of the answer, in order, as they arrive; :class:`LlmError` on any failure."""
+    async def stream(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                     tool_choice: str | None = None) -> AsyncIterator[str | ToolCalls]:
+        """Text deltas of the answer, in order, as they arrive, then the tool calls if the model made
+        any (only when ``tools`` were offered); :class:`LlmError` on any failure."""
         decoder = ChatStreamDecoder()
-        async with self.service.post_stream(self.PATH, self.request_body(messages), LlmError) as body:
+        async with self.service.post_stream(self.PATH, self.request_body(messages, tools, tool_choice),
+                                            LlmError) as body:
             token_deadline = float("inf")
             while not decoder.done:
                 chunk = await body.read(token_deadline)
                 texts = decoder.feed(chunk) if chunk else decoder.finish()
                 for text in texts:
                     yield text
-                if texts:
+                if texts or decoder.tool_calls:
                     # Measured from when the caller asks again, so a slow consumer is not blamed
                     # on the server.
                     token_deadline = trio.current_time() + self.idle_timeout_s
+        if tools and decoder.tool_calls:
+            calls = decoder.tool_calls.calls()
+            if calls:
+                yield ToolCalls(calls)
 
     async def health(self) -> dict[str, object]:
         result = await self.service.health()
@@ -415,11 +520,49 @@ class OfflineResponder:
     def __init__(self, clock: Callable[[], datetime] = datetime.now) -> None:
         self.clock = clock
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
-        user_text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        for delta in _deltas(self.answer(user_text)):
+    async def stream(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                     tool_choice: str | None = None) -> AsyncIterator[str | ToolCalls]:
+        """With ``tools`` offered, the built-in ones are called by rule (voicegrow.tools.offline_rules)."""
+        user_text = next((str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), "")
+        answer: str | None = None
+        if tools:
+            from voicegrow.tools import offline_rules
+
+            offered = {t.get("function", {}).get("name") for t in tools}
+            lang = detect_language(user_text)
+            if messages and messages[-1].get("role") == "tool":
+                answer = self._tool_answer(messages, lang)
+            elif tool_choice != "none":
+                found = offline_rules.match(user_text, lang)
+                if found is not None and found[0] in offered:
+                    await trio.sleep(0)
+                    yield ToolCalls((ToolCall("call_offline_0", found[0], json.dumps(found[1])),))
+                    return
+        for delta in _deltas(self.answer(user_text) if answer is None else answer):
             await trio.sleep(0)
             yield delta
+
+    def _tool_answer(self, messages: Sequence[Mapping[str, Any]], lang: str) -> str:
+        """Say what the built-in tools just did (the results after the last assistant message)."""
+        from voicegrow.tools import offline_rules
+
+        names: dict[str, str] = {}
+        for message in messages:
+            for call in message.get("tool_calls") or ():
+                names[call["id"]] = call["function"]["name"]
+        parts: list[str] = []
+        for message in reversed(messages):
+            if message.get("role") != "tool":
+                break
+            name, result = names.get(str(message.get("tool_call_id")), ""), str(message.get("content") or "")
+            said = offline_rules.phrase(name, result, lang)
+            if said is None and name == "get_time":
+                try:
+                    said = _time_answer(datetime.fromisoformat(json.loads(result)["iso"]), lang)
+                except (ValueError, KeyError, TypeError):
+                    said = None
+            parts.insert(0, said if said is not None else apology(lang))
+        return "".join(parts)
 
     def answer(self, user_text: str) -> str:
         text = user_text.strip()
@@ -461,10 +604,13 @@ def _deltas(text: str) -> list[str]:
 
 
 def build_llm(settings: Settings, http_client: httpx.AsyncClient | None = None) -> LlmClient | OfflineResponder:
-    """The remote client when ``LLM_BASE_URL`` is set, else the offline responder."""
+    """The remote client when ``LLM_BASE_URL`` is set, else the offline responder (in the ``TZ`` time zone)."""
     if not settings.llm_base_url:
+        from zoneinfo import ZoneInfo
+
         log.info("no LLM_BASE_URL: answering with the built-in offline responder")
-        return OfflineResponder()
+        zone = ZoneInfo(settings.tz)
+        return OfflineResponder(clock=lambda: datetime.now(zone))
     return LlmClient(settings.llm_base_url, settings.llm_api_key, settings.llm_secret_key,
                      settings.llm_model, settings.llm_max_tokens, settings.llm_temperature,
                      settings.llm_timeout, http_client=http_client)

@@ -53,6 +53,9 @@ class JsonFormatter(logging.Formatter):
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
+        worker = getattr(record, "worker", None)
+        if worker is not None and not isinstance(worker, bool):
+            line = f"{line} [worker={worker}]"
         session_id = session_id_var.get()
         return f"{line} [session={session_id}]" if session_id else line
 

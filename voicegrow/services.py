@@ -36,6 +36,8 @@ class Services:
     tts: Any  # voicegrow.tts.TtsEngine
     persistence: Any  # voicegrow.storage.persistence.Persistence
     device_credentials: Any = None  # voicegrow.device_auth.DeviceCredentials when DEVICE_AUTH is on
+    tools: Any = None  # voicegrow.tools.ToolRegistry; None when LLM_TOOLS is off
+    timers: Any = None  # voicegrow.tools.timers.TimerBook
     auth_throttle: AuthThrottle = dataclasses.field(default_factory=AuthThrottle)  # every credential's guesses
     admin_auth: Any = None  # voicegrow.admin_auth.AdminAuth: the admin token and ADMIN_ALLOW_FROM
     tls: Any = None  # voicegrow.tls.CertificateStore when TLS_CERT_FILE is set
@@ -131,20 +133,48 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
         tls = CertificateStore(settings.tls_cert_file, settings.tls_key_file)  # a bad pair fails start-up
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0)) as http:
+        registry = SessionRegistry()
+        persistence = Persistence.from_settings(settings, metrics=metrics, key_prefix=settings.redis_key_prefix,
+                                                worker=None if worker is None else worker.index,
+                                                **(persistence_options or {}))
+        tools, timers = build_tools(settings, persistence, registry, metrics)
         yield Services(
             settings=settings,
             metrics=metrics,
-            registry=SessionRegistry(),
+            registry=registry,
             http=http,
             asr=build_asr_service(settings, metrics=metrics),
             llm=build_llm(settings, http_client=http),
             tts=build_tts(settings, http_client=http),
-            persistence=Persistence.from_settings(settings, metrics=metrics, key_prefix=settings.redis_key_prefix,
-                                                  worker=None if worker is None else worker.index,
-                                                  **(persistence_options or {})),
+            persistence=persistence,
             device_credentials=credentials,
             auth_throttle=throttle,
             admin_auth=admin_auth,
             tls=tls,
             worker=worker,
+            tools=tools if settings.llm_tools else None,
+            timers=timers,
         )
+
+
+def build_tools(settings: Settings, persistence: Any, registry: SessionRegistry,
+                metrics: Metrics) -> tuple[Any, Any]:
+    """The tool registry (built-ins, timers, the MCP servers of ``MCP_SERVERS``) and the timer book."""
+    from zoneinfo import ZoneInfo
+
+    from voicegrow.tools import ToolRegistry
+    from voicegrow.tools.builtins import BuiltinTools
+    from voicegrow.tools.mcp import McpTools, parse_mcp_servers
+    from voicegrow.tools.timers import Timer, TimerBook, TimerTools
+
+    async def record(kind: str, timer: Timer, data: dict[str, Any]) -> None:
+        metrics.reminders.labels("fired" if kind == "timer_fired" else "dropped").inc()
+        await persistence.record_event(timer.device_id, kind, {"timer_id": timer.timer_id, "kind": timer.kind,
+                                                               "label": timer.label, **data})
+
+    timers = TimerBook(persistence, registry.announcer, tz=ZoneInfo(settings.tz),
+                       grace_s=settings.timer_offline_grace_s, max_per_device=settings.timer_max_per_device,
+                       load_wait=persistence.wait_records_delivered, on_event=record)
+    providers: list[Any] = [BuiltinTools(), TimerTools(timers)]
+    providers += [McpTools(config, timeout_s=settings.mcp_timeout_s) for config in parse_mcp_servers(settings.mcp_servers)]
+    return ToolRegistry(providers, timeout_s=settings.tool_timeout_s), timers

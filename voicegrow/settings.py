@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 __all__ = ["ConfigError", "Settings", "load_settings", "parse_networks", "read_env_file"]
 
@@ -139,6 +140,16 @@ class Settings:
     llm_system_prompt: str = _field("", str)
     llm_history_turns: int = _field(8, int, low=0, high=1000)
     llm_history_chars: int = _field(4000, int, low=0, high=1_000_000)
+
+    # -- tools (function calling), timers, MCP
+    tz: str = _field("Asia/Shanghai", str)  # the speakers' time zone: alarms, "what time is it"
+    llm_tools: bool = _field(True, bool)  # offer tools to the LLM (off for servers without function calling)
+    llm_tool_rounds: int = _field(3, int, low=1, high=10)
+    tool_timeout_s: float = _field(10.0, float, low=0.1, high=600)
+    timer_offline_grace_s: float = _field(600.0, float, low=0, high=7 * 86400)
+    timer_max_per_device: int = _field(20, int, low=1, high=1000)
+    mcp_servers: str = _field("", str)
+    mcp_timeout_s: float = _field(10.0, float, low=0.1, high=600)
 
     # -- persistence
     mysql_host: str = _field("", str)
@@ -300,6 +311,17 @@ def _check_cross_field(s: Settings) -> None:
                           "or https:// URL")
     if s.ws_port and s.ws_port == s.http_port:
         raise ConfigError(f"HTTP_PORT={s.http_port} is not allowed: it must differ from WS_PORT")
+    try:
+        ZoneInfo(s.tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"TZ={s.tz!r} is not allowed: expected an IANA time zone such as Asia/Shanghai") from None
+    if s.mcp_servers:
+        from voicegrow.tools.mcp import McpConfigError, parse_mcp_servers
+
+        try:
+            parse_mcp_servers(s.mcp_servers)
+        except McpConfigError as exc:
+            raise ConfigError(f"MCP_SERVERS is not allowed: {exc}") from None
     if s.admin_allow_from.strip().lower() not in ("auto", "none"):
         parse_networks(s.admin_allow_from)
     if bool(s.tls_cert_file) != bool(s.tls_key_file):

@@ -425,11 +425,19 @@ VG_LAYOUT_DIRS=(config/mysql config/redis config/nginx data/mysql data/redis dat
 # that is running while it is updated keeps reading its old copy.
 vg_copy_tree() {
     local src="$1" dest="$2" file rel stamp="${VG_STAMP:=$(timestamp)}"
+    if [[ -d "$src" && ! -e "$dest" ]]; then
+        # A first install: the whole tree at once, then out with what is never installed.
+        mkdir -p "$(dirname "$dest")"
+        cp -Rp -- "$src" "$dest"
+        find "$dest" \( -name .env -o -name '*.pyc' -o -name __pycache__ -o -name '*.bak-*' \) -prune -exec rm -rf {} +
+        return 0
+    fi
     if [[ -d "$src" ]]; then
         while IFS= read -r -d '' file; do
             rel="${file#"$src"/}"
             vg_copy_tree "$file" "$dest/$rel"
-        done < <(find "$src" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' ! -name '*.bak-*' -print0)
+        # Never a settings file with secrets (a checkout's deploy/.env), nor caches and kept backups.
+        done < <(find "$src" -type f ! -name .env ! -name '*.pyc' ! -path '*/__pycache__/*' ! -name '*.bak-*' -print0)
         return 0
     fi
     mkdir -p "$(dirname "$dest")"
@@ -465,6 +473,8 @@ vg_install_layout() {
     if [[ "$(id -u)" == 0 ]]; then
         chown 10001:10001 "$VG_HOME"/data/server* "$VG_HOME/logs/server"
         chown 999:999 "$VG_HOME/logs/mysql"
+    else
+        log "not root: give $VG_HOME/data/server* to uid 10001 (the server) and logs/mysql to uid 999 (MySQL) yourself"
     fi
 }
 

@@ -36,6 +36,7 @@ __all__ = [
     "RECORD_TAG",
     "REQUEST_TIMEOUT_S",
     "SILENCE_BUILTIN_COMMANDS",
+    "VOLUME_COMMANDS",
     "AudioConfig",
     "Event",
     "InstructionLine",
@@ -63,6 +64,7 @@ __all__ = [
     "parse_kws",
     "parse_playing",
     "run_shell",
+    "volume_command",
     "start_play",
     "start_recording",
     "stop_play",
@@ -98,6 +100,16 @@ DEVICE_INFO_COMMAND = "echo $(micocfg_model) $(micocfg_sn)"
 #: ``CANCEL_WAKE_COMMAND`` is not in the default: it toggles pnshelper's mic events 7/8, which
 #: ``SpeakerManager`` also names mic on/off, and may leave the wake-word engine muted.
 SILENCE_BUILTIN_COMMANDS: tuple[str, ...] = (ABORT_XIAOAI_COMMAND,)
+#: Setting the volume, per speaker model (``micocfg_model``): a fixed script with one ``%d`` and the
+#: integer range it accepts. The level is checked to be an int in range before it is formatted in,
+#: so nothing a user or a model says can reach the shell. (mediaplayer's ``player_set_volume``, as
+#: the mi-gpt / open-xiaoai servers use it.)
+_SET_VOLUME = "ubus call mediaplayer player_set_volume '{\"volume\":%d}'"
+VOLUME_COMMANDS: dict[str, tuple[str, int, int]] = {
+    "LX06": (_SET_VOLUME, 0, 100),
+    "OH2P": (_SET_VOLUME, 0, 100),
+    "default": (_SET_VOLUME, 0, 100),
+}
 
 
 class XiaoaiErrorCode(enum.Enum):
@@ -584,6 +596,15 @@ def run_shell(script: str) -> Request:
     if not isinstance(script, str):
         raise XiaoaiError(XiaoaiErrorCode.UNENCODABLE, "the script must be a string")
     return Request(new_id(), "run_shell", script)
+
+
+def volume_command(model: str | None, level: int) -> str:
+    """The model's fixed volume script with ``level`` in it; :class:`XiaoaiError` unless ``level`` is
+    an integer (not a bool, not text) within the model's range."""
+    template, low, high = VOLUME_COMMANDS.get(model or "", VOLUME_COMMANDS["default"])
+    if type(level) is not int or not low <= level <= high:
+        raise XiaoaiError(XiaoaiErrorCode.UNENCODABLE, f"volume {level!r:.40} is not an integer from {low} to {high}")
+    return template % level
 
 
 def parse_device_info(stdout: str) -> dict[str, str | None]:

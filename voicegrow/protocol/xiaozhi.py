@@ -537,16 +537,18 @@ class McpCall:
 
 @dataclass(frozen=True, slots=True)
 class McpResult:
-    """The device's answer: ``result`` on success, else ``error_code``/``error_message``."""
+    """The device's answer: ``result`` on success, else ``error_message`` (and ``error_code`` if any:
+    the firmware's ``McpServer::ReplyError`` sends only a message)."""
 
     id: int | str | None
     result: Mapping[str, Any] | None = None
     error_code: int | None = None
     error_message: str = ""
+    failed: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.error_code is None
+        return not self.failed
 
 
 def mcp_call(call_id: int, method: str, params: Mapping[str, Any] | None = None, *, session_id: str = "") -> Mcp:
@@ -579,10 +581,11 @@ def parse_mcp_result(payload: Mapping[str, Any]) -> McpResult | None:
         if not isinstance(error, dict):
             raise XiaozhiError(XiaozhiErrorCode.BAD_FIELD, "MCP 'error' must be an object")
         code = error.get("code")
-        if isinstance(code, bool) or not isinstance(code, int):
+        if code is not None and (isinstance(code, bool) or not isinstance(code, int)):
             raise XiaozhiError(XiaozhiErrorCode.BAD_FIELD, "MCP error 'code' must be an integer")
         message = error.get("message", "")
-        return McpResult(call_id, error_code=code, error_message=message if isinstance(message, str) else "")
+        return McpResult(call_id, error_code=code, error_message=message if isinstance(message, str) else "",
+                         failed=True)
     result = payload.get("result")
     if not isinstance(result, dict):
         raise XiaozhiError(XiaozhiErrorCode.BAD_FIELD, "MCP response without an object 'result' or 'error'")

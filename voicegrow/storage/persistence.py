@@ -194,6 +194,10 @@ class Persistence:
     def _healths(self) -> list[ComponentHealth]:
         return [self._writers["mysql"].health, self._state_health, self._writers["minio"].health]
 
+    async def wait_records_delivered(self) -> None:
+        """Until the record spool is empty (the timer book loads its timers after that)."""
+        await self._writers["mysql"].spool.wait_empty()
+
     async def wait_delivered(self) -> None:
         """Until both spools are empty (tests, and a graceful shutdown that wants to flush)."""
         for writer in self._writers.values():
@@ -243,6 +247,24 @@ class Persistence:
                 await self._spool("minio", {"op": "put_object", "key": key, "content_type": "audio/wav"},
                                   wav_bytes(pcm[:len(pcm) - len(pcm) % 2], rate))
         await self._spool("mysql", {"op": "turn", "turn": rec.to_dict()})
+
+    # -- timers (voicegrow.tools.timers.TimerStore)
+    async def save_timer(self, row: dict[str, Any]) -> None:
+        await self._spool("mysql", {"op": "timer", "timer": row})
+
+    async def set_timer_state(self, timer_id: str, state: str, at: float) -> None:
+        await self._spool("mysql", {"op": "timer_state", "timer_id": timer_id, "state": state, "at": at})
+
+    async def claim_timer(self, timer_id: str, state: str, at: float) -> bool | None:
+        """Directly, not spooled: whether this process moved the pending timer to ``state`` (see
+        ``SqlStore.claim_timer``); raises BackendUnavailable when the store cannot answer."""
+        return await (await self._records_ready()).claim_timer(timer_id, state, at)
+
+    async def load_pending_timers(self) -> list[dict[str, Any]]:
+        return await (await self._records_ready()).list_timers(None, ("pending",), limit=100_000)
+
+    async def list_timers(self, device_id: str, *, limit: int = 200) -> list[dict[str, Any]]:
+        return await (await self._records_ready()).list_timers(device_id, None, limit)
 
     # -- live state (Redis)
     async def _state_call(self, what: str, call: Callable[[], Awaitable[T]], default: T) -> T:
@@ -306,10 +328,10 @@ class Persistence:
         return Page(items, encode_cursor((items[-1]["device_id"],)) if more else None)
 
     async def list_turns(self, device_id: str | None = None, since: float | None = None, limit: int = 50,
-                         cursor: str | None = None) -> Page:
-        """Newest first."""
+                         cursor: str | None = None, text: str | None = None) -> Page:
+        """Newest first; ``text``: only turns whose transcript or reply contains it."""
         after = decode_cursor(cursor, (float, str)) if cursor else None
-        items, more = await (await self._records_ready()).list_turns(device_id, since, limit, after)
+        items, more = await (await self._records_ready()).list_turns(device_id, since, limit, after, text)
         last = items[-1] if items else None
         return Page(items, encode_cursor((last["started_at"], last["turn_id"])) if more and last else None)
 
@@ -320,7 +342,7 @@ class Persistence:
         return await (await self._records_ready()).get_session(session_id)
 
     async def delete_device_data(self, device_id: str) -> dict[str, Any]:
-        """Erase a device's turns, sessions, events, device row, audio objects and history.
+        """Erase a device's turns, sessions, events, timers, device row, audio objects and history.
 
         The deletions travel through the spools, behind any of the device's records still waiting
         there, so nothing spooled earlier can reappear after them. The counts come back if the backends
@@ -339,7 +361,7 @@ class Persistence:
                 assert ack is not None
                 await ack.wait()
         report: dict[str, Any] = {"device_id": device_id, "turns": None, "sessions": None, "events": None,
-                                  "devices": None, "audio_objects": None, "history_keys": history,
+                                  "timers": None, "devices": None, "audio_objects": None, "history_keys": history,
                                   "pending": [], "failed": [] if history is not None else ["redis"]}
         for name, ack in acks.items():
             assert ack is not None

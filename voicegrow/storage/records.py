@@ -52,6 +52,8 @@ class TurnRecord:
     error: str | None = None
     audio_in_key: str | None = None
     audio_out_key: str | None = None
+    #: The tools the model called in this turn (voicegrow.tools.ToolOutcome records), in order.
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -52,11 +52,15 @@ MYSQL = Dialect("mysql", new_value="VALUES({col})", least="LEAST", greatest="GRE
 SQLITE = Dialect("sqlite", new_value="excluded.{col}", least="MIN", greatest="MAX")
 
 _TURN_COLUMNS = ("turn_id", "session_id", "device_id", "started_at", "transcript", "reply_text", "language",
-                 "timings_json", "outcome", "error", "audio_in_key", "audio_out_key")
+                 "timings_json", "outcome", "error", "audio_in_key", "audio_out_key", "tool_calls_json")
 _SESSION_COLUMNS = ("session_id", "device_id", "protocol", "remote_addr", "started_at", "ended_at",
                     "end_reason")
 _DEVICE_COLUMNS = ("device_id", "first_seen_at", "last_seen_at", "info_json")
 _EVENT_COLUMNS = ("event_id", "device_id", "session_id", "kind", "at", "data_json")
+_TIMER_COLUMNS = ("timer_id", "device_id", "kind", "due_at", "created_at", "label", "language", "duration_s",
+                  "state", "fired_at")
+#: Tables holding a device's rows, erased together by ``delete_device``.
+DEVICE_TABLES = ("turns", "sessions", "events", "timers", "devices")
 
 
 def _text(value: Any) -> Any:
@@ -116,6 +120,10 @@ class SqlStore:
             await self._write([self._turn_upsert(op["turn"])])
         elif kind == "event":
             await self._write([self._event_insert(op)])
+        elif kind == "timer":
+            await self._write([self._timer_insert(op["timer"])])
+        elif kind == "timer_state":
+            await self._write([self._timer_transition(op["timer_id"], op["state"], op["at"])])
         elif kind == "delete_device":
             return await self._delete_device(op["device_id"])
         else:
@@ -141,7 +149,21 @@ class SqlStore:
             col: f"{{new:{col}}}" for col in _TURN_COLUMNS if col != "turn_id"})
         row = dict(t)
         row["timings_json"] = json.dumps(row.pop("timings_ms", {}) or {}, sort_keys=True)
+        calls = row.pop("tool_calls", None)
+        row["tool_calls_json"] = json.dumps(calls, ensure_ascii=False, default=str) if calls else None
         return sql, tuple(row.get(col) for col in _TURN_COLUMNS)
+
+    def _timer_insert(self, t: Mapping[str, Any]) -> Statement:
+        """A new timer; a replay of the same record changes nothing (its state may have moved on)."""
+        sql = self.dialect.upsert("timers", "timer_id", _TIMER_COLUMNS, {})
+        return sql, tuple(t.get(col) for col in _TIMER_COLUMNS)
+
+    @staticmethod
+    def _timer_transition(timer_id: str, state: str, at: float) -> Statement:
+        """pending → ``state``; only a pending timer moves, so a late or repeated transition is a no-op."""
+        fired = "fired_at = %s, " if state == "fired" else ""
+        params = (at, state, timer_id) if state == "fired" else (state, timer_id)
+        return f"UPDATE timers SET {fired}state = %s WHERE timer_id = %s AND state = 'pending'", params
 
     def _event_insert(self, op: Mapping[str, Any]) -> Statement:
         sql = self.dialect.upsert("events", "event_id", _EVENT_COLUMNS, {})
@@ -149,9 +171,40 @@ class SqlStore:
         return sql, (op["event_id"], op["device_id"], op.get("session_id"), op["kind"], op["at"], data)
 
     async def _delete_device(self, device_id: str) -> dict[str, int]:
-        tables = ("turns", "sessions", "events", "devices")
-        counts = await self._write([(f"DELETE FROM {t} WHERE device_id = %s", (device_id,)) for t in tables])
-        return dict(zip(tables, counts))
+        counts = await self._write([(f"DELETE FROM {t} WHERE device_id = %s", (device_id,)) for t in DEVICE_TABLES])
+        return dict(zip(DEVICE_TABLES, counts))
+
+    # -- timers (the timer book claims and loads directly; see voicegrow.tools.timers)
+    async def claim_timer(self, timer_id: str, state: str, at: float) -> bool | None:
+        """Move a pending timer to ``state``: True if this call did, False if it had already left
+        pending, None if the row is not there yet (still in a spool)."""
+        (changed,) = await self._write([self._timer_transition(timer_id, state, at)])
+        if changed:
+            return True
+        rows = await self._read("SELECT state FROM timers WHERE timer_id = %s", (timer_id,))
+        return False if rows else None
+
+    async def list_timers(self, device_id: str | None, states: Sequence[str] | None = None,
+                          limit: int = 1000) -> list[dict[str, Any]]:
+        """Soonest first."""
+        conditions, params = [], []
+        if device_id is not None:
+            conditions.append("device_id = %s")
+            params.append(device_id)
+        if states:
+            conditions.append(f"state IN ({', '.join(['%s'] * len(states))})")
+            params.extend(states)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        rows = await self._read(f"SELECT {', '.join(_TIMER_COLUMNS)} FROM timers {where} "
+                                "ORDER BY due_at, timer_id LIMIT %s", (*params, limit))
+        out = []
+        for r in rows:
+            row = dict(zip(_TIMER_COLUMNS, (_text(v) for v in r)))
+            for col in ("due_at", "created_at", "fired_at"):
+                row[col] = _number(row[col])
+            row["duration_s"] = int(_number(row["duration_s"]) or 0)
+            out.append(row)
+        return out
 
     # -- reads
     async def list_devices(self, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
@@ -170,12 +223,19 @@ class SqlStore:
         return items[:limit], len(items) > limit
 
     async def list_turns(self, device_id: str | None, since: float | None, limit: int,
-                         after: tuple[float, str] | None) -> tuple[list[dict[str, Any]], bool]:
-        """Newest first; ``after`` is the (started_at, turn_id) of the last row of the previous page."""
-        conditions, params = [], []
+                         after: tuple[float, str] | None, text: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """Newest first; ``after`` is the (started_at, turn_id) of the last row of the previous page;
+        ``text`` keeps the turns whose transcript or reply contains it, ignoring case (LIKE with its
+        wildcards escaped; the tables' binary collation would make MySQL's LIKE case-sensitive)."""
+        conditions: list[str] = []
+        params: list[Any] = []
         if device_id is not None:
             conditions.append("device_id = %s")
             params.append(device_id)
+        if text:
+            pattern = "%" + text.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+            conditions.append("(LOWER(transcript) LIKE %s ESCAPE '!' OR LOWER(reply_text) LIKE %s ESCAPE '!')")
+            params.extend((pattern, pattern))
         if since is not None:
             conditions.append("started_at >= %s")
             params.append(since)
@@ -194,7 +254,7 @@ class SqlStore:
 
     async def count_rows(self, table: str, device_id: str) -> int:
         """Rows of ``table`` for a device (tests and the deletion report use it)."""
-        if table not in ("turns", "sessions", "events", "devices"):
+        if table not in DEVICE_TABLES:
             raise ValueError(f"unknown table {table!r}")
         rows = await self._read(f"SELECT COUNT(*) FROM {table} WHERE device_id = %s", (device_id,))
         return int(_number(rows[0][0]) or 0)
@@ -214,4 +274,5 @@ class SqlStore:
         out = dict(zip(_TURN_COLUMNS, (_text(v) for v in row)))
         out["started_at"] = _number(out["started_at"])
         out["timings_ms"] = json.loads(out.pop("timings_json") or "{}")
+        out["tool_calls"] = json.loads(out.pop("tool_calls_json") or "[]")
         return {f.name: out.get(f.name) for f in dataclasses.fields(TurnRecord)}

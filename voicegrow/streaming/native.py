@@ -55,6 +55,12 @@ class NativeLink:
     async def interrupt(self, turn_id: int) -> None:
         self._outbox.drop_audio_through(turn_id)
 
+    async def set_volume(self, level: int) -> None:
+        """The ``volume`` event (docs/protocol.md): the device sets its speaker to ``level`` percent."""
+        if type(level) is not int or not 0 <= level <= 100:
+            raise ValueError(f"volume {level!r} is not an integer from 0 to 100")
+        await self.send_event("volume", {"level": level}, 0)
+
 
 #: Audio a device may send ahead of the MAX_AUDIO_RATE allowance (a buffered start after a reconnect).
 _AUDIO_BURST_S = 3.0
@@ -63,9 +69,13 @@ _AUDIO_BURST_S = 3.0
 class NativeSession:
     """Drives one native-protocol connection from hello to close."""
 
-    def __init__(self, services: Services, ws: WebSocketConnection, info: SessionInfo,
-                 first_message: bytes | str | None, handshake_deadline: float) -> None:
+    def __init__(self, services: Services, ws: Any, info: SessionInfo,
+                 first_message: bytes | str | None, handshake_deadline: float, *,
+                 auth_mode: str | None = None) -> None:
         self.services = services
+        #: ``DEVICE_AUTH`` unless the caller knows better (the browser's talk socket): ``off`` for the
+        #: operator, ``operator`` for a peer that is not and has no device credential to offer.
+        self._auth_mode = auth_mode or services.settings.device_auth
         self.ws = ws
         self.info = info
         self._first = first_message
@@ -117,7 +127,10 @@ class NativeSession:
 
     async def _authenticate(self, hello: wire.Hello) -> None:
         """Check the device's credentials (DEVICE_AUTH); answers HELLO_ACK on success."""
-        mode = self.services.settings.device_auth
+        mode = self._auth_mode
+        if mode == "operator":
+            self._refuse("not_operator")
+            raise ProtocolError(ErrorCode.AUTH_REQUIRED, "sign in with the admin token (ADMIN_TOKEN) first")
         credentials = self.services.device_credentials
         info = self.info
         nonce = new_nonce() if mode == "hmac" else ""
@@ -208,7 +221,11 @@ class NativeSession:
                 last_ts = frame.timestamp_ms
                 ingest_lag.observe(lag_meter.observe(trio.current_time(), sent_at_s))
             elif isinstance(frame, wire.Control):
-                await self._on_control(frame, voice)
+                try:
+                    await self._on_control(frame, voice)
+                except ProtocolError as exc:
+                    await self._fail(exc)
+                    return
             elif isinstance(frame, wire.Ping):
                 await self.outbox.put(wire.encode(wire.Pong(nonce=frame.nonce)))
             elif isinstance(frame, wire.Close):
@@ -222,6 +239,11 @@ class NativeSession:
             await voice.end_of_speech()
         elif frame.event == "listen_start":
             await voice.wake()
+        elif frame.event == "text":
+            text = frame.data.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise ProtocolError(ErrorCode.BAD_PAYLOAD, "a text event needs a non-empty string in data.text")
+            await voice.text_input(text.strip())
         else:
             log.debug("ignoring control event %r", frame.event)
 

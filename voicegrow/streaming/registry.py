@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
@@ -24,10 +24,15 @@ class SessionInfo:
     device_id: str = ""
     since: float = dataclasses.field(default_factory=time.time)
     turns: int = 0
+    #: What the session is doing now (``listening``, ``hearing``, ``thinking``, ``speaking``); set by
+    #: the voice session once the device is established, ``handshake`` before.
+    state_of: Callable[[], str] | None = None
     #: Cancels the session's task tree; set by the connection handler.
     cancel_scope: trio.CancelScope | None = None
     #: Asks the session to say goodbye (close frame) before it is cancelled.
     request_close: Callable[[int, str], None] | None = None
+    #: Speaks (text, language, data) on the device as a turn of its own; set once the voice session runs.
+    announce: Callable[[str, str, dict[str, Any]], Awaitable[None]] | None = None
     #: The device's own tools (a :class:`~voicegrow.streaming.device_mcp.DeviceMcpClient`), for
     #: devices that serve MCP (xiaozhi boards); a tool registry offers them to the LLM.
     device_tools: Any = None
@@ -45,6 +50,7 @@ class SessionInfo:
             "protocol": self.protocol,
             "since": self.since,
             "turns": self.turns,
+            "state": self.state_of() if self.state_of is not None else "handshake",
             "device_tools": [tool.name for tool in self.device_tools.tools] if self.device_tools else [],
         }
 
@@ -75,6 +81,11 @@ class SessionRegistry:
 
     def __contains__(self, session_id: object) -> bool:
         return session_id in self._sessions
+
+    def announcer(self, device_id: str) -> Callable[[str, str, dict[str, Any]], Awaitable[None]] | None:
+        """How to speak on ``device_id`` now (its newest session that can), or None if it is not here."""
+        sessions = [s for s in self._sessions.values() if s.device_id == device_id and s.announce is not None]
+        return max(sessions, key=lambda s: s.since).announce if sessions else None
 
     def count_by_protocol(self) -> dict[str, int]:
         counts: dict[str, int] = {}

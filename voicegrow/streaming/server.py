@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -152,21 +153,27 @@ class VoiceServer:
         return None
 
     async def _handle(self, request: WebSocketRequest) -> None:
-        metrics = self.services.metrics
         remote = request.remote
         host = str(getattr(remote, "address", remote))
         remote_addr = f"{host}:{getattr(remote, 'port', '')}"
-        refusal = self._admission_refusal(host)
+        refusal = self.admit(host)
         if refusal is not None:
             status, limit, reason = refusal
-            metrics.limit_hits.labels(limit).inc()
-            metrics.connections.labels("unknown", "refused").inc()
             log.info("refused connection from %s: %s", remote_addr, reason)
             await request.reject(status, extra_headers=[(b"content-type", b"application/json")],
                                  body=f'{{"error":"{limit}","reason":"{reason}"}}'.encode())
             return
         connected_at = trio.current_time()
         ws = await request.accept()
+        await self.run_session(ws, remote_addr, lambda info: self._serve(ws, info, request, connected_at))
+
+    async def run_session(self, ws: Any, remote_addr: str, serve: Callable[[SessionInfo], Awaitable[None]]) -> None:
+        """One accepted WebSocket as a session: in the registry, under its cancel scope, recorded at its end.
+
+        ``ws`` is a trio-websocket connection or anything with its ``get_message`` / ``send_message`` /
+        ``aclose`` / ``closed`` surface (the HTTP port's talk route hands in such an adapter).
+        """
+        metrics = self.services.metrics
         info = SessionInfo(session_id=uuid.uuid4().hex[:16], remote_addr=remote_addr)
         session_id_var.set(info.session_id)
         registry = self.services.registry
@@ -176,9 +183,9 @@ class VoiceServer:
             with trio.CancelScope() as scope:
                 info.cancel_scope = scope
                 async with trio.open_nursery() as nursery:
-                    if self.services.settings.ws_ping_interval_s > 0:
+                    if self.services.settings.ws_ping_interval_s > 0 and hasattr(ws, "ping"):
                         nursery.start_soon(self._keepalive, ws, scope)
-                    await self._serve(ws, info, request, connected_at)
+                    await serve(info)
                     nursery.cancel_scope.cancel()
         except Exception:
             outcome = "error"
@@ -192,6 +199,33 @@ class VoiceServer:
                 if not ws.closed:
                     await ws.aclose(1011 if outcome == "error" else 1000)
             log.info("session ended", extra={"protocol": info.protocol, "turns": info.turns})
+
+    def admit(self, host: str) -> tuple[int, str, str] | None:
+        """The admission limits for a connection from ``host`` accepted elsewhere (the talk route):
+        None, or (HTTP status, limit, reason) with the limit's hit already counted."""
+        refusal = self._admission_refusal(host)
+        if refusal is not None:
+            self.services.metrics.limit_hits.labels(refusal[1]).inc()
+            self.services.metrics.connections.labels("unknown", "refused").inc()
+        return refusal
+
+    async def serve_native(self, ws: Any, remote_addr: str, *, operator: bool) -> None:
+        """A native-protocol session on a WebSocket accepted by the HTTP port (the browser's talk page).
+
+        ``operator``: the peer proved the admin token, so device authentication is not asked again;
+        otherwise it must authenticate as a device, and with ``DEVICE_AUTH=off`` it cannot.
+        """
+        from voicegrow.streaming.native import NativeSession
+
+        settings = self.services.settings
+        deadline = trio.current_time() + settings.handshake_timeout_s
+        mode = "off" if operator else (settings.device_auth if settings.device_auth != "off" else "operator")
+
+        async def serve(info: SessionInfo) -> None:
+            info.protocol = "native"
+            await NativeSession(self.services, ws, info, None, deadline, auth_mode=mode).run()
+
+        await self.run_session(ws, remote_addr, serve)
 
     async def _serve(self, ws: WebSocketConnection, info: SessionInfo, request: WebSocketRequest,
                      connected_at: float) -> None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import trio
@@ -26,8 +28,10 @@ from voicegrow.llm import DEFAULT_SYSTEM_PROMPT, ConversationHistory, LlmError, 
 from voicegrow.sentences import SentenceSplitter
 from voicegrow.services import Services
 from voicegrow.streaming.pacer import AudioPacer
+from voicegrow.tools import ToolContext, ToolOutcome
+from voicegrow.tools.runner import converse
 
-__all__ = ["DeviceLink", "Utterance", "Turn", "TIMING_ORDER"]
+__all__ = ["Announcement", "DeviceLink", "Utterance", "Turn", "TIMING_ORDER"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,15 @@ class Utterance:
     forced: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Announcement:
+    """Something the server says on its own (a timer going off): no ASR, no LLM, just the words."""
+
+    text: str
+    language: str
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
 TranscriptSource = Callable[[], Awaitable[Any]]
 
 
@@ -66,7 +79,7 @@ class Turn:
 
     def __init__(self, *, services: Services, link: DeviceLink, turn_id: int, utterance: Utterance,
                  history: ConversationHistory, session_id: str, device_id: str,
-                 transcribe: TranscriptSource) -> None:
+                 transcribe: TranscriptSource, announcement: Announcement | None = None) -> None:
         self.services = services
         self.link = link
         self.turn_id = turn_id
@@ -75,6 +88,9 @@ class Turn:
         self.session_id = session_id
         self.device_id = device_id
         self._transcribe = transcribe
+        self.announcement = announcement
+        self.tool_outcomes: list[ToolOutcome] = []
+        self.silenced = False  # the model called "stop": nothing is said, nothing kept in the history
         self.record_id = uuid.uuid4().hex
         self.started_wall = time.time()
         self.marks: dict[str, float] = {"speech_start": utterance.speech_start,
@@ -102,6 +118,9 @@ class Turn:
 
     async def _run_stages(self) -> None:
         settings = self.services.settings
+        if self.announcement is not None:
+            await self._announce(self.announcement)
+            return
         try:
             transcript = await self._transcribe()
         except trio.Cancelled:
@@ -123,25 +142,43 @@ class Turn:
         if len(user_text) < len(self.transcript):
             self.services.metrics.limit_hits.labels("llm_input_chars").inc()
         messages = self.history.messages(settings.llm_system_prompt or DEFAULT_SYSTEM_PROMPT, user_text)
+        await self._speak(functools.partial(self._llm_stage, messages))
 
+    async def _speak(self, produce: Callable[[trio.MemorySendChannel[str]], Awaitable[None]]) -> None:
+        """Sentences from ``produce`` → TTS → paced audio, the three stages side by side."""
         sentences_tx, sentences_rx = trio.open_memory_channel[str](16)
         audio_tx, audio_rx = trio.open_memory_channel[tuple[int, str, bytes | None]](256)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._llm_stage, messages, sentences_tx)
+            nursery.start_soon(produce, sentences_tx)
             nursery.start_soon(self._tts_stage, sentences_rx, audio_tx)
             nursery.start_soon(self._playback_stage, audio_rx)
         if self.error is None:
             self.outcome = "completed"
 
+    async def _announce(self, announcement: Announcement) -> None:
+        self.language = announcement.language
+        self.reply_text = announcement.text
+        await self.link.send_event("announcement", {"text": announcement.text, **announcement.data}, self.turn_id)
+
+        async def say(sentences: trio.MemorySendChannel[str]) -> None:
+            splitter = self._splitter()
+            async with sentences:
+                for sentence in [*splitter.feed(announcement.text), *splitter.flush()]:
+                    await self._emit_sentence(sentence, sentences)
+
+        await self._speak(say)
+
     async def _llm_stage(self, messages: list[dict[str, str]], sentences: trio.MemorySendChannel[str]) -> None:
-        # A whole-sentence voice (the offline Mandarin one) asks for its own cutting: see tts.py.
-        splitter_options = getattr(self.services.tts, "splitter_options", None)
-        splitter = SentenceSplitter(**(splitter_options(self.language) if splitter_options else {}))
-        metrics = self.services.metrics
+        splitter = self._splitter()
+        services = self.services
+        metrics = services.metrics
+        context = ToolContext(self.device_id, self.language, ZoneInfo(services.settings.tz), device=self.link)
         async with sentences:
             try:
+                answer = converse(services.llm, messages, self._tools(), context,
+                                  max_rounds=services.settings.llm_tool_rounds, outcomes=self.tool_outcomes)
                 # aclosing: a cancelled turn closes its HTTP stream now, not when the GC gets to it.
-                async with contextlib.aclosing(self.services.llm.stream(messages)) as deltas:
+                async with contextlib.aclosing(answer) as deltas:
                     async for delta in deltas:
                         if not delta:
                             continue
@@ -153,6 +190,7 @@ class Turn:
                             await self._emit_sentence(sentence, sentences)
                 for sentence in splitter.flush():
                     await self._emit_sentence(sentence, sentences)
+                self.silenced = context.silenced
                 metrics.llm_requests.labels("success").inc()
             except LlmError as exc:
                 metrics.llm_requests.labels(exc.reason).inc()
@@ -163,6 +201,21 @@ class Turn:
                 spoken = apology(self.language)
                 await self.link.send_event("error_spoken", {"reason": exc.reason, "text": spoken}, self.turn_id)
                 await self._emit_sentence(spoken, sentences)
+
+    def _splitter(self) -> SentenceSplitter:
+        # A whole-sentence voice (the offline Mandarin one) asks for its own cutting: see tts.py.
+        splitter_options = getattr(self.services.tts, "splitter_options", None)
+        return SentenceSplitter(**(splitter_options(self.language) if splitter_options else {}))
+
+    def _tools(self) -> Any:
+        """The server's tools, plus the device's own (a xiaozhi board's MCP tools) if it has any."""
+        registry = self.services.tools
+        info = self.services.registry.get(self.session_id)
+        if registry is None or info is None or info.device_tools is None:
+            return registry
+        from voicegrow.tools.device import DeviceTools
+
+        return registry.with_providers([DeviceTools(info.device_tools)])
 
     async def _emit_sentence(self, sentence: str, sentences: trio.MemorySendChannel[str]) -> None:
         if "first_sentence" not in self.marks:
@@ -254,6 +307,9 @@ class Turn:
         services = self.services
         metrics = services.metrics
         metrics.turns.labels(self.outcome).inc()
+        for call in self.tool_outcomes:
+            source = "device" if call.name.startswith("device__") else "mcp" if "__" in call.name else "builtin"
+            metrics.tool_calls.labels(source, "ok" if call.ok else "error").inc()
         end = self.marks["speech_end"]
         stage_marks = {"asr": "asr_done", "llm_first_token": "llm_first_token", "first_sentence": "first_sentence",
                        "tts_first_audio": "tts_first_audio", "response": "first_audio_sent"}
@@ -263,7 +319,7 @@ class Turn:
         if self.outcome != "empty":
             metrics.stage_latency.labels("turn").observe(max(0.0, trio.current_time() - end))
         spoken = self.spoken_reply()
-        if self.transcript and (spoken or self.outcome == "completed"):
+        if self.transcript and (spoken or self.outcome == "completed") and not self.silenced:
             self.history.append(self.transcript, spoken)
         timings = self.timings_ms()
         log.info("turn %s %s: heard %r, replied %r", self.turn_id, self.outcome, self.transcript[:80],
@@ -289,7 +345,8 @@ class Turn:
         record = TurnRecord(
             turn_id=self.record_id, session_id=self.session_id, device_id=self.device_id,
             started_at=self.started_wall, transcript=self.transcript, reply_text=spoken,
-            language=self.language, timings_ms=timings, outcome=self.outcome, error=self.error)
+            language=self.language, timings_ms=timings, outcome=self.outcome, error=self.error,
+            tool_calls=[outcome.record() for outcome in self.tool_outcomes])
         with trio.move_on_after(5.0):
             try:
                 await self.services.persistence.submit_turn(record, self.utterance.audio, 16000,

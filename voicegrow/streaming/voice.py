@@ -18,7 +18,7 @@ from voicegrow.audio import StreamResampler
 from voicegrow.llm import ConversationHistory
 from voicegrow.services import Services
 from voicegrow.streaming.registry import SessionInfo
-from voicegrow.streaming.turn import DeviceLink, Turn, Utterance
+from voicegrow.streaming.turn import Announcement, DeviceLink, Turn, Utterance
 from voicegrow.streaming.vad import SpeechPaused, SpeechResumed, UtteranceDropped, UtteranceEnded, VadSegmenter
 
 __all__ = ["VoiceSession", "begin_device_session"]
@@ -62,6 +62,15 @@ class _Speculation:
         return self.result
 
 
+class _TypedTranscript:
+    """A typed utterance (the native ``text`` event) in the shape of an ASR result."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.language = ""
+        self.dropped = 0
+
+
 class VoiceSession:
     def __init__(self, services: Services, link: DeviceLink, info: SessionInfo, *, input_rate: int,
                  history: ConversationHistory | None = None) -> None:
@@ -82,13 +91,27 @@ class VoiceSession:
         self._speculation: _Speculation | None = None
         self._flushing = False  # the device ended the utterance (push-to-talk), not the VAD
         self.language = None if s.asr_language == "auto" else s.asr_language
+        info.state_of = self.state
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the session's nursery for turns and speculative ASR until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            self.info.announce = self.announce
+            try:
+                if self.services.timers is not None:  # reminders held while the device was away
+                    self.services.timers.device_online(self.info.device_id)
+                await trio.sleep_forever()
+            finally:
+                self.info.announce = None
+
+    def state(self) -> str:
+        """For the console's live list: a reply playing, a turn before its audio, speech heard, or idle."""
+        turn = self._turn
+        if turn is not None and not turn.done.is_set() and not turn.interrupted:
+            return "speaking" if turn.playing else "thinking"
+        return "hearing" if self.vad.current_speech_ms > 0 else "listening"
 
     # -- input from the driver --------------------------------------------------------------------
 
@@ -113,6 +136,25 @@ class VoiceSession:
         finally:
             self._flushing = False
 
+    async def text_input(self, text: str) -> None:
+        """A typed utterance: a turn as if ``text`` had been heard."""
+        now = trio.current_time()
+        transcript = _TypedTranscript(text)
+
+        async def source() -> Any:
+            return transcript
+
+        await self._start_turn(Utterance(audio=b"", speech_start=now, speech_end=now), source)
+
+    async def announce(self, text: str, language: str, data: dict[str, Any]) -> None:
+        """Say ``text`` on the device as a turn of its own (a reminder); it supersedes a running turn."""
+        now = trio.current_time()
+
+        async def no_transcript() -> Any:
+            raise RuntimeError("an announcement has no transcript")
+
+        await self._start_turn(Utterance(audio=b"", speech_start=now, speech_end=now), no_transcript,
+                               Announcement(text, language, data))
     def set_push_to_talk(self, enabled: bool) -> None:
         """Push-to-talk (a device that says when the user stops): pauses never end the utterance,
         :meth:`end_of_speech` does."""
@@ -189,7 +231,7 @@ class VoiceSession:
         if was_playing:
             await self.link.send_event("tts_stop", {"reason": "aborted", "cause": reason}, turn.turn_id)
 
-    async def _start_turn(self, utterance: Utterance, transcribe: Any) -> None:
+    async def _start_turn(self, utterance: Utterance, transcribe: Any, announcement: Announcement | None = None) -> None:
         """Start the utterance's turn; a turn still running is superseded (one turn at a time).
 
         Called from the reader, so it never waits for the old turn to wind down: the new turn's task
@@ -203,7 +245,8 @@ class VoiceSession:
         self.info.turns += 1
         turn = Turn(services=self.services, link=self.link, turn_id=self._turn_ids, utterance=utterance,
                     history=self.history, session_id=self.info.session_id,
-                    device_id=self.info.device_id or self.info.session_id, transcribe=transcribe)
+                    device_id=self.info.device_id or self.info.session_id, transcribe=transcribe,
+                    announcement=announcement)
         scope = trio.CancelScope()
         self._turn, self._turn_scope = turn, scope
 

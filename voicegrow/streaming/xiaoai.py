@@ -243,8 +243,9 @@ class XiaoaiLink:
     chunk_ms = PLAY_CHUNK_MS
 
     def __init__(self, outbox: Outbox, call: SpeakerCall, nursery: trio.Nursery, *,
-                 output_rate: int = PLAY_RATE) -> None:
+                 output_rate: int = PLAY_RATE, model: str | None = None) -> None:
         self._outbox = outbox
+        self.model = model
         self._call = call
         self._nursery = nursery
         self.output_rate = output_rate
@@ -275,6 +276,15 @@ class XiaoaiLink:
         if self._player_ready.is_set():
             self._player_ready = trio.Event()  # waiters on an unset event keep it: it is set later
         self._nursery.start_soon(self._restart_player, self._restarts)
+
+    async def set_volume(self, level: int) -> None:
+        """The model's fixed volume script (``VOLUME_COMMANDS``); raises if the level is not a valid
+        integer or the speaker did not run it."""
+        script = wire.volume_command(self.model, level)  # XiaoaiError before anything is sent
+        response = await self._call(wire.run_shell(script))
+        data = response.data if response is not None else None
+        if not isinstance(data, dict) or data.get("exit_code") != 0:
+            raise RuntimeError("the speaker did not run the volume command")
 
     async def _restart_player(self, restart: int, stop_first: bool = True) -> None:
         async with self._player_lock:
@@ -364,7 +374,7 @@ class XiaoaiSession:
         device_id_var.set(info.device_id)
         await self._supersede_older_sessions()
         history = await begin_device_session(services, info)
-        self.link = XiaoaiLink(self.outbox, self._call, nursery)
+        self.link = XiaoaiLink(self.outbox, self._call, nursery, model=identity.model)
         self.voice = VoiceSession(services, self.link, info, input_rate=RECORD_RATE, history=history)
         await nursery.start(self.voice.run)
         await self._start_recording()

@@ -342,6 +342,9 @@ class XiaozhiSession:
         if listen.state == "start":
             self.mode = listen.mode or "auto"
             voice.set_push_to_talk(self.mode == "manual")
+            # The microphone (re)opens: a new stream, whose clock starts now (the board sent nothing
+            # while it was speaking, and that pause is not lag).
+            self._lag_meter, self._audio_s, self._first_audio_at = IngestLagMeter(), 0.0, None
             log.debug("listening (%s)", self.mode)
         elif listen.state == "stop":
             await voice.end_of_speech()
