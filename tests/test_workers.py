@@ -375,3 +375,26 @@ async def test_a_speaker_that_lands_on_the_other_worker_continues_its_conversati
             while box.proc.poll() is None:
                 await trio.sleep(0.05)
     assert box.proc.returncode == 0
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; whoever adopted it reaps it in its own time
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    async with running_box(tmp_path) as box:
+        pids = [w["pid"] for w in (await box.detail())["workers"]]
+        box.proc.kill()  # SIGKILL: the supervisor cannot pass anything on
+        box.proc.wait()
+        try:
+            with trio.fail_after(20):  # each worker sees the pipe's end and drains (SHUTDOWN_GRACE_S=5)
+                while any(_running(pid) for pid in pids):
+                    await trio.sleep(0.1)
+        finally:
+            for pid in filter(_running, pids):  # never leave orphans behind a failed test
+                os.kill(pid, signal.SIGKILL)
+    assert "the supervisor is gone: shutting down" in box.output()

@@ -56,6 +56,12 @@ class Metrics:
             "voicegrow_asr_requests_total", "ASR transcriptions by outcome", ["outcome"], registry=r)
         self.llm_requests = Counter(
             "voicegrow_llm_requests_total", "LLM requests by outcome", ["outcome"], registry=r)
+        self.tool_calls = Counter(
+            "voicegrow_tool_calls_total", "Tool calls the LLM made, by where the tool lives (builtin, mcp, device)"
+            " and outcome (ok, error)", ["source", "outcome"], registry=r)
+        self.reminders = Counter(
+            "voicegrow_reminders_total", "Timers and alarms that came due: fired (spoken) or dropped (the device"
+            " stayed offline past TIMER_OFFLINE_GRACE_S)", ["outcome"], registry=r)
         self.tts_requests = Counter(
             "voicegrow_tts_requests_total", "TTS requests by outcome", ["outcome"], registry=r)
         self.stage_latency = Histogram(

@@ -137,7 +137,7 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
         persistence = Persistence.from_settings(settings, metrics=metrics, key_prefix=settings.redis_key_prefix,
                                                 worker=None if worker is None else worker.index,
                                                 **(persistence_options or {}))
-        tools, timers = build_tools(settings, persistence, registry)
+        tools, timers = build_tools(settings, persistence, registry, metrics)
         yield Services(
             settings=settings,
             metrics=metrics,
@@ -157,7 +157,8 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
         )
 
 
-def build_tools(settings: Settings, persistence: Any, registry: SessionRegistry) -> tuple[Any, Any]:
+def build_tools(settings: Settings, persistence: Any, registry: SessionRegistry,
+                metrics: Metrics) -> tuple[Any, Any]:
     """The tool registry (built-ins, timers, the MCP servers of ``MCP_SERVERS``) and the timer book."""
     from zoneinfo import ZoneInfo
 
@@ -167,6 +168,7 @@ def build_tools(settings: Settings, persistence: Any, registry: SessionRegistry)
     from voicegrow.tools.timers import Timer, TimerBook, TimerTools
 
     async def record(kind: str, timer: Timer, data: dict[str, Any]) -> None:
+        metrics.reminders.labels("fired" if kind == "timer_fired" else "dropped").inc()
         await persistence.record_event(timer.device_id, kind, {"timer_id": timer.timer_id, "kind": timer.kind,
                                                                "label": timer.label, **data})
 
