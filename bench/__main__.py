@@ -10,6 +10,7 @@ COMMANDS = {
     "load": "bench.load",
     "asr": "bench.asr",
     "soak": "bench.soak",
+    "tts": "bench.tts",
     "ingest": "bench.ingest",
     "storm": "bench.storm",
 }

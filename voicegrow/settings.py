@@ -126,8 +126,8 @@ class Settings:
     tts_timeout: float = _field(30.0, float, low=0.1, high=3600)
     tts_lead_ms: int = _field(200, int, low=0, high=5000)
     tts_normalize_remote: bool = _field(False, bool)  # send "七点半", not "7:30", to TTS_BASE_URL too
-    tts_offline_voice_zh: str = _field("jf_nezumi", str, choices=(
-        "jf_nezumi", "jm_kumo", "jf_alpha", "jf_gongitsune", "jf_tebukuro"))
+    tts_offline_voice_zh: str = _field("jf_gongitsune", str, choices=(
+        "jf_gongitsune", "jf_nezumi", "jm_kumo", "jf_alpha", "jf_tebukuro"))
     tts_workers: int = _field(1, int, low=1, high=64)  # offline sentences synthesized at once
 
     # -- LLM
