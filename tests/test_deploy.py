@@ -23,6 +23,7 @@ import re
 import shlex
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -389,6 +390,31 @@ def test_dockerfile_health_check_command(health_server: tuple[int, bool]) -> Non
     env = {"PATH": os.environ["PATH"], "HTTP_PORT": str(port)}
     result = subprocess.run(["python3", *argv[1:]], env=env, capture_output=True, timeout=30)
     assert (result.returncode == 0) == healthy
+
+
+def test_dockerfile_health_check_speaks_https_when_the_server_serves_tls(tmp_path: Path) -> None:
+    """With TLS_CERT_FILE the server answers https only: the check must follow (a self-signed
+    certificate is fine on loopback, so it does not verify it)."""
+    openssl = require_tool("openssl", "openssl")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True, timeout=60)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (HealthHandler,), {"healthy": True}))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        argv = dockerfile_healthcheck()
+        env = {"PATH": os.environ["PATH"], "HTTP_PORT": str(server.server_address[1])}
+        plain = subprocess.run(["python3", *argv[1:]], env=env, capture_output=True, timeout=30)
+        tls = subprocess.run(["python3", *argv[1:]], env={**env, "TLS_CERT_FILE": "/run/certs/fullchain.pem"},
+                             capture_output=True, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert plain.returncode != 0 and tls.returncode == 0, tls.stderr
 
 
 # --- scripts -------------------------------------------------------------------------------------------
