@@ -46,5 +46,5 @@ VOLUME ["/data"]
 EXPOSE 4399 8000
 # The slim image has no curl: ask the public health endpoint with Python (HTTP errors raise: exit 1).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-  CMD ["python", "-c", "import os, sys, urllib.request; url = 'http://127.0.0.1:%s/api/v1/health' % os.environ.get('HTTP_PORT', '8000'); sys.exit(0 if urllib.request.urlopen(url, timeout=4).status == 200 else 1)"]
+  CMD ["python", "-c", "import os, ssl, sys, urllib.request; tls = bool(os.environ.get('TLS_CERT_FILE')); url = '%s://127.0.0.1:%s/api/v1/health' % ('https' if tls else 'http', os.environ.get('HTTP_PORT', '8000')); sys.exit(0 if urllib.request.urlopen(url, timeout=4, context=ssl._create_unverified_context() if tls else None).status == 200 else 1)"]
 CMD ["voicegrow", "serve"]

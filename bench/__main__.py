@@ -1,4 +1,4 @@
-"""``python -m bench COMMAND``: latency, load, asr, soak, ingest."""
+"""``python -m bench COMMAND``: latency, load, asr, soak, ingest, storm."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ COMMANDS = {
     "load": "bench.load",
     "asr": "bench.asr",
     "soak": "bench.soak",
+    "tts": "bench.tts",
     "ingest": "bench.ingest",
+    "storm": "bench.storm",
 }
 
 

@@ -93,6 +93,10 @@ class FakeAiConfig:
             raise ValueError(f"tts_mode must be one of {TTS_MODES}")
         if changes.get("tts_answer_format", self.tts_answer_format) not in ("asked", "pcm", "wav"):
             raise ValueError("tts_answer_format must be asked, pcm or wav")
+        calls = changes.get("tool_calls", self.tool_calls)
+        if calls is not None and not (isinstance(calls, list) and all(
+                isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"] for c in calls)):
+            raise ValueError("tool_calls must be null or a list of {name, arguments} objects")
         for name, value in changes.items():
             setattr(self, name, value)
 
@@ -482,13 +486,15 @@ def parse_args(argv: Sequence[str] | None = None) -> FakeAiConfig:
     parser.add_argument("--reply", default=None, help="fixed reply text (default: a canned echo)")
     parser.add_argument("--tts-ms-per-char", type=float, default=60.0)
     parser.add_argument("--tts-first-chunk-ms", type=float, default=50.0)
+    parser.add_argument("--tool-triggers", action="store_true",
+                        help="call the built-in tools on their phrases (\"set a timer for 3 seconds\")")
     parser.add_argument("--api-key", default="")
     parser.add_argument("--secret-key", default="")
     args = parser.parse_args(argv)
     return FakeAiConfig(host=args.host, port=args.port, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
                         reply=args.reply, tts_ms_per_char=args.tts_ms_per_char,
                         tts_first_chunk_ms=args.tts_first_chunk_ms, api_key=args.api_key,
-                        secret_key=args.secret_key)
+                        secret_key=args.secret_key, tool_triggers=args.tool_triggers)
 
 
 async def _serve_forever(config: FakeAiConfig) -> None:

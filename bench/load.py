@@ -444,7 +444,7 @@ class Crowd:
         # The speakers here never listen to what they played: count it, keep none of it.
         await self._keep_dialling("xiaoai", talk, lambda: run_emulator(
             self.url, serial=f"bench-{self.run_id}-{index}", connect_timeout=30, keep_played_audio=False,
-            local_address=self.source_address(index)), converse)
+            source_address=self.source_address(index)), converse)
 
     async def _keep_dialling(self, protocol: str, talk: _Conversation, connect: Callable[[], Any],
                              converse: Callable[[Any], Awaitable[None]]) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
 
 from voicegrow.client import connect_websocket_from
 from voicegrow.protocol import xiaoai as proto
@@ -182,11 +182,11 @@ class SpeakerEmulator:
                  play_write_timeout: float = CLIENT_PLAY_WRITE_TIMEOUT_S,
                  pipe_buffer_bytes: int = PIPE_BUFFER_BYTES,
                  max_message_size: int = CLIENT_MAX_MESSAGE_BYTES, keep_played_audio: bool = True,
-                 local_address: str | None = None) -> None:
+                 source_address: str | None = None) -> None:
         """``keep_played_audio=False`` counts played bytes without keeping them (long soak runs);
-        ``local_address`` dials from that source address (a fleet on one machine: 127.0.0.2, ...)."""
+        ``source_address`` is the speaker's own address (many speakers from one machine)."""
         self.url = url
-        self.local_address = local_address
+        self.source_address = source_address
         self.keep_played_audio = keep_played_audio
         self.serial = serial
         self.model = model
@@ -302,14 +302,32 @@ class SpeakerEmulator:
 
     async def _connect(self, nursery: trio.Nursery, give_up_after: float | None) -> WebSocketConnection:
         deadline = math.inf if give_up_after is None else trio.current_time() + give_up_after
+        dial_errors = (OSError, HandshakeError, ConnectionClosed)
         while True:
             try:
-                return await connect_websocket_from(nursery, self.url, local_address=self.local_address,
-                                                    max_message_size=self.max_message_size)
-            except (OSError, HandshakeError, ConnectionClosed) as exc:
-                if trio.current_time() + self.retry_interval > deadline:
-                    raise EmulatorError(f"could not connect to {self.url}: {exc!r}") from exc
+                return await nursery.start(self._dial)
+            except dial_errors as exc:
+                failure: BaseException = exc
+            except BaseExceptionGroup as group:  # a refused handshake (an HTTP 502 from a proxy, say)
+                refused, rest = group.split(dial_errors)
+                if rest is not None or refused is None:
+                    raise
+                failure = refused
+            if trio.current_time() + self.retry_interval > deadline:
+                raise EmulatorError(f"could not connect to {self.url}: {failure!r}") from failure
             await trio.sleep(self.retry_interval)
+
+    async def _dial(self, task_status: trio.TaskStatus[WebSocketConnection] = trio.TASK_STATUS_IGNORED) -> None:
+        """One connection attempt. trio-websocket's reader raises a refused handshake inside the nursery
+        it runs in: a nursery of this attempt's own makes that an error of this call (as the Rust
+        client's connect fails) instead of the speaker's end."""
+        async with trio.open_nursery() as connection:
+            if self.source_address is not None:
+                ws = await connect_websocket_from(connection, self.url, self.source_address,
+                                                  max_message_size=self.max_message_size)
+            else:
+                ws = await connect_websocket_url(connection, self.url, max_message_size=self.max_message_size)
+            task_status.started(ws)
 
     async def _serve(self, ws: WebSocketConnection) -> None:
         self.connections += 1

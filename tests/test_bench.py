@@ -283,3 +283,35 @@ def test_asr_command_compares_both_engines_on_one_clip_per_language(tmp_path: Pa
         summary = report["summary"][lang]
         assert summary["speedup"] > 0 and isinstance(summary["target_met"], bool)
         assert summary["stock"]["mean_latency_s"] > 0 and summary["fast"]["mean_latency_s"] > 0
+
+
+@pytest.mark.slow
+def test_tts_command_measures_each_voice_and_the_round_trip(tmp_path: Path) -> None:
+    from bench import tts as bench_tts
+
+    out = tmp_path / "tts.json"
+    code = bench_tts.main(["--limit", "1", "--json", str(out), "--threads", "2"])
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert_machine(report, "tts")
+    assert report["settings"]["limit"] == 1 and report["settings"]["target_cer"] == 0.15
+    summaries = {s["lang"]: s for s in report["summary"]}
+    assert set(summaries) == {"zh", "en"}
+    for lang, summary in summaries.items():
+        assert summary["sentences"] == 1 and summary["load_s"] >= 0
+        assert 0 < summary["first_audio_s_mean"] <= summary["first_audio_s_max"]
+        assert summary["rtf_mean"] > 0 and summary["rss_mb_after"] > 50
+        assert 0 <= summary["cer_mean"] <= 1 and isinstance(summary["target_met"], bool)
+    rows = {v["lang"]: v["sentences"][0] for v in report["voices"]}
+    assert rows["zh"]["text"] == "好的。" and rows["en"]["text"] == "Sure."
+    assert all(row["audio_s"] > 0.2 and row["heard"] for row in rows.values())
+    assert code == (0 if all(s["target_met"] for s in summaries.values()) else 1)
+
+
+def test_tts_round_trip_reads_whisper_times_and_numbers_as_spoken() -> None:
+    from bench.tts import HOUSEHOLD_EN, HOUSEHOLD_ZH, round_trip_cer
+
+    assert len(HOUSEHOLD_ZH) == len(HOUSEHOLD_EN) == 20
+    assert round_trip_cer("It's 7:30 in the morning.", "It's 7.30 in the morning.", "en") == 0
+    assert round_trip_cer("现在是上午7:30。", "现在是上午七点半", "zh") == 0
+    assert round_trip_cer("音量已经调到50%。", "音量已经调到百分之五十", "zh") == 0
+    assert round_trip_cer("好的。", "不好", "zh") > 0

@@ -1,9 +1,10 @@
 """The pages with ADMIN_TOKEN set, in a real browser: nothing before sign-in, the token on every call.
 
-One server for the module (ADMIN_TOKEN set, DEVICE_AUTH off). The talk page opens its session only
-once signed in (the token travels as a WebSocket subprotocol); the console shows no data before
-sign-in, and afterwards every API request it sends, the audio download included, carries
-``Authorization: Bearer`` while no URL ever contains the token. Screenshots: tests/output/auth-*.png.
+One server for the module (ADMIN_TOKEN set, DEVICE_AUTH=hmac). The talk page opens its session for the
+signed-in operator (the token travels as a WebSocket subprotocol) or with a device credential (the
+HMAC proof computed by the page); the console shows no data before sign-in, and afterwards every API
+request it sends, the audio download included, carries ``Authorization: Bearer`` while no URL ever
+contains the token. Screenshots: tests/output/auth-*.png.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ pytestmark = pytest.mark.slow
 
 TOKEN = "s3cret-operator-token"
 DEVICE = "browser-auth-1"
+TABLET, TABLET_SECRET = "kitchen-tablet", "tablet-secret-123"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     require_chromium()
-    with ServerThread(tmp_path_factory.mktemp("browser-auth"), admin_token=TOKEN) as srv:
+    tmp = tmp_path_factory.mktemp("browser-auth")
+    credentials = tmp / "devices.json"
+    credentials.write_text(json.dumps({TABLET: TABLET_SECRET}), encoding="utf-8")
+    with ServerThread(tmp, admin_token=TOKEN, device_auth="hmac", device_credentials_file=credentials) as srv:
         yield srv
 
 
@@ -44,17 +49,48 @@ def _sign_in(driver, token: str) -> None:
     form.submit()
 
 
-def test_talk_page_needs_the_operator_and_then_answers(server, audio_fixtures: Path, tmp_path: Path) -> None:
+def _device(driver, device: str, secret: str) -> None:
+    for name, value in (("device-id", device), ("device-secret", secret)):
+        field = driver.find_element("id", name)
+        field.clear()
+        field.send_keys(value)
+
+
+def test_talk_page_with_a_device_credential(server, audio_fixtures: Path, tmp_path: Path) -> None:
+    """Not signed in: the device id and secret typed in authenticate with the HMAC challenge."""
+    clip = padded_clip(audio_fixtures / "en-03.wav", tmp_path / "question.wav")
+    with chromium(clip) as driver:
+        driver.get(f"{server.url}/talk")
+        wait_for(lambda: driver.find_element("id", "signin").is_displayed(), 10, "the sign-in form", driver)
+        button = driver.find_element("id", "talk")
+        assert button.is_enabled() and driver.find_element("id", "secret-field").is_displayed()
+        screenshot(driver, "auth-talk-before-signin")
+        _device(driver, TABLET, "not-the-secret")
+        button.click()
+        status = wait_for(lambda: "Refused" in driver.find_element("id", "status").text
+                          and driver.find_element("id", "status").text, 15, "the wrong secret refused", driver)
+        assert "wrong HMAC" in status
+        assert button.get_attribute("aria-pressed") == "false"
+        _device(driver, TABLET, TABLET_SECRET)
+        button.click()
+        heard = wait_for(lambda: driver.find_element("css selector", "#log .entry.user .text").text, 60,
+                         "the transcript", driver)
+        assert "seven" in heard.lower() or "7" in heard
+        wait_for(lambda: int(driver.find_element("id", "meter").get_attribute("data-played-ms")) > 500, 30,
+                 "reply audio played", driver)
+        screenshot(driver, "auth-talk-device")
+        button.click()
+    assert wait_for(lambda: _api(server, "/api/v1/conversations", device_id=TABLET)["turns"], 15, "the stored turn")
+
+
+def test_talk_page_for_the_operator(server, audio_fixtures: Path, tmp_path: Path) -> None:
     clip = padded_clip(audio_fixtures / "en-01.wav", tmp_path / "question.wav")
     with chromium(clip) as driver:
         driver.get(f"{server.url}/talk")
         button = wait_for(lambda: driver.find_element("id", "talk"), 10, "the talk button", driver)
-        wait_for(lambda: driver.find_element("id", "signin").is_displayed(), 10, "the sign-in form", driver)
-        assert not button.is_enabled()  # DEVICE_AUTH is off: only the operator may talk
-        assert not driver.find_element("id", "secret-field").is_displayed()
-        screenshot(driver, "auth-talk-before-signin")
         _sign_in(driver, TOKEN)
-        wait_for(lambda: button.is_enabled(), 10, "the talk button enabled after sign-in", driver)
+        wait_for(lambda: not driver.find_element("id", "signin").is_displayed(), 10, "signed in", driver)
+        assert not driver.find_element("id", "secret-field").is_displayed()  # the operator needs no device secret
         field = driver.find_element("id", "device-id")
         field.clear()
         field.send_keys(DEVICE)

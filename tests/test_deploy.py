@@ -23,6 +23,7 @@ import re
 import shlex
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -50,6 +51,8 @@ SERVICES = ("server", "mysql", "redis", "minio")
 REPLICAS = ("server", "server-2", "server-3")
 #: Settings whose value in the stack differs from the server's default, on purpose.
 STACK_OVERRIDES = {"DATA_DIR", "ASR_MODEL_SIZE", "MYSQL_HOST", "REDIS_HOST", "MINIO_ENDPOINT"}
+#: Settings whose Compose default differs from the server's on purpose (the scale file trusts nginx).
+COMPOSE_OVERRIDES = {"TRUSTED_PROXIES"}
 PLACEHOLDER = "change-me"
 FIELDS = {f.name.upper(): f for f in dataclasses.fields(Settings)}
 SECRETS = {name for name, f in FIELDS.items() if f.metadata["spec"].secret}
@@ -265,7 +268,7 @@ def test_compose_variables_are_settings_with_the_same_defaults() -> None:
             assert name in FIELDS or name in STACK_ONLY, f"{doc_name} uses ${{{name}}}, which is not a setting"
             if name in SECRETS or name == "MYSQL_ROOT_PASSWORD":
                 assert operator == ":?", f"{doc_name}: secret {name} must be required (${{{name}:?...}})"
-            elif operator == ":-" and name not in STACK_OVERRIDES | STACK_ONLY:
+            elif operator == ":-" and name not in STACK_OVERRIDES | STACK_ONLY | COMPOSE_OVERRIDES:
                 assert default == str(getattr(defaults, FIELDS[name].name)), f"{doc_name}: {name} default"
 
 
@@ -387,6 +390,31 @@ def test_dockerfile_health_check_command(health_server: tuple[int, bool]) -> Non
     env = {"PATH": os.environ["PATH"], "HTTP_PORT": str(port)}
     result = subprocess.run(["python3", *argv[1:]], env=env, capture_output=True, timeout=30)
     assert (result.returncode == 0) == healthy
+
+
+def test_dockerfile_health_check_speaks_https_when_the_server_serves_tls(tmp_path: Path) -> None:
+    """With TLS_CERT_FILE the server answers https only: the check must follow (a self-signed
+    certificate is fine on loopback, so it does not verify it)."""
+    openssl = require_tool("openssl", "openssl")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True, timeout=60)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (HealthHandler,), {"healthy": True}))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        argv = dockerfile_healthcheck()
+        env = {"PATH": os.environ["PATH"], "HTTP_PORT": str(server.server_address[1])}
+        plain = subprocess.run(["python3", *argv[1:]], env=env, capture_output=True, timeout=30)
+        tls = subprocess.run(["python3", *argv[1:]], env={**env, "TLS_CERT_FILE": "/run/certs/fullchain.pem"},
+                             capture_output=True, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert plain.returncode != 0 and tls.returncode == 0, tls.stderr
 
 
 # --- scripts -------------------------------------------------------------------------------------------

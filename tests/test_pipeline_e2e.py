@@ -259,4 +259,5 @@ def test_embedded_default_answers_spoken_chinese_and_english_offline(tmp_path, a
         # ... and the reply audio says the reply: transcribed back, it reads as the reply text.
         heard = _whisper_transcript(reply_wav, lang)
         cer = char_error_rate(normalize(answer["reply"], lang), normalize(heard, lang), lang)
+        print(f"{lang}: reply {answer['reply']!r}, heard {heard!r}, round-trip CER {cer:.3f}")
         assert cer <= 0.15, (lang, answer["reply"], heard, cer)

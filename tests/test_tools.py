@@ -517,3 +517,25 @@ async def test_a_devices_own_mcp_tools_join_the_registry_for_its_turns() -> None
     assert not refused.ok and "invalid arguments" in refused.result
     assert not timed_out.ok and "no answer within 5 s" in timed_out.result
     assert board.calls == [("self.audio_speaker.set_volume", {"volume": 20}), ("self.light.toggle", {})]
+
+
+async def test_the_fake_refuses_malformed_scripted_tool_calls() -> None:
+    config = FakeAiConfig()
+    for bad in ({"tool_calls": "set_timer"}, {"tool_calls": [{"arguments": "{}"}]}, {"tool_calls": [3]}):
+        with pytest.raises(ValueError, match="tool_calls"):
+            config.update(bad)
+    config.update({"tool_calls": [{"name": "stop"}], "tool_triggers": True})
+    assert config.tool_calls == [{"name": "stop"}]
+
+
+async def test_a_server_that_refuses_tools_still_gets_the_question_without_them() -> None:
+    class NoFunctions(_ScriptedModel):
+        async def stream(self, messages, tools=None, tool_choice=None):
+            self.requests.append(([dict(m) for m in messages], tool_choice))
+            if tools:
+                raise LlmError("http_4xx", "HTTP 400: auto tool choice requires --enable-auto-tool-choice")
+            yield "Plain answer."
+
+    model = NoFunctions([])
+    text, outcomes = await _converse(model, ToolRegistry([BuiltinTools()]))
+    assert text == "Plain answer." and outcomes == [] and len(model.requests) == 2

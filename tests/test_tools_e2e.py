@@ -107,6 +107,7 @@ async def test_a_timer_set_by_the_llm_fires_on_a_native_device_and_survives_a_re
             assert announcement.data["text"] == "Time's up! The timer for 3 seconds is done."
             assert fired_at - asked_at >= 2.9  # not before it was due
             assert frames.audio_bytes(announcement.turn_id) > 0  # and it was spoken
+            assert server.services.metrics.reminders.labels("fired")._value.get() == 1
             # The turn record keeps the tool call (admin API).
             await server.services.persistence.wait_delivered()
             async with httpx.AsyncClient(base_url=server.http_url) as http:
@@ -175,6 +176,39 @@ async def test_an_mcp_tool_is_called_and_its_result_spoken(tmp_path) -> None:
     told = _chats(ai)[-1]["messages"][-1]
     assert told["role"] == "tool" and "error" in json.loads(told["content"])
     assert frames.text(second) and frames.audio_bytes(second) > 0  # said, not silence
+    calls = server.services.metrics.tool_calls
+    assert [calls.labels("mcp", o)._value.get() for o in ("ok", "error")] == [1, 1]
+
+
+async def test_a_barge_in_during_a_tool_call_cancels_it_and_leaves_no_half_exchange(tmp_path) -> None:
+    fake = FakeAiConfig(**QUICK, tool_calls=[{"name": "tiny__slow", "arguments": {"seconds": 5}}])
+    async with run_fake_ai(fake) as ai:
+        settings = make_settings(tmp_path, llm_base_url=ai.url, tts_base_url=ai.url,
+                                 mcp_servers=f"tiny={sys.executable} {TINY_SERVER}")
+        async with running_server(settings) as server:
+            (tiny,) = [p for p in server.services.tools.providers if getattr(p, "config", None)]
+            with trio.fail_after(30):
+                await tiny.connected.wait()
+            async with open_native_client(server.ws_url, device_id="patient") as client:
+                frames = _Frames()
+                await client.send_control("text", {"text": "Take your time."})
+                with trio.fail_after(10):
+                    while not _chats(ai):
+                        await trio.sleep(0.02)
+                await trio.sleep(0.5)  # the slow call is under way
+                await client.send_control("abort")
+                await _read_until(client, frames, _turns_ended(1))
+                ai.config.tool_calls = [{"name": "tiny__add", "arguments": {"a": 1, "b": 1}}]
+                await client.send_control("text", {"text": "Then just add."})
+                await _read_until(client, frames, _turns_ended(2))
+    interrupted, added = frames.turn_ends()
+    assert interrupted.data["outcome"] == "interrupted"
+    assert "1 plus 1 is 2" in frames.text(added.turn_id)  # the MCP connection survived the cancelled call
+    # The next prompt holds nothing of the interrupted turn: no tool call without its result.
+    next_prompt = _chats(ai)[1]["messages"]
+    assert next_prompt[-1] == {"role": "user", "content": "Then just add."}
+    assert not [m for m in next_prompt if m["role"] == "tool" or m.get("tool_calls") or
+                m.get("content") == "Take your time."]
 
 
 # -- the offline responder, with nothing configured ---------------------------------------------------

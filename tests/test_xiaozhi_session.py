@@ -374,3 +374,13 @@ def test_the_encoder_makes_one_packet_per_60_ms_frame() -> None:
     assert encoder.frame_samples == 1440
     packet = encoder.encode(bytes(1000))  # a short last frame is padded
     assert 0 < len(packet) < 400
+
+
+def test_opus_cost_is_measured_per_second_of_audio() -> None:
+    from bench.opus_cost import measure
+
+    tone = (np.sin(np.arange(16000) * 2 * np.pi * 300 / 16000) * 6000).astype("<i2")
+    report = measure(tone, repeat=1)
+    assert report["audio_s"] == pytest.approx(0.96)  # whole 60 ms frames
+    pyav = report["ms_cpu_per_audio_s"]["pyav complexity 5"]
+    assert pyav["decode"] > 0 and pyav["encode"] > 0

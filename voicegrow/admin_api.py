@@ -5,7 +5,7 @@ A Quart blueprint over :class:`~voicegrow.storage.Persistence`; the application 
 ``ADMIN_TOKEN`` for every route, this module does no authentication. Every error is JSON
 ``{"error": code, "reason": text}``: 400 for bad input, 404 for unknown ids, 503 when the record store
 cannot answer. Listings are newest first with an opaque ``cursor``; ``since`` takes ISO-8601 or unix
-seconds. With the local audio directory (no S3), audio URLs point at ``/api/v1/audio/<key>``, served here.
+seconds; ``q`` keeps the conversations whose transcript or reply contains it (the console's search). With the local audio directory (no S3), audio URLs point at ``/api/v1/audio/<key>``, served here.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ import contextlib
 import dataclasses
 import math
 import ssl
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
@@ -49,8 +49,6 @@ __all__ = [
     "ConnectionClosed",
     "NativeClient",
     "open_native_client",
-    "open_websocket_from",
-    "connect_websocket_from",
     "TalkEvent",
     "TalkResult",
     "stream_wav_and_collect",
@@ -247,51 +245,56 @@ class NativeClient:
         return wire_ms(trio.current_time())
 
 
-async def connect_websocket_from(nursery: trio.Nursery, url: str, *, local_address: str | None = None,
-                                 max_message_size: int = 1 << 20, subprotocols: tuple[str, ...] = ()
-                                 ) -> trio_websocket.WebSocketConnection:
-    """A client WebSocket to ``url`` whose reader runs in ``nursery``; with ``local_address``, dialled
-    from that source address.
+async def connect_websocket_from(nursery: trio.Nursery, url: str, local_address: str, *,
+                                 ssl_context: ssl.SSLContext | None = None, subprotocols: tuple[str, ...] = (),
+                                 extra_headers: list[tuple[bytes, bytes]] | None = None,
+                                 max_message_size: int = 1 << 20) -> trio_websocket.WebSocketConnection:
+    """A WebSocket client connection whose TCP source address is ``local_address``.
 
-    trio-websocket dials from whatever address the kernel picks; a fleet of simulated speakers on one
-    machine needs one address each (127.0.0.2, 127.0.0.3, ...) to look like a fleet to the server's
-    per-address limits and maps. Raises OSError or HandshakeError as trio-websocket does.
+    trio-websocket's own connect functions choose the source address themselves; tests and benchmarks
+    that play many devices from many addresses (127.0.0.0/8 is all loopback on Linux) need to choose it.
     """
-    if local_address is None:
-        return await trio_websocket.connect_websocket_url(nursery, url, max_message_size=max_message_size,
-                                                          subprotocols=list(subprotocols) or None)
-    parts = urlsplit(url)
-    if parts.scheme != "ws" or not parts.hostname:
-        raise ValueError(f"a source address needs a ws://HOST:PORT URL, got {url!r}")
-    port = parts.port or 80
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "wss"
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+    port = parts.port or (443 if secure else 80)
+    stream: trio.abc.Stream = await trio.open_tcp_stream(parts.hostname, port, local_address=local_address)
+    if secure:
+        stream = trio.SSLStream(stream, ssl_context or ssl.create_default_context(),
+                                server_hostname=parts.hostname, https_compatible=True)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    stream = await trio.open_tcp_stream(parts.hostname, port, local_address=local_address)
-    try:
-        return await trio_websocket.wrap_client_stream(nursery, stream, f"{parts.hostname}:{port}", resource,
-                                                       max_message_size=max_message_size,
-                                                       subprotocols=list(subprotocols) or None)
-    except BaseException:
-        await trio.aclose_forcefully(stream)
-        raise
+    host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    return await trio_websocket.wrap_client_stream(nursery, stream, host, resource, subprotocols=list(subprotocols),
+                                                   extra_headers=extra_headers, max_message_size=max_message_size)
 
 
 @contextlib.asynccontextmanager
-async def open_websocket_from(url: str, *, local_address: str, connect_timeout_s: float = 10.0,
-                              max_message_size: int = 1 << 20, subprotocols: tuple[str, ...] = ()
+async def open_websocket_from(url: str, local_address: str, *, connect_timeout: float = 10.0, **options: Any
                               ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    """:func:`connect_websocket_from` as a block: connected within ``connect_timeout_s`` (else
-    ``trio.TooSlowError``), closed on exit."""
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(connect_timeout_s):
-            ws = await connect_websocket_from(nursery, url, local_address=local_address,
-                                              max_message_size=max_message_size, subprotocols=subprotocols)
-        try:
-            yield ws
-        finally:
-            with trio.move_on_after(_CLOSE_GRACE_S) as cleanup:
-                cleanup.shield = True
+    """:func:`connect_websocket_from` with a nursery of its own, closed on exit, like trio-websocket's
+    ``open_websocket_url``: a refused handshake raises its :class:`trio_websocket.HandshakeError` (which
+    the library's reader task raises inside the nursery), not an exception group."""
+    connected = False
+    refusal: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(connect_timeout):
+                ws = await connect_websocket_from(nursery, url, local_address, **options)
+            connected = True
+            try:
+                yield ws
+            finally:
                 await ws.aclose()
-            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        refused = None if connected else group.subgroup(trio_websocket.HandshakeError)
+        if refused is None:
+            raise
+        refusal = refused
+        while isinstance(refusal, BaseExceptionGroup):
+            refusal = refusal.exceptions[0]
+    if refusal is not None:  # raised here, outside the handler, so the group is not its context
+        raise refusal
 
 
 @contextlib.asynccontextmanager
@@ -308,16 +311,16 @@ async def open_native_client(
     connect_timeout_s: float = 10.0,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     ssl_context: ssl.SSLContext | None = None,
-    subprotocols: tuple[str, ...] = (),
     local_address: str | None = None,
+    subprotocols: tuple[str, ...] = (),
 ) -> AsyncIterator[NativeClient]:
     """Connect, do the HELLO/HELLO_ACK handshake, and close cleanly on exit.
 
     A ``wss://`` URL verifies the server against the system's CAs, or against ``ssl_context`` when given
     (a private CA or a self-signed certificate: ``ssl.create_default_context(cafile=...)``).
+    ``local_address`` binds the connection's source address (many simulated devices on one machine).
     ``subprotocols``: WebSocket subprotocols to offer (the HTTP port's ``/api/v1/talk`` wants
     ``voicegrow.native.v1``, and the admin token as ``voicegrow.bearer.<base64url>``).
-    ``local_address``: the source address to dial from, ``ws://`` only (see :func:`open_websocket_from`).
 
     Raises :class:`ConnectFailed` when no WebSocket could be opened and :class:`HandshakeFailed`
     when the server refused the session.
@@ -328,12 +331,13 @@ async def open_native_client(
         try:
             if local_address is None:
                 ws = await stack.enter_async_context(trio_websocket.open_websocket_url(
-                    url, ssl_context=ssl_context, subprotocols=list(subprotocols), connect_timeout=connect_timeout_s,
-                    disconnect_timeout=_CLOSE_GRACE_S, max_message_size=HEADER_SIZE + max_payload))
+                    url, ssl_context=ssl_context, subprotocols=list(subprotocols),
+                    connect_timeout=connect_timeout_s, disconnect_timeout=_CLOSE_GRACE_S,
+                    max_message_size=HEADER_SIZE + max_payload))
             else:
                 ws = await stack.enter_async_context(open_websocket_from(
-                    url, local_address=local_address, connect_timeout_s=connect_timeout_s,
-                    max_message_size=HEADER_SIZE + max_payload, subprotocols=subprotocols))
+                    url, local_address, connect_timeout=connect_timeout_s, ssl_context=ssl_context,
+                    subprotocols=subprotocols, max_message_size=HEADER_SIZE + max_payload))
         except (OSError, ValueError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
             cause = exc.__cause__ or exc.__context__ or exc
             raise ConnectFailed(f"cannot connect to {url}: {cause or type(exc).__name__}") from exc

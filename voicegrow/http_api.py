@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from voicegrow import __version__
 from voicegrow.admin_auth import PROXY_HEADERS, AdminAuth
+from voicegrow.forwarded import ClientAddress, TrustedProxies, header_map
 from voicegrow.memprofile import memory_report, release_memory
 from voicegrow.metrics import CONTENT_TYPE_LATEST
 from voicegrow.services import Services
@@ -51,15 +52,31 @@ async def _body_over(limit: int) -> bool:
     return False
 
 
-def admin_refusal(auth: AdminAuth) -> Response | None:
+def request_client(proxies: TrustedProxies | None = None) -> ClientAddress:
+    """The current request's client: the socket's peer, or behind a ``TRUSTED_PROXIES`` proxy the
+    address it forwarded. From any other peer forwarding headers change nothing."""
+    peer = request.remote_addr or ""
+    headers = header_map(request.headers.items())
+    if proxies is None:
+        return ClientAddress(peer, ignored=bool(headers))
+    return proxies.resolve(peer, headers)
+
+
+def admin_refusal(auth: AdminAuth, client: ClientAddress | None = None) -> Response | None:
     """The admin credential check for the current request: None to go on, else the JSON 401 or 429.
 
     Every route that is not public goes through this one function (the console's API too), so the rule
     (bearer token, ``ADMIN_ALLOW_FROM``, throttling) lives in :class:`~voicegrow.admin_auth.AdminAuth` only.
+    Behind a trusted proxy the forwarded client is the one checked and throttled; a request that carries
+    forwarding headers from anyone else never gets the address bypass.
     """
     headers = request.headers
-    refusal = auth.check(request.remote_addr, headers.get("Authorization"),
-                         proxied=any(name in headers for name in PROXY_HEADERS))
+    client = client or request_client()
+    if client.proxy is not None:
+        refusal = auth.check(client.host, headers.get("Authorization"), proxied=False)
+    else:
+        refusal = auth.check(client.host, headers.get("Authorization"),
+                             proxied=any(name in headers for name in PROXY_HEADERS))
     if refusal is None:
         return None
     response = _error(refusal.status, refusal.error, refusal.reason)
@@ -129,7 +146,10 @@ def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
     async def check_admin_credential() -> Response | None:
         if request.path in public_paths or is_public_path(request.path):
             return None
-        return admin_refusal(services.admin_auth)
+        client = request_client(services.proxies)
+        if client.ignored:
+            services.metrics.forwarded_ignored.labels("http").inc()
+        return admin_refusal(services.admin_auth, client)
 
     @app.after_request
     async def security_headers(response: Response) -> Response:

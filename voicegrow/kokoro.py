@@ -33,7 +33,6 @@ import numpy as np
 import trio
 
 from voicegrow.asr_models import ModelUnavailable, default_cache_root, ensure_joined_file, package_dir
-from voicegrow.language import is_cjk
 from voicegrow.textnorm import normalize_zh
 
 __all__ = [
@@ -50,8 +49,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24000
-VOICES = ("jf_nezumi", "jm_kumo", "jf_alpha", "jf_gongitsune", "jf_tebukuro")
-DEFAULT_VOICE = "jf_nezumi"  # the clearest Mandarin of the five (DESIGN §5: CER 0.044 / 0.108)
+VOICES = ("jf_gongitsune", "jf_nezumi", "jm_kumo", "jf_alpha", "jf_tebukuro")
+DEFAULT_VOICE = "jf_gongitsune"  # the clearest Mandarin of the five at 0.9× speed (bench tts, README)
 MAX_PHONEMES = 500  # the model's context is 512 tokens, two of them padding
 
 
@@ -150,7 +149,10 @@ def _chinese_ipa(segment: str) -> str:
             finals = sandhi.modified_tone(word, pos, finals)
             syllables = [_TONE.sub(final[-1], syllable) if _TONE.search(final) and _TONE.search(syllable)
                          else syllable for syllable, final in zip(syllables, finals)]
-        spoken.append("".join(_syllable_ipa(s) for s in syllables))
+        # pinyin writes 晚安 wan'an: a syllable starting with a vowel inside a word gets a glottal onset,
+        # or the voice reads "wa-nan"
+        spoken.append("".join(("ʔ" if i and syllable[:1] in "aeo" else "") + _syllable_ipa(syllable)
+                              for i, syllable in enumerate(syllables)))
     return " ".join(spoken)
 
 
@@ -322,12 +324,14 @@ class KokoroTts:
     def loaded(self) -> bool:
         return self._model_path is not None and str(self._model_path) in _MODELS
 
-    def _load_blocking(self) -> _Loaded:
+    def _model(self) -> _Loaded:
         if self._model_path is None:
             self._model_path = ensure_kokoro_model(self.cache_root)
-        loaded = _load(self._model_path, self.threads)
-        self.phonemize("你好")  # jieba's dictionary, the lexicon tables
-        return loaded
+        return _load(self._model_path, self.threads)
+
+    def _load_blocking(self) -> None:
+        self._model()
+        self.phonemize("你好 OK")  # jieba's dictionary, the lexicon tables
 
     async def preload(self) -> None:
         """Assemble (first start only) and load the model now, so the first answer does not wait."""
@@ -338,7 +342,7 @@ class KokoroTts:
             raise
 
     def _synthesize_piece(self, phonemes: str) -> bytes:
-        return _infer(self._load_blocking(), phonemes, self.voice, self.speed).tobytes()
+        return _infer(self._model(), phonemes, self.voice, self.speed).tobytes()
 
     async def synthesize(self, text: str, lang: str = "zh") -> AsyncIterator[bytes]:
         spoken = normalize_zh(text)
@@ -360,7 +364,3 @@ class KokoroTts:
         if self._error:
             result["detail"] = self._error
         return result
-
-
-def has_chinese(text: str) -> bool:
-    return any(is_cjk(char) for char in text)

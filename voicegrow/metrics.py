@@ -56,6 +56,12 @@ class Metrics:
             "voicegrow_asr_requests_total", "ASR transcriptions by outcome", ["outcome"], registry=r)
         self.llm_requests = Counter(
             "voicegrow_llm_requests_total", "LLM requests by outcome", ["outcome"], registry=r)
+        self.tool_calls = Counter(
+            "voicegrow_tool_calls_total", "Tool calls the LLM made, by where the tool lives (builtin, mcp, device)"
+            " and outcome (ok, error)", ["source", "outcome"], registry=r)
+        self.reminders = Counter(
+            "voicegrow_reminders_total", "Timers and alarms that came due: fired (spoken) or dropped (the device"
+            " stayed offline past TIMER_OFFLINE_GRACE_S)", ["outcome"], registry=r)
         self.tts_requests = Counter(
             "voicegrow_tts_requests_total", "TTS requests by outcome", ["outcome"], registry=r)
         self.stage_latency = Histogram(
@@ -81,6 +87,10 @@ class Metrics:
         self.auth_refusals = Counter(
             "voicegrow_auth_refusals_total", "Refused authentications, by protocol and reason",
             ["protocol", "reason"], registry=r)
+        self.forwarded_ignored = Counter(
+            "voicegrow_forwarded_headers_ignored_total",
+            "Requests whose X-Forwarded-For / X-Real-IP came from a peer not in TRUSTED_PROXIES", ["port"],
+            registry=r)
         self.protocol_errors = Counter(
             "voicegrow_protocol_errors_total", "Protocol errors answered with an error frame", ["code"],
             registry=r)

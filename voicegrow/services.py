@@ -16,8 +16,9 @@ import httpx
 import trio
 
 from voicegrow.auth_throttle import AuthThrottle
+from voicegrow.forwarded import TrustedProxies
 from voicegrow.metrics import Metrics
-from voicegrow.settings import Settings
+from voicegrow.settings import Settings, parse_networks
 from voicegrow.streaming.registry import SessionRegistry
 from voicegrow.workers.context import WorkerContext
 from voicegrow.workers.control import Box, LocalWorker, rss_bytes
@@ -42,6 +43,8 @@ class Services:
     auth_throttle: AuthThrottle = dataclasses.field(default_factory=AuthThrottle)  # every credential's guesses
     admin_auth: Any = None  # voicegrow.admin_auth.AdminAuth: the admin token and ADMIN_ALLOW_FROM
     tls: Any = None  # voicegrow.tls.CertificateStore when TLS_CERT_FILE is set
+    #: TRUSTED_PROXIES: whose X-Forwarded-For is believed (set from the settings after construction).
+    proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
     #: This process's place among WORKERS (None: the single-process server).
     worker: WorkerContext | None = None
     #: Every worker's sessions and state (just this process with WORKERS=1); set by open_services.
@@ -51,6 +54,7 @@ class Services:
     ws_port: int = 0  # the speaker port as bound (WS_PORT may be 0); the xiaozhi OTA answer hands it out
 
     def __post_init__(self) -> None:
+        self.proxies = TrustedProxies(parse_networks(self.settings.trusted_proxies, "TRUSTED_PROXIES"))
         index, restarts = (self.worker.index, self.worker.restarts) if self.worker else (0, 0)
         peers = {k: self.worker.control_socket(k) for k in self.worker.peers()} if self.worker else {}
         self.box = Box(LocalWorker(self, index, restarts), peers)
@@ -146,7 +150,7 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
         persistence = Persistence.from_settings(settings, metrics=metrics, key_prefix=settings.redis_key_prefix,
                                                 worker=None if worker is None else worker.index,
                                                 **(persistence_options or {}))
-        tools, timers = build_tools(settings, persistence, registry)
+        tools, timers = build_tools(settings, persistence, registry, metrics)
         yield Services(
             settings=settings,
             metrics=metrics,
@@ -167,7 +171,8 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
         )
 
 
-def build_tools(settings: Settings, persistence: Any, registry: SessionRegistry) -> tuple[Any, Any]:
+def build_tools(settings: Settings, persistence: Any, registry: SessionRegistry,
+                metrics: Metrics) -> tuple[Any, Any]:
     """The tool registry (built-ins, timers, the MCP servers of ``MCP_SERVERS``) and the timer book."""
     from zoneinfo import ZoneInfo
 
@@ -177,6 +182,7 @@ def build_tools(settings: Settings, persistence: Any, registry: SessionRegistry)
     from voicegrow.tools.timers import Timer, TimerBook, TimerTools
 
     async def record(kind: str, timer: Timer, data: dict[str, Any]) -> None:
+        metrics.reminders.labels("fired" if kind == "timer_fired" else "dropped").inc()
         await persistence.record_event(timer.device_id, kind, {"timer_id": timer.timer_id, "kind": timer.kind,
                                                                "label": timer.label, **data})
 

@@ -63,6 +63,7 @@ class Settings:
     data_dir: str = _field("./data", str)
     admin_token: str = _field("", str, secret=True)  # empty: generated into DATA_DIR/admin_token
     admin_allow_from: str = _field("auto", str)  # addresses/networks that may skip the admin token
+    trusted_proxies: str = _field("", str)  # CIDRs whose X-Forwarded-For / X-Real-IP are believed
     metrics_public: bool = _field(False, bool)  # /metrics without the admin credential
     auth_max_failures: int = _field(20, int, low=1, high=1_000_000)  # distinct wrong credentials per address
     auth_backoff_s: float = _field(30.0, float, low=0.1, high=86400)  # first lock-out; doubles, up to 15 min
@@ -127,8 +128,8 @@ class Settings:
     tts_timeout: float = _field(30.0, float, low=0.1, high=3600)
     tts_lead_ms: int = _field(200, int, low=0, high=5000)
     tts_normalize_remote: bool = _field(False, bool)  # send "七点半", not "7:30", to TTS_BASE_URL too
-    tts_offline_voice_zh: str = _field("jf_nezumi", str, choices=(
-        "jf_nezumi", "jm_kumo", "jf_alpha", "jf_gongitsune", "jf_tebukuro"))
+    tts_offline_voice_zh: str = _field("jf_gongitsune", str, choices=(
+        "jf_gongitsune", "jf_nezumi", "jm_kumo", "jf_alpha", "jf_tebukuro"))
     tts_workers: int = _field(1, int, low=1, high=64)  # offline sentences synthesized at once
 
     # -- LLM
@@ -276,8 +277,10 @@ _ASR_SIZES = ("tiny", "tiny.en", "base", "base.en", "small", "small.en", "medium
               "distil-small.en", "distil-medium.en", "distil-large-v2", "distil-large-v3")
 
 
-def parse_networks(setting: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """``ADMIN_ALLOW_FROM``'s addresses and networks; a bad part is a :class:`ConfigError` naming it."""
+def parse_networks(setting: str, name: str = "ADMIN_ALLOW_FROM",
+                   ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of addresses and networks (``ADMIN_ALLOW_FROM``, ``TRUSTED_PROXIES``); a bad part is a
+    :class:`ConfigError` naming the variable and the part."""
     networks = []
     for part in (p.strip() for p in setting.split(",")):
         if not part:
@@ -286,8 +289,9 @@ def parse_networks(setting: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6
             networks.append(ipaddress.ip_network(part, strict=False))
         except ValueError:
             raise ConfigError(
-                f"ADMIN_ALLOW_FROM={setting!r} is not allowed: {part!r} is no IP address or network "
-                "(expected auto, none, or comma-separated addresses such as 127.0.0.1,::1,192.168.1.0/24)") from None
+                f"{name}={setting!r} is not allowed: {part!r} is no IP address or network (expected "
+                + ("auto, none, or " if name == "ADMIN_ALLOW_FROM" else "")
+                + "comma-separated addresses or networks such as 127.0.0.1,::1,192.168.1.0/24)") from None
     return tuple(networks)
 
 
@@ -326,6 +330,7 @@ def _check_cross_field(s: Settings) -> None:
             raise ConfigError(f"MCP_SERVERS is not allowed: {exc}") from None
     if s.admin_allow_from.strip().lower() not in ("auto", "none"):
         parse_networks(s.admin_allow_from)
+    parse_networks(s.trusted_proxies, "TRUSTED_PROXIES")
     if bool(s.tls_cert_file) != bool(s.tls_key_file):
         given, missing = ("TLS_CERT_FILE", "TLS_KEY_FILE") if s.tls_cert_file else ("TLS_KEY_FILE", "TLS_CERT_FILE")
         raise ConfigError(f"{given} is set but {missing} is not: expected both (a PEM certificate chain and its key)")

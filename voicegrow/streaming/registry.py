@@ -37,16 +37,21 @@ class SessionInfo:
     #: devices that serve MCP (xiaozhi boards); a tool registry offers them to the LLM.
     device_tools: Any = None
 
-    @property
-    def remote_host(self) -> str:
-        """The peer's address without its port."""
-        return self.remote_addr.rsplit(":", 1)[0]
+    #: The client's address without a port: the socket's peer, or the device behind a trusted proxy.
+    remote_host: str = ""
+    #: The trusted proxy the client came through (TRUSTED_PROXIES), None for a direct connection.
+    via_proxy: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.remote_host:
+            self.remote_host = self.remote_addr.rsplit(":", 1)[0]
 
     def public(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id,
             "device_id": self.device_id,
             "remote_addr": self.remote_addr,
+            "via_proxy": self.via_proxy,
             "protocol": self.protocol,
             "since": self.since,
             "turns": self.turns,

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
+from voicegrow.forwarded import header_map
 from voicegrow.logsetup import session_id_var
 from voicegrow.protocol.detect import detect_from_handshake, detect_protocol
 from voicegrow.services import Services
@@ -154,8 +155,13 @@ class VoiceServer:
 
     async def _handle(self, request: WebSocketRequest) -> None:
         remote = request.remote
-        host = str(getattr(remote, "address", remote))
-        remote_addr = f"{host}:{getattr(remote, 'port', '')}"
+        peer = str(getattr(remote, "address", remote))
+        client = self.services.proxies.resolve(peer, header_map(request.headers))
+        if client.ignored:
+            self.services.metrics.forwarded_ignored.labels("ws").inc()
+        host = client.host
+        # Behind a proxy the device's own port is not known: the address alone, as nginx passes it.
+        remote_addr = host if client.proxy else f"{host}:{getattr(remote, 'port', '')}"
         refusal = self.admit(host)
         if refusal is not None:
             status, limit, reason = refusal
@@ -165,16 +171,19 @@ class VoiceServer:
             return
         connected_at = trio.current_time()
         ws = await request.accept()
-        await self.run_session(ws, remote_addr, lambda info: self._serve(ws, info, request, connected_at))
+        await self.run_session(ws, remote_addr, lambda info: self._serve(ws, info, request, connected_at),
+                               remote_host=host, via_proxy=client.proxy)
 
-    async def run_session(self, ws: Any, remote_addr: str, serve: Callable[[SessionInfo], Awaitable[None]]) -> None:
+    async def run_session(self, ws: Any, remote_addr: str, serve: Callable[[SessionInfo], Awaitable[None]], *,
+                          remote_host: str = "", via_proxy: str | None = None) -> None:
         """One accepted WebSocket as a session: in the registry, under its cancel scope, recorded at its end.
 
         ``ws`` is a trio-websocket connection or anything with its ``get_message`` / ``send_message`` /
         ``aclose`` / ``closed`` surface (the HTTP port's talk route hands in such an adapter).
         """
         metrics = self.services.metrics
-        info = SessionInfo(session_id=uuid.uuid4().hex[:16], remote_addr=remote_addr)
+        info = SessionInfo(session_id=uuid.uuid4().hex[:16], remote_addr=remote_addr, remote_host=remote_host,
+                           via_proxy=via_proxy)
         session_id_var.set(info.session_id)
         registry = self.services.registry
         registry.add(info)

@@ -307,6 +307,9 @@ class Turn:
         services = self.services
         metrics = services.metrics
         metrics.turns.labels(self.outcome).inc()
+        for call in self.tool_outcomes:
+            source = "device" if call.name.startswith("device__") else "mcp" if "__" in call.name else "builtin"
+            metrics.tool_calls.labels(source, "ok" if call.ok else "error").inc()
         end = self.marks["speech_end"]
         stage_marks = {"asr": "asr_done", "llm_first_token": "llm_first_token", "first_sentence": "first_sentence",
                        "tts_first_audio": "tts_first_audio", "response": "first_audio_sent"}

@@ -340,8 +340,7 @@ class XiaoaiSession:
         self._first = first_message
         self._handshake_deadline = handshake_deadline
         self._target = request.path
-        remote = request.remote
-        self.host = str(getattr(remote, "address", remote))
+        self.host = info.remote_host  # the device's address, behind a trusted proxy too
         self.access = XiaoaiAccessPolicy.from_settings_text(settings.xiaoai_token, settings.xiaoai_allowlist)
         self.silence_commands = parse_silence_commands(settings.xiaoai_silence_commands)
         self.connection = DeviceConnection(services, ws)

@@ -194,8 +194,7 @@ class XiaozhiSession:
         self.ws = ws
         self.info = info
         self._handshake_deadline = handshake_deadline
-        remote = request.remote
-        self.host = str(getattr(remote, "address", remote))
+        self.host = info.remote_host  # the device's address, behind a trusted proxy too
         self.device_id, self.client_id = device_ids(request)
         self.authorization = header(request.headers, b"authorization")
         version_header = header(request.headers, b"protocol-version")

@@ -11,13 +11,16 @@ words and what was spoken, so a barge-in can never leave a call without its resu
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from voicegrow.llm import LanguageModel, ToolCalls, apology
+from voicegrow.llm import LanguageModel, LlmError, ToolCalls, apology
 from voicegrow.tools.registry import ToolContext, ToolOutcome, ToolRegistry
 
 __all__ = ["converse", "done_phrase"]
+
+log = logging.getLogger(__name__)
 
 
 def done_phrase(lang: str) -> str:
@@ -33,10 +36,9 @@ async def converse(llm: LanguageModel, messages: Sequence[Mapping[str, Any]], re
     """
     tools = registry.openai_tools() if registry is not None else []
     if not tools:
-        async with contextlib.aclosing(llm.stream(messages)) as deltas:
+        async with contextlib.aclosing(_plain(llm, messages)) as deltas:
             async for delta in deltas:
-                if isinstance(delta, str):
-                    yield delta
+                yield delta
         return
     assert registry is not None
     conversation = [dict(m) for m in messages]
@@ -45,14 +47,26 @@ async def converse(llm: LanguageModel, messages: Sequence[Mapping[str, Any]], re
     for round_number in range(max_rounds + 1):
         choice = "none" if round_number == max_rounds else None
         text, batch = "", None
-        async with contextlib.aclosing(llm.stream(conversation, tools=tools, tool_choice=choice)) as items:
-            async for item in items:
-                if isinstance(item, ToolCalls):
-                    batch = item
-                elif item:
-                    text += item
-                    spoken = True
-                    yield item
+        try:
+            async with contextlib.aclosing(llm.stream(conversation, tools=tools, tool_choice=choice)) as items:
+                async for item in items:
+                    if isinstance(item, ToolCalls):
+                        batch = item
+                    elif item:
+                        text += item
+                        spoken = True
+                        yield item
+        except LlmError as exc:
+            if exc.reason != "http_4xx" or round_number or spoken:
+                raise
+            # A server without function calling (vLLM without a tool parser, …) refuses the request:
+            # the user still gets an answer, and the operator a hint.
+            log.warning("the LLM refused a request with tools (%s); answering without them "
+                        "(set LLM_TOOLS=false if it cannot call functions)", exc)
+            async with contextlib.aclosing(_plain(llm, messages)) as deltas:
+                async for delta in deltas:
+                    yield delta
+            return
         if batch is None or choice == "none":
             break
         conversation.append({"role": "assistant", "content": text or None,
@@ -67,3 +81,10 @@ async def converse(llm: LanguageModel, messages: Sequence[Mapping[str, Any]], re
     if not spoken and outcomes:
         yield apology(context.language) if failed else done_phrase(context.language)
 
+
+
+async def _plain(llm: LanguageModel, messages: Sequence[Mapping[str, Any]]) -> AsyncIterator[str]:
+    async with contextlib.aclosing(llm.stream(messages)) as deltas:
+        async for delta in deltas:
+            if isinstance(delta, str):
+                yield delta
