@@ -246,3 +246,24 @@ def test_bench_storm_in_a_tiny_configuration(tmp_path) -> None:
     assert figures["back"] == figures["back_within_target"] == 4 and figures["old_replica_exit_code"] == 0
     assert figures["distinct_addresses_listed"] == 4 and not figures["limit_hits"].get("connect_rate")
     assert "| reconnect storm | figure |" in result.stdout
+
+
+async def test_an_esp32_board_finds_and_reaches_a_replica_through_nginx(tmp_path) -> None:
+    """A stock xiaozhi board: its OTA check and its WebSocket both go through nginx's plain port 8000."""
+    from bench.xiaozhi_emulator import DEFAULT_DEVICE_ID, run_xiaozhi_emulator
+
+    async with replicas(tmp_path, 1, **TRUSTED) as (replica,):
+        with running_nginx(tmp_path / "nginx", as_replicas([replica])) as nginx:
+            board = {"Device-Id": DEFAULT_DEVICE_ID, "Client-Id": "c-1", "Activation-Version": "1"}
+            transport = httpx.AsyncHTTPTransport(local_address="127.0.0.33")
+            async with httpx.AsyncClient(transport=transport, timeout=10) as http:
+                answer = await http.post(nginx.url("device_http", "/xiaozhi/ota/"), headers=board,
+                                         json={"version": 2, "mac_address": DEFAULT_DEVICE_ID, "uuid": "c-1",
+                                               "application": {"version": "1.6.0"}})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["websocket"]["url"].endswith("/xiaozhi/v1/")
+            async with run_xiaozhi_emulator(nginx.url("ws", "/xiaozhi/v1/").replace(
+                    str(nginx.ports["ws"]), str(nginx.ports["device_http"]))) as emu:
+                assert emu.session_id
+                (listed,) = await sessions(replica.http_url)
+                assert listed["protocol"] == "xiaozhi" and listed["via_proxy"] == NGINX_PEER

@@ -218,7 +218,8 @@ class VoiceServer:
             self.services.metrics.connections.labels("unknown", "refused").inc()
         return refusal
 
-    async def serve_native(self, ws: Any, remote_addr: str, *, operator: bool) -> None:
+    async def serve_native(self, ws: Any, remote_addr: str, *, operator: bool, remote_host: str = "",
+                           via_proxy: str | None = None) -> None:
         """A native-protocol session on a WebSocket accepted by the HTTP port (the browser's talk page).
 
         ``operator``: the peer proved the admin token, so device authentication is not asked again;
@@ -234,7 +235,7 @@ class VoiceServer:
             info.protocol = "native"
             await NativeSession(self.services, ws, info, None, deadline, auth_mode=mode).run()
 
-        await self.run_session(ws, remote_addr, serve)
+        await self.run_session(ws, remote_addr, serve, remote_host=remote_host, via_proxy=via_proxy)
 
     async def _serve(self, ws: WebSocketConnection, info: SessionInfo, request: WebSocketRequest,
                      connected_at: float) -> None:

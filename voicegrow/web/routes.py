@@ -24,6 +24,7 @@ from trio_websocket import CloseReason, ConnectionClosed
 from voicegrow import __version__
 from voicegrow.admin_auth import PROXY_HEADERS
 from voicegrow.auth_throttle import parse_address
+from voicegrow.forwarded import header_map
 from voicegrow.services import Services
 
 __all__ = ["make_web_blueprint", "is_public_path", "TALK_SUBPROTOCOL", "BEARER_SUBPROTOCOL_PREFIX"]
@@ -130,9 +131,12 @@ def make_web_blueprint(services: Services, *, voice_server: Any = None) -> Bluep
     if voice_server is not None:
         @bp.websocket("/api/v1/talk")
         async def talk_socket() -> Response | None:
-            host = websocket.remote_addr or "unknown"
-            client = websocket.scope.get("client") or (host, "")
-            remote_addr = f"{host}:{client[1]}"
+            peer = websocket.remote_addr or "unknown"
+            client = services.proxies.resolve(peer, header_map(websocket.headers.items()))
+            if client.ignored:
+                services.metrics.forwarded_ignored.labels("http").inc()
+            host = client.host  # behind a TRUSTED_PROXIES proxy, the browser's own address
+            remote_addr = host if client.proxy else f"{host}:{(websocket.scope.get('client') or (host, ''))[1]}"
             if TALK_SUBPROTOCOL not in websocket.requested_subprotocols:
                 return _refusal(400, "bad_subprotocol", f"offer the subprotocol {TALK_SUBPROTOCOL}")
             if not _same_origin(websocket.headers.get("Origin"), websocket.host, allowed_origins):
@@ -147,7 +151,8 @@ def make_web_blueprint(services: Services, *, voice_server: Any = None) -> Bluep
             # Not the operator: a device credential in HELLO, as on the speaker port (ERROR AUTH_REQUIRED,
             # close 4401, after HELLO when DEVICE_AUTH is off).
             socket = BrowserSocket(websocket._get_current_object())
-            await voice_server.serve_native(socket, remote_addr, operator=operator)
+            await voice_server.serve_native(socket, remote_addr, operator=operator, remote_host=host,
+                                            via_proxy=client.proxy)
             return None
 
     return bp
