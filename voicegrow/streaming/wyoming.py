@@ -288,7 +288,10 @@ class _Connection:
         try:
             transcript = await self.services.asr.transcribe(pcm, language=request.language)
         except AsrError as exc:
-            raise _RequestError(getattr(exc, "code", "asr_error"), str(exc)) from None
+            raise _RequestError(exc.code, str(exc)) from None
+        except Exception as exc:  # the model failed to load: this request fails, the listener stays
+            log.exception("Wyoming transcription failed")
+            raise _RequestError("asr_error", f"ASR failed: {type(exc).__name__}") from None
         language = transcript.language or request.language or detect_language(transcript.text)
         await self.send(Transcript(text=transcript.text, language=language).event())
 
@@ -328,6 +331,9 @@ class _AudioOut:
                     await self._emit(chunk, self.tts.output_rate)
         except TtsError as exc:
             raise _RequestError(f"tts_{getattr(exc, 'reason', 'error')}", str(exc)) from None
+        except Exception as exc:  # an offline voice that failed: this request fails, the listener stays
+            log.exception("Wyoming synthesis failed")
+            raise _RequestError("tts_error", f"TTS failed: {type(exc).__name__}") from None
         if self.resampler is not None:
             await self._chunks(self.resampler.flush().tobytes())
             self.resampler = None
