@@ -330,7 +330,7 @@ class _AudioOut:
                 async for chunk in chunks:
                     await self._emit(chunk, self.tts.output_rate)
         except TtsError as exc:
-            raise _RequestError(f"tts_{getattr(exc, 'reason', 'error')}", str(exc)) from None
+            raise _RequestError(f"tts_{exc.reason}", str(exc)) from None
         except Exception as exc:  # an offline voice that failed: this request fails, the listener stays
             log.exception("Wyoming synthesis failed")
             raise _RequestError("tts_error", f"TTS failed: {type(exc).__name__}") from None
