@@ -31,7 +31,9 @@ from voicegrow.app import running_server
 from voicegrow.audio import read_wav, resample, rms_dbfs, to_mono_int16
 from voicegrow.protocol.wyoming import WyomingDecoder, WyomingProtocolError, encode_event
 from voicegrow.settings import ConfigError, load_settings
+from voicegrow.streaming import wyoming as wyoming_server
 from voicegrow.textmetrics import char_error_rate
+from voicegrow.tts import PiperTts, RemoteTts
 
 
 # -- the sans-IO codec against the package's own reader and writer ---------------------------------------
@@ -96,6 +98,36 @@ def test_wyoming_port_setting() -> None:
         load_settings({"WYOMING_PORT": "4399"}, env_file=None)
     with pytest.raises(ConfigError, match="WYOMING_PORT"):
         load_settings({"WYOMING_PORT": "70000"}, env_file=None)
+
+
+def test_voices_listed_for_each_engine() -> None:
+    piper = PiperTts()  # reads the voice's JSON config only; the model is not loaded
+    assert wyoming_server._tts_voices(piper) == [("en_US-joe-medium", "en", piper.describe())]
+
+    class Kokoro:
+        voice = "jf_nezumi"
+
+        def describe(self) -> str:
+            return "kokoro"
+
+    class Embedded:
+        zh, en = Kokoro(), piper
+
+    assert [v[:2] for v in wyoming_server._tts_voices(Embedded())] == [("jf_nezumi", "zh"), ("en_US-joe-medium", "en")]
+    remote = RemoteTts("http://127.0.0.1:9", "", "", "tts-1", "same", "same", 1.0, 0.0, 5.0)
+
+    class Fake:
+        settings = load_settings({}, env_file=None)
+        tts = remote
+
+        class asr:
+            @staticmethod
+            def health() -> dict:
+                return {"model": "base"}
+
+    info = wyoming_server.describe_info(Fake())
+    assert [(v.name, v.languages) for v in info.tts[0].voices] == [("same", ["zh", "en"])]
+    assert info.asr[0].models[0].name == "base"
 
 
 # -- a whole server through the package's client ------------------------------------------------------------
@@ -245,3 +277,21 @@ async def test_bad_input_gets_error_events_and_the_listener_keeps_serving(tmp_pa
                 "bad_audio_format", "unknown_voice", "unexpected_event", "bad_event", "text_too_long"]
             rate, pcm = _audio([e for e in got if e.type != "error"])
             assert rms_dbfs(pcm) > -30
+
+
+async def test_connections_over_the_cap_are_refused_with_busy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wyoming_server, "MAX_CONNECTIONS", 1)
+    settings = make_settings(tmp_path, wyoming_port=_free_port(), tts_base_url="http://127.0.0.1:9")
+    async with running_server(settings) as server:
+        first = await trio.open_tcp_stream("127.0.0.1", server.wyoming_port)
+        try:
+            answers = await _in_thread(_exchange, server.wyoming_port, [Describe().event()], "info")
+            assert Error.from_event(answers[-1]).code == "busy"
+        finally:
+            await first.aclose()
+        for _ in range(200):  # until the first connection's task has seen the close
+            answers = await _in_thread(_exchange, server.wyoming_port, [Describe().event()], "info")
+            if Info.is_type(answers[-1].type):
+                break
+            await trio.sleep(0.05)
+        assert Info.is_type(answers[-1].type)
