@@ -295,3 +295,15 @@ async def test_connections_over_the_cap_are_refused_with_busy(tmp_path: Path, mo
                 break
             await trio.sleep(0.05)
         assert Info.is_type(answers[-1].type)
+
+
+@pytest.mark.slow
+async def test_with_two_workers_worker_0_alone_serves_wyoming(tmp_path: Path) -> None:
+    from tests.test_workers import running_box
+
+    port = _free_port()
+    async with running_box(tmp_path, WYOMING_PORT=str(port)) as box:
+        answers = await _in_thread(_exchange, port, [Describe().event()], "info")
+        assert set(Info.from_event(answers[-1]).asr[0].models[0].languages) == {"zh", "en"}
+        listening = [line for line in box.output().splitlines() if "Wyoming listening" in line]
+        assert len(listening) == 1, listening
