@@ -56,6 +56,8 @@ class Settings:
     server_host: str = _field("0.0.0.0", str)
     ws_port: int = _port(4399)
     http_port: int = _port(8000)
+    wyoming_port: int = _port(0)  # Home Assistant's Wyoming protocol (ASR and TTS); 0: off
+    wyoming_max_audio_s: float = _field(30.0, float, low=1, high=600)  # one transcribe request's audio
     debug: bool = _field(False, bool)
     log_level: str = _field("INFO", str, choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     log_format: str = _field("json", str, choices=("json", "text"))
@@ -261,6 +263,8 @@ def _convert(name: str, raw: str, spec: _Spec) -> Any:
         if spec.choices and value not in spec.choices:
             raise ConfigError(f"{env}={raw!r} is not allowed: expected one of {', '.join(spec.choices)}")
         return value
+    if env == "WYOMING_PORT" and not raw.strip():
+        return 0  # empty (a compose file's ${WYOMING_PORT:-}) is off, like 0
     try:
         value = spec.kind(raw.strip())
     except ValueError:
@@ -331,6 +335,8 @@ def _check_cross_field(s: Settings) -> None:
                           "characters without spaces")
     if s.ws_port and s.ws_port == s.http_port:
         raise ConfigError(f"HTTP_PORT={s.http_port} is not allowed: it must differ from WS_PORT")
+    if s.wyoming_port and s.wyoming_port in (s.ws_port, s.http_port):
+        raise ConfigError(f"WYOMING_PORT={s.wyoming_port} is not allowed: it must differ from WS_PORT and HTTP_PORT")
     try:
         ZoneInfo(s.tz)
     except (ZoneInfoNotFoundError, ValueError):
