@@ -20,6 +20,7 @@ from voicegrow.http_api import run_http_server
 from voicegrow.services import Services, open_services
 from voicegrow.settings import Settings
 from voicegrow.streaming.server import VoiceServer
+from voicegrow.streaming.wyoming import WyomingServer
 from voicegrow.workers.context import WorkerContext
 from voicegrow.workers.control import ControlServer
 from voicegrow.workers.listeners import adopt_listener
@@ -36,6 +37,7 @@ class ServerHandle:
     http_port: int
     host: str = "127.0.0.1"
     tls: bool = False
+    wyoming_port: int = 0  # 0: WYOMING_PORT off (or another worker serves it)
 
     @property
     def ws_url(self) -> str:
@@ -72,10 +74,16 @@ async def running_server(settings: Settings, *, persistence_options: dict[str, A
         http_port = await nursery.start(lambda task_status: run_http_server(
             services, shutdown=http_stopped, fd=None if worker is None else worker.http_fd,
             voice_server=voice, task_status=task_status))
+        wyoming_port = 0
+        if settings.wyoming_port and (worker is None or worker.index == 0):
+            # Under WORKERS>1 worker 0 alone binds the Wyoming port (Home Assistant holds one or two
+            # connections; spreading them buys nothing, and ASR is per process anyway).
+            wyoming_port = await nursery.start(WyomingServer(services).run)
         host = settings.server_host if settings.server_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         if services.tls is not None:
             nursery.start_soon(services.tls.watch)
-        handle = ServerHandle(services, ws_port, http_port, host, tls=services.tls is not None)
+        handle = ServerHandle(services, ws_port, http_port, host, tls=services.tls is not None,
+                              wyoming_port=wyoming_port)
         log.info("voicegrow %s listening: WebSocket %s, HTTP %s", __version__, handle.ws_url, handle.http_url,
                  extra={"ws_port": ws_port, "http_port": http_port})
         try:

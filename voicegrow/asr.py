@@ -11,9 +11,9 @@ watching", "字幕由…"), loops on a phrase, or answers Mandarin in traditiona
 should reach the LLM as if the user had said it.
 
 The model is loaded once per process (:func:`get_model`), the only global mutable state in the
-project, and every transcription runs in a worker thread behind one FIFO ``trio.CapacityLimiter`` in
-:class:`AsrService`, so sessions are served first come, first served and never load a model of their
-own.
+project, and every transcription runs in a worker thread behind one :class:`PriorityLimiter` in
+:class:`AsrService`: sessions are served first come, first served and never load a model of their own,
+and batch work (the OpenAI audio API's uploads) takes a worker only when no live utterance is waiting.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ __all__ = [
     "AsrService",
     "Engine",
     "FastEngine",
+    "LIVE",
+    "BATCH",
+    "PriorityLimiter",
     "StockEngine",
     "Transcript",
     "WindowPolicy",
@@ -138,6 +141,7 @@ class Transcript:
     engine: str
     no_speech_prob: float | None = None
     dropped: str | None = None
+    avg_logprob: float | None = None
 
 
 class Engine(Protocol):
@@ -338,7 +342,7 @@ def _finish(text: str, language: str, duration_s: float, started: float, engine:
         log.debug("ASR output dropped (%s): %r", reason, text)
         text = ""
     return Transcript(text, language, duration_s, time.perf_counter() - started, engine, no_speech_prob,
-                      reason)
+                      reason, avg_logprob)
 
 
 def _check_language(language: str) -> str:
@@ -513,6 +517,75 @@ class FastEngine(_ScreenedEngine):
 
 EngineFactory = Callable[[], Engine]
 
+#: Priorities of :meth:`AsrService.transcribe`: a speaker's turn, then uploaded files.
+LIVE = 0
+BATCH = 1
+
+
+class PriorityLimiter:
+    """A capacity limiter with two queues: a free slot goes to the oldest live waiter, and to a batch
+    waiter only when no live one waits. FIFO within each priority.
+
+    A batch transcription already running is never preempted (Whisper cannot be paused), so a live
+    turn waits at most for the work in progress, never for the batch queue behind it. Lanes
+    (:meth:`lane`) give ``trio.to_thread.run_sync`` the limiter interface at one priority.
+    """
+
+    def __init__(self, total_tokens: int) -> None:
+        if total_tokens < 1:
+            raise ValueError("total_tokens must be at least 1")
+        self.total_tokens = total_tokens
+        self._borrowers: set[object] = set()
+        self._waiting: tuple[dict[object, trio.Event], ...] = ({}, {})  # insertion-ordered per priority
+
+    @property
+    def borrowed_tokens(self) -> int:
+        return len(self._borrowers)
+
+    def waiting(self, priority: int) -> int:
+        return len(self._waiting[priority])
+
+    async def acquire_on_behalf_of(self, borrower: object, priority: int = LIVE) -> None:
+        queue = self._waiting[priority]
+        ahead = any(self._waiting[p] for p in range(priority + 1))
+        if not ahead and len(self._borrowers) < self.total_tokens:
+            self._borrowers.add(borrower)
+            await trio.lowlevel.checkpoint()
+            return
+        granted = queue[borrower] = trio.Event()
+        try:
+            await granted.wait()
+        except BaseException:
+            if queue.pop(borrower, None) is None:  # granted and cancelled at once: hand the slot on
+                self.release_on_behalf_of(borrower)
+            raise
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self._borrowers.remove(borrower)
+        while len(self._borrowers) < self.total_tokens:
+            queue = next((q for q in self._waiting if q), None)
+            if queue is None:
+                return
+            borrower, granted = next(iter(queue.items()))
+            del queue[borrower]
+            self._borrowers.add(borrower)
+            granted.set()
+
+    def lane(self, priority: int) -> _Lane:
+        return _Lane(self, priority)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lane:
+    limiter: PriorityLimiter
+    priority: int
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        await self.limiter.acquire_on_behalf_of(borrower, self.priority)
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self.limiter.release_on_behalf_of(borrower)
+
 
 class AsrService:
     """Queues utterances from every session onto a few worker threads, first come first served.
@@ -538,7 +611,7 @@ class AsrService:
         self.workers = workers
         self.timeout_s = timeout_s
         self._metrics = metrics
-        self._limiter = trio.CapacityLimiter(workers)
+        self._limiter = PriorityLimiter(workers)
         self._load_lock = trio.Lock()
         self._load_error: BaseException | None = None
         self._waiting = 0
@@ -557,8 +630,13 @@ class AsrService:
         """Load the model now, in a thread, so the first user does not wait for it."""
         await self._ensure_engine()
 
-    async def transcribe(self, pcm16k: bytes | np.ndarray, *, language: str | None = None) -> Transcript:
-        """Transcribe one utterance (16 kHz mono, int16 samples or little-endian bytes)."""
+    async def transcribe(self, pcm16k: bytes | np.ndarray, *, language: str | None = None,
+                         priority: int = LIVE, timeout_s: float | None = None) -> Transcript:
+        """Transcribe one utterance (16 kHz mono, int16 samples or little-endian bytes).
+
+        ``priority`` :data:`BATCH` queues behind every live utterance; ``timeout_s`` replaces
+        ``ASR_TIMEOUT`` (an uploaded file may be minutes long)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         audio = pcm16k if isinstance(pcm16k, np.ndarray) else as_int16(pcm16k)
         try:
             engine = await self._ensure_engine()
@@ -573,9 +651,9 @@ class AsrService:
             return engine.transcribe(audio, language)
 
         try:
-            with trio.move_on_after(self.timeout_s) as scope:
+            with trio.move_on_after(timeout_s) as scope:
                 transcript = await trio.to_thread.run_sync(work, abandon_on_cancel=True,
-                                                           limiter=self._limiter)
+                                                           limiter=self._limiter.lane(priority))
         except Exception as exc:
             self._count("error")
             if isinstance(exc, AsrError):
@@ -585,7 +663,7 @@ class AsrService:
             ticket.withdraw()
         if scope.cancelled_caught or transcript is None:
             self._count("timeout")
-            raise AsrTimeout(f"ASR took longer than {self.timeout_s:g} s")
+            raise AsrTimeout(f"ASR took longer than {timeout_s:g} s")
         self._count("success" if transcript.text else "empty")
         return transcript
 

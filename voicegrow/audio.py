@@ -28,6 +28,7 @@ __all__ = [
     "pcm_to_float32",
     "float32_to_pcm",
     "as_int16",
+    "to_mono_int16",
     "duration_s",
     "silence",
     "rms_dbfs",
@@ -228,3 +229,26 @@ def resample(pcm_int16: bytes | bytearray | np.ndarray, src_rate: int, dst_rate:
     resampler = StreamResampler(src_rate, dst_rate)
     head = resampler.process(pcm_int16)
     return np.concatenate((head, resampler.flush()))
+
+
+def to_mono_int16(raw: bytes | bytearray, width: int, channels: int) -> np.ndarray:
+    """Little-endian PCM of any common layout (8-bit unsigned, 16/24/32-bit signed, interleaved
+    channels) as int16 mono, channels averaged: for clients that send what their microphone gives."""
+    if width not in (1, 2, 3, 4) or channels < 1:
+        raise ValueError(f"unsupported PCM layout: {width}-byte samples, {channels} channels")
+    frame = width * channels
+    if len(raw) % frame:
+        raise ValueError(f"PCM of {width}-byte samples × {channels} channels needs a multiple of {frame} bytes, "
+                         f"got {len(raw)}")
+    if width == 1:
+        samples = (np.frombuffer(raw, dtype=np.uint8).astype(np.int32) - 128) << 8
+    elif width == 2:
+        samples = np.frombuffer(raw, dtype="<i2").astype(np.int32)
+    elif width == 3:
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        samples = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8) >> 16  # sign from the top byte
+    else:
+        samples = np.frombuffer(raw, dtype="<i4") >> 16
+    if channels > 1:
+        samples = samples.reshape(-1, channels).mean(axis=1)
+    return np.clip(np.rint(samples) if channels > 1 else samples, -32768, 32767).astype(np.int16)

@@ -17,7 +17,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from voicegrow import __version__
-from voicegrow.admin_auth import PROXY_HEADERS, AdminAuth
+from voicegrow.admin_auth import PROXY_HEADERS, AdminAuth, Refusal
 from voicegrow.forwarded import ClientAddress, TrustedProxies, header_map
 from voicegrow.memprofile import memory_report, release_memory
 from voicegrow.metrics import CONTENT_TYPE_LATEST
@@ -52,6 +52,22 @@ async def _body_over(limit: int) -> bool:
     return False
 
 
+def _request_class(body_limits: dict[str, int]) -> type:
+    """Quart fixes a request's body limit when it builds the request (``MAX_CONTENT_LENGTH``); the
+    paths in ``body_limits`` (audio uploads) get theirs instead, every other path keeps the small one."""
+    from quart_trio.wrappers import TrioRequest
+
+    class LimitedRequest(TrioRequest):
+        def __init__(self, method: str, scheme: str, path: str, *args: Any,
+                     max_content_length: int | None = None, **kwargs: Any) -> None:
+            super().__init__(method, scheme, path, *args,
+                             max_content_length=body_limits.get(path, max_content_length), **kwargs)
+            if path in body_limits:  # the form parser reads this one
+                self.max_content_length = body_limits[path]
+
+    return LimitedRequest
+
+
 def request_client(proxies: TrustedProxies | None = None) -> ClientAddress:
     """The current request's client: the socket's peer, or behind a ``TRUSTED_PROXIES`` proxy the
     address it forwarded. From any other peer forwarding headers change nothing."""
@@ -70,13 +86,7 @@ def admin_refusal(auth: AdminAuth, client: ClientAddress | None = None) -> Respo
     Behind a trusted proxy the forwarded client is the one checked and throttled; a request that carries
     forwarding headers from anyone else never gets the address bypass.
     """
-    headers = request.headers
-    client = client or request_client()
-    if client.proxy is not None:
-        refusal = auth.check(client.host, headers.get("Authorization"), proxied=False)
-    else:
-        refusal = auth.check(client.host, headers.get("Authorization"),
-                             proxied=any(name in headers for name in PROXY_HEADERS))
+    refusal = admin_check(auth, client or request_client())
     if refusal is None:
         return None
     response = _error(refusal.status, refusal.error, refusal.reason)
@@ -85,6 +95,13 @@ def admin_refusal(auth: AdminAuth, client: ClientAddress | None = None) -> Respo
     if refusal.retry_after_s is not None:
         response.headers["Retry-After"] = str(refusal.retry_after_s)
     return response
+
+
+def admin_check(auth: AdminAuth, client: ClientAddress) -> Refusal | None:
+    """The admin rule for the current request as a :class:`Refusal` (the audio API words its own answer)."""
+    headers = request.headers
+    proxied = client.proxy is None and any(name in headers for name in PROXY_HEADERS)
+    return auth.check(client.host, headers.get("Authorization"), proxied=proxied)
 
 
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-:")  # urlsplit lower-cases the name
@@ -127,18 +144,30 @@ def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
     # Werkzeug answers '//' in a path with an HTML redirect; here it reaches the route (and its JSON 400).
     app.url_map.merge_slashes = False
     cors_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
+    from voicegrow.audio_api import AUDIO_PATHS, TRANSCRIPTION_PATH, make_audio_blueprint
     from voicegrow.xiaozhi_ota import OTA_PATHS, make_ota_blueprint
 
-    public_paths = _PUBLIC_PATHS | OTA_PATHS | ({"/metrics"} if settings.metrics_public else set())
+    # The audio API checks its own credentials (API_KEYS or the admin rule) and words its errors as OpenAI.
+    public_paths = (_PUBLIC_PATHS | OTA_PATHS | AUDIO_PATHS
+                    | ({"/metrics"} if settings.metrics_public else set()))
+    body_limits = {TRANSCRIPTION_PATH: settings.audio_max_upload_bytes}
+    app.request_class = _request_class(body_limits)
     media_origins = ((f"{'https' if settings.minio_secure else 'http'}://{settings.minio_endpoint}",)
                      if settings.minio_endpoint else ())
 
     @app.before_request
     async def refuse_large_bodies() -> Response | None:
-        if not await _body_over(settings.http_max_body_bytes):
+        limit = body_limits.get(request.path, settings.http_max_body_bytes)
+        if not await _body_over(limit):
             return None
-        response = _error(413, "request_too_large",
-                          f"request body over {settings.http_max_body_bytes} bytes (HTTP_MAX_BODY_BYTES)")
+        if request.path in body_limits:
+            from voicegrow.audio_api import ApiError
+
+            response = ApiError(413, f"request body over {limit} bytes (AUDIO_MAX_UPLOAD_BYTES)",
+                                param="file", code="file_too_large").response()
+        else:
+            response = _error(413, "request_too_large",
+                              f"request body over {settings.http_max_body_bytes} bytes (HTTP_MAX_BODY_BYTES)")
         response.headers["Connection"] = "close"  # the rest of the body is never read: no reuse
         return response
 
@@ -248,6 +277,7 @@ def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
 
     app.register_blueprint(make_data_blueprint(services.persistence, timers=services.timers))
     app.register_blueprint(make_ota_blueprint(services))
+    app.register_blueprint(make_audio_blueprint(services))
     app.register_blueprint(make_web_blueprint(services, voice_server=voice_server))
     return app
 

@@ -54,6 +54,9 @@ class Metrics:
         self.turns = Counter("voicegrow_turns_total", "Turns by outcome", ["outcome"], registry=r)
         self.asr_requests = Counter(
             "voicegrow_asr_requests_total", "ASR transcriptions by outcome", ["outcome"], registry=r)
+        self.audio_api_requests = Counter(
+            "voicegrow_audio_api_requests_total", "OpenAI audio API requests, by endpoint and outcome",
+            ["endpoint", "outcome"], registry=r)
         self.llm_requests = Counter(
             "voicegrow_llm_requests_total", "LLM requests by outcome", ["outcome"], registry=r)
         self.tool_calls = Counter(

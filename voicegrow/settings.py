@@ -56,6 +56,8 @@ class Settings:
     server_host: str = _field("0.0.0.0", str)
     ws_port: int = _port(4399)
     http_port: int = _port(8000)
+    wyoming_port: int = _port(0)  # Home Assistant's Wyoming protocol (ASR and TTS); 0: off
+    wyoming_max_audio_s: float = _field(30.0, float, low=1, high=600)  # one transcribe request's audio
     debug: bool = _field(False, bool)
     log_level: str = _field("INFO", str, choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     log_format: str = _field("json", str, choices=("json", "text"))
@@ -195,6 +197,13 @@ class Settings:
     http_max_body_bytes: int = _field(64 * 1024, int, low=1024, high=64 * 1024 * 1024)
     cors_origins: str = _field("", str)
 
+    # -- OpenAI audio API (/v1/audio/transcriptions, /v1/audio/speech; docs/audio-api.md)
+    api_keys: str = _field("", str, secret=True)  # comma separated; empty: the admin credential rules apply
+    audio_max_upload_bytes: int = _field(25 * 1024 * 1024, int, low=1024, high=1024 * 1024 * 1024)
+    audio_max_duration_s: float = _field(300.0, float, low=1, high=4 * 3600)
+    audio_timeout_s: float = _field(300.0, float, low=1, high=4 * 3600)  # queue wait + transcription
+    audio_max_input_chars: int = _field(4096, int, low=1, high=1_000_000)  # /v1/audio/speech input
+
     def masked(self) -> dict[str, Any]:
         """The settings as a plain dict, with every secret that is set replaced by ``***``."""
         out: dict[str, Any] = {}
@@ -204,6 +213,10 @@ class Settings:
                 value = "***"
             out[f.name.upper()] = value
         return out
+
+    @property
+    def api_key_list(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
 
     @property
     def llm_configured(self) -> bool:
@@ -250,6 +263,8 @@ def _convert(name: str, raw: str, spec: _Spec) -> Any:
         if spec.choices and value not in spec.choices:
             raise ConfigError(f"{env}={raw!r} is not allowed: expected one of {', '.join(spec.choices)}")
         return value
+    if env == "WYOMING_PORT" and not raw.strip():
+        return 0  # empty (a compose file's ${WYOMING_PORT:-}) is off, like 0
     try:
         value = spec.kind(raw.strip())
     except ValueError:
@@ -315,8 +330,13 @@ def _check_cross_field(s: Settings) -> None:
     if s.xiaozhi_firmware_url and not s.xiaozhi_firmware_url.startswith(("http://", "https://")):
         raise ConfigError(f"XIAOZHI_FIRMWARE_URL={s.xiaozhi_firmware_url!r} is not allowed: expected an http:// "
                           "or https:// URL")
+    if any(len(key) < 16 or not key.isprintable() or " " in key for key in s.api_key_list):
+        raise ConfigError("API_KEYS is not allowed: expected comma-separated keys of at least 16 printable "
+                          "characters without spaces")
     if s.ws_port and s.ws_port == s.http_port:
         raise ConfigError(f"HTTP_PORT={s.http_port} is not allowed: it must differ from WS_PORT")
+    if s.wyoming_port and s.wyoming_port in (s.ws_port, s.http_port):
+        raise ConfigError(f"WYOMING_PORT={s.wyoming_port} is not allowed: it must differ from WS_PORT and HTTP_PORT")
     try:
         ZoneInfo(s.tz)
     except (ZoneInfoNotFoundError, ValueError):
