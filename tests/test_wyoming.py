@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -73,11 +76,26 @@ def test_package_reads_what_the_encoder_writes() -> None:
     (b'{"type": "x", "data_length": -1}\n', "bad_header"),
     (b'{"type": "x", "data_length": 2}\n[]', "bad_data"),
     (b"x" * 70000, "oversized"),
+    (b"[" * 5000 + b"\n", "bad_header"),  # nested too deep for json: RecursionError, not ValueError
 ])
 def test_decoder_refuses_bad_framing_with_a_code(wire: bytes, code: str) -> None:
     with pytest.raises(WyomingProtocolError) as caught:
         WyomingDecoder(max_payload_bytes=4096).feed(wire)
     assert caught.value.code == code
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=64), st.sampled_from([
+    b"\n", b'{"type": "x"}\n', b'{"type": "audio-chunk", "payload_length": 4}\n', b'{"type": "t", "data_length": 2}\n',
+    b"{}", b"[" * 5000, b'{"type": "x", "data": 1}\n'])), max_size=12))
+def test_any_bytes_decode_or_raise_the_protocol_error(parts: list[bytes]) -> None:
+    decoder = WyomingDecoder(max_payload_bytes=1024)
+    try:
+        for part in parts:
+            for event in decoder.feed(part):
+                assert isinstance(event.type, str) and isinstance(event.data, dict)
+    except WyomingProtocolError as exc:
+        assert exc.code in ("bad_header", "bad_data", "oversized")
 
 
 def test_to_mono_int16_layouts() -> None:
