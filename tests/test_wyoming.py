@@ -325,3 +325,17 @@ async def test_with_two_workers_worker_0_alone_serves_wyoming(tmp_path: Path) ->
         assert set(Info.from_event(answers[-1]).asr[0].models[0].languages) == {"zh", "en"}
         listening = [line for line in box.output().splitlines() if "Wyoming listening" in line]
         assert len(listening) == 1, listening
+
+
+@pytest.mark.slow
+async def test_the_embedded_english_voice_speaks_through_wyoming(tmp_path: Path) -> None:
+    async with running_server(make_settings(tmp_path, wyoming_port=_free_port())) as server:
+        answers = await _in_thread(_exchange, server.wyoming_port, [Describe().event()], "info")
+        voices = {v.name: v.languages for v in Info.from_event(answers[-1]).tts[0].voices}
+        assert voices["en_US-joe-medium"] == ["en"]
+        answers = await _in_thread(_exchange, server.wyoming_port, [
+            Synthesize(text="The timer is set.", voice=SynthesizeVoice(name="en_US-joe-medium")).event()],
+            "audio-stop")
+        rate, pcm = _audio(answers)
+        assert rate == server.services.tts.output_rate
+        assert len(pcm) > 0.5 * rate * 2 and rms_dbfs(pcm) > -40
