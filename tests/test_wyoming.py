@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -31,7 +34,9 @@ from voicegrow.app import running_server
 from voicegrow.audio import read_wav, resample, rms_dbfs, to_mono_int16
 from voicegrow.protocol.wyoming import WyomingDecoder, WyomingProtocolError, encode_event
 from voicegrow.settings import ConfigError, load_settings
+from voicegrow.streaming import wyoming as wyoming_server
 from voicegrow.textmetrics import char_error_rate
+from voicegrow.tts import PiperTts, RemoteTts
 
 
 # -- the sans-IO codec against the package's own reader and writer ---------------------------------------
@@ -71,11 +76,26 @@ def test_package_reads_what_the_encoder_writes() -> None:
     (b'{"type": "x", "data_length": -1}\n', "bad_header"),
     (b'{"type": "x", "data_length": 2}\n[]', "bad_data"),
     (b"x" * 70000, "oversized"),
+    (b"[" * 5000 + b"\n", "bad_header"),  # nested too deep for json: RecursionError, not ValueError
 ])
 def test_decoder_refuses_bad_framing_with_a_code(wire: bytes, code: str) -> None:
     with pytest.raises(WyomingProtocolError) as caught:
         WyomingDecoder(max_payload_bytes=4096).feed(wire)
     assert caught.value.code == code
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=64), st.sampled_from([
+    b"\n", b'{"type": "x"}\n', b'{"type": "audio-chunk", "payload_length": 4}\n', b'{"type": "t", "data_length": 2}\n',
+    b"{}", b"[" * 5000, b'{"type": "x", "data": 1}\n'])), max_size=12))
+def test_any_bytes_decode_or_raise_the_protocol_error(parts: list[bytes]) -> None:
+    decoder = WyomingDecoder(max_payload_bytes=1024)
+    try:
+        for part in parts:
+            for event in decoder.feed(part):
+                assert isinstance(event.type, str) and isinstance(event.data, dict)
+    except WyomingProtocolError as exc:
+        assert exc.code in ("bad_header", "bad_data", "oversized")
 
 
 def test_to_mono_int16_layouts() -> None:
@@ -96,6 +116,36 @@ def test_wyoming_port_setting() -> None:
         load_settings({"WYOMING_PORT": "4399"}, env_file=None)
     with pytest.raises(ConfigError, match="WYOMING_PORT"):
         load_settings({"WYOMING_PORT": "70000"}, env_file=None)
+
+
+def test_voices_listed_for_each_engine() -> None:
+    piper = PiperTts()  # reads the voice's JSON config only; the model is not loaded
+    assert wyoming_server._tts_voices(piper) == [("en_US-joe-medium", "en", piper.describe())]
+
+    class Kokoro:
+        voice = "jf_nezumi"
+
+        def describe(self) -> str:
+            return "kokoro"
+
+    class Embedded:
+        zh, en = Kokoro(), piper
+
+    assert [v[:2] for v in wyoming_server._tts_voices(Embedded())] == [("jf_nezumi", "zh"), ("en_US-joe-medium", "en")]
+    remote = RemoteTts("http://127.0.0.1:9", "", "", "tts-1", "same", "same", 1.0, 0.0, 5.0)
+
+    class Fake:
+        settings = load_settings({}, env_file=None)
+        tts = remote
+
+        class asr:
+            @staticmethod
+            def health() -> dict:
+                return {"model": "base"}
+
+    info = wyoming_server.describe_info(Fake())
+    assert [(v.name, v.languages) for v in info.tts[0].voices] == [("same", ["zh", "en"])]
+    assert info.asr[0].models[0].name == "base"
 
 
 # -- a whole server through the package's client ------------------------------------------------------------
@@ -245,3 +295,47 @@ async def test_bad_input_gets_error_events_and_the_listener_keeps_serving(tmp_pa
                 "bad_audio_format", "unknown_voice", "unexpected_event", "bad_event", "text_too_long"]
             rate, pcm = _audio([e for e in got if e.type != "error"])
             assert rms_dbfs(pcm) > -30
+
+
+async def test_connections_over_the_cap_are_refused_with_busy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wyoming_server, "MAX_CONNECTIONS", 1)
+    settings = make_settings(tmp_path, wyoming_port=_free_port(), tts_base_url="http://127.0.0.1:9")
+    async with running_server(settings) as server:
+        first = await trio.open_tcp_stream("127.0.0.1", server.wyoming_port)
+        try:
+            answers = await _in_thread(_exchange, server.wyoming_port, [Describe().event()], "info")
+            assert Error.from_event(answers[-1]).code == "busy"
+        finally:
+            await first.aclose()
+        for _ in range(200):  # until the first connection's task has seen the close
+            answers = await _in_thread(_exchange, server.wyoming_port, [Describe().event()], "info")
+            if Info.is_type(answers[-1].type):
+                break
+            await trio.sleep(0.05)
+        assert Info.is_type(answers[-1].type)
+
+
+@pytest.mark.slow
+async def test_with_two_workers_worker_0_alone_serves_wyoming(tmp_path: Path) -> None:
+    from tests.test_workers import running_box
+
+    port = _free_port()
+    async with running_box(tmp_path, WYOMING_PORT=str(port)) as box:
+        answers = await _in_thread(_exchange, port, [Describe().event()], "info")
+        assert set(Info.from_event(answers[-1]).asr[0].models[0].languages) == {"zh", "en"}
+        listening = [line for line in box.output().splitlines() if "Wyoming listening" in line]
+        assert len(listening) == 1, listening
+
+
+@pytest.mark.slow
+async def test_the_embedded_english_voice_speaks_through_wyoming(tmp_path: Path) -> None:
+    async with running_server(make_settings(tmp_path, wyoming_port=_free_port())) as server:
+        answers = await _in_thread(_exchange, server.wyoming_port, [Describe().event()], "info")
+        voices = {v.name: v.languages for v in Info.from_event(answers[-1]).tts[0].voices}
+        assert voices["en_US-joe-medium"] == ["en"]
+        answers = await _in_thread(_exchange, server.wyoming_port, [
+            Synthesize(text="The timer is set.", voice=SynthesizeVoice(name="en_US-joe-medium")).event()],
+            "audio-stop")
+        rate, pcm = _audio(answers)
+        assert rate == server.services.tts.output_rate
+        assert len(pcm) > 0.5 * rate * 2 and rms_dbfs(pcm) > -40

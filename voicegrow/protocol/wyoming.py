@@ -89,7 +89,7 @@ class WyomingDecoder:
         if data_length:
             try:
                 extra = json.loads(bytes(self._buffer[:data_length]))
-            except (UnicodeDecodeError, ValueError):
+            except (ValueError, RecursionError):  # bad UTF-8 is a ValueError too; [[[[… nests too deep
                 raise WyomingProtocolError("bad_data", "event data is not JSON") from None
             if not isinstance(extra, dict):
                 raise WyomingProtocolError("bad_data", "event data is not a JSON object")
@@ -102,7 +102,7 @@ class WyomingDecoder:
     def _parse_header(self, line: bytes) -> tuple[str, dict[str, Any], int, int]:
         try:
             header = json.loads(line)
-        except (UnicodeDecodeError, ValueError):
+        except (ValueError, RecursionError):  # bad UTF-8 is a ValueError too; [[[[… nests too deep
             raise WyomingProtocolError("bad_header", "event header is not a JSON line") from None
         if not isinstance(header, dict) or not isinstance(header.get("type"), str) or not header["type"]:
             raise WyomingProtocolError("bad_header", "event header has no type")

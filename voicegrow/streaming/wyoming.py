@@ -48,6 +48,7 @@ LANGUAGES = ("zh", "en")
 MAX_TEXT_CHARS = 5000  # one synthesize request, or one streamed request in total
 IDLE_TIMEOUT_S = 300.0  # Home Assistant opens a connection per request; a silent one is a leak
 AUDIO_CHUNK_SAMPLES = 2048  # per audio-chunk sent (~85 ms at 24 kHz)
+MAX_CONNECTIONS = 64  # Home Assistant holds one or two; more is a misbehaving client on the network
 _ATTRIBUTION = Attribution(name="VoiceGrow", url="https://github.com/voicegrow/voicegrow")
 
 
@@ -118,6 +119,11 @@ class WyomingServer:
     async def _serve(self, stream: trio.SocketStream) -> None:
         self.connections += 1
         try:
+            if self.connections > MAX_CONNECTIONS:
+                log.warning("Wyoming: over %d connections, one refused", MAX_CONNECTIONS)
+                await stream.send_all(encode_event(Error(text=f"server busy: over {MAX_CONNECTIONS} connections",
+                                                         code="busy").event()))
+                return
             await _Connection(self.services, stream).run()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away mid-answer
