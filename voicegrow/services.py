@@ -118,7 +118,6 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
     process is one of WORKERS (its own spool; embedded live state shared through SQLite).
     """
     from voicegrow.admin_auth import AdminAuth
-    from voicegrow.asr import build_asr_service
     from voicegrow.llm import build_llm
     from voicegrow.storage.persistence import Persistence
     from voicegrow.tts import build_tts
@@ -156,7 +155,7 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
             metrics=metrics,
             registry=registry,
             http=http,
-            asr=build_asr_service(settings, metrics=metrics),
+            asr=build_asr(settings, http, metrics),
             llm=build_llm(settings, http_client=http),
             tts=build_tts(settings, http_client=http),
             persistence=persistence,
@@ -169,6 +168,19 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
             timers=timers,
             memory_tracer=tracer,
         )
+
+
+def build_asr(settings: Settings, http: httpx.AsyncClient, metrics: Metrics) -> Any:
+    """The local model's service, or with ``ASR_BASE_URL`` the remote one (the local model its fallback,
+    loaded only if ``ASR_REMOTE_FALLBACK=local`` and then used)."""
+    from voicegrow.asr import build_asr_service
+
+    local = build_asr_service(settings, metrics=metrics)
+    if not settings.asr_base_url:
+        return local
+    from voicegrow.remote_asr import RemoteAsr
+
+    return RemoteAsr.from_settings(settings, http, metrics, fallback=local)
 
 
 def build_tools(settings: Settings, persistence: Any, registry: SessionRegistry,

@@ -108,6 +108,13 @@ class Settings:
     asr_speculative: bool = _field(True, bool)
     asr_preload: bool = _field(True, bool)  # load the model at start-up, not on the first utterance
     asr_allow_download: bool = _field(False, bool)  # fetch a standard model from the hub if not installed
+    # remote ASR: any OpenAI-compatible /v1/audio/transcriptions instead of the local model (docs/audio-api.md)
+    asr_base_url: str = _field("", str)
+    asr_api_key: str = _field("", str, secret=True)
+    asr_remote_model: str = _field("whisper-1", str)
+    asr_remote_timeout_s: float = _field(10.0, float, low=0.1, high=3600)  # per attempt; ASR_TIMEOUT bounds all
+    asr_remote_retries: int = _field(1, int, low=0, high=5)
+    asr_remote_fallback: str = _field("off", str, choices=("off", "local"))  # local: the local model answers
 
     # -- VAD
     vad_aggressiveness: int = _field(2, int, low=0, high=3)
@@ -318,7 +325,7 @@ def _check_cross_field(s: Settings) -> None:
     if s.asr_language != "auto" and not (2 <= len(s.asr_language) <= 3 and s.asr_language.isalpha()):
         raise ConfigError(
             f"ASR_LANGUAGE={s.asr_language!r} is not allowed: expected a language code such as zh or en, or auto")
-    for name in ("llm_base_url", "tts_base_url"):
+    for name in ("llm_base_url", "tts_base_url", "asr_base_url"):
         url = getattr(s, name)
         if url and not url.startswith(("http://", "https://")):
             raise ConfigError(f"{name.upper()}={url!r} is not allowed: expected an http:// or https:// URL")

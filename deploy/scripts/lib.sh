@@ -27,7 +27,7 @@ else
 fi
 
 # Settings that hold secrets (the `secret=True` fields of voicegrow/settings.py; tests keep this in sync).
-VG_SECRET_VARS=(ADMIN_TOKEN API_KEYS TTS_API_KEY TTS_SECRET_KEY LLM_API_KEY LLM_SECRET_KEY MYSQL_PASSWORD REDIS_PASSWORD MINIO_ACCESS_KEY MINIO_SECRET_KEY XIAOAI_TOKEN XIAOZHI_TOKEN)
+VG_SECRET_VARS=(ADMIN_TOKEN API_KEYS ASR_API_KEY TTS_API_KEY TTS_SECRET_KEY LLM_API_KEY LLM_SECRET_KEY MYSQL_PASSWORD REDIS_PASSWORD MINIO_ACCESS_KEY MINIO_SECRET_KEY XIAOAI_TOKEN XIAOZHI_TOKEN)
 # Secrets the Compose stack cannot start without (the databases take them as their credentials).
 # MYSQL_ROOT_PASSWORD is no server setting: only the mysql container, the operator and the backup
 # scripts use it (the server container gets it emptied).

@@ -128,6 +128,7 @@ class Turn:
         except Exception as exc:
             self.outcome, self.error = "failed", f"asr: {type(exc).__name__}: {exc}"
             log.warning("ASR failed for turn %s: %s", self.turn_id, self.error)
+            await self._apologise_for_asr(getattr(exc, "code", "asr_error"))
             return
         self._mark("asr_done")
         self.transcript = transcript.text.strip()
@@ -165,6 +166,20 @@ class Turn:
             async with sentences:
                 for sentence in [*splitter.feed(announcement.text), *splitter.flush()]:
                     await self._emit_sentence(sentence, sentences)
+
+        await self._speak(say)
+
+    async def _apologise_for_asr(self, reason: str) -> None:
+        """The recogniser failed (a remote ASR down, a timeout): the speaker hears so instead of silence.
+        Nothing was understood, so the language is ``ASR_LANGUAGE``'s, Chinese under ``auto``."""
+        configured = self.services.settings.asr_language
+        self.language = configured if configured in ("zh", "en") else "zh"
+        spoken = apology(self.language)
+        await self.link.send_event("error_spoken", {"reason": reason, "text": spoken}, self.turn_id)
+
+        async def say(sentences: trio.MemorySendChannel[str]) -> None:
+            async with sentences:
+                await self._emit_sentence(spoken, sentences)
 
         await self._speak(say)
 
