@@ -24,6 +24,20 @@ __all__ = ["SQLiteStore"]
 T = TypeVar("T")
 
 
+def open_wal(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+    """A connection in WAL mode, autocommit, usable from the worker threads, waiting ``busy_timeout_s``
+    for a lock: several processes (``WORKERS``) may share the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class SQLiteStore(SqlStore):
     """Devices, sessions, turns and events in ``path`` (created with its directory if missing)."""
 
@@ -58,12 +72,8 @@ class SQLiteStore(SqlStore):
             raise RecordRejected(f"SQLite refused the statement: {exc}") from exc
 
     def _open_sync(self) -> list[int]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
-                               check_same_thread=False)
+        conn = open_wal(self.path, self._busy_timeout_s)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
             applied = self._migrate_sync(conn)
         except BaseException:
             conn.close()

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import trio
 
 from voicegrow.storage.errors import BackendUnavailable
+from voicegrow.storage.sqlite import open_wal
 from voicegrow.storage.state import StateStore, _decode_history
 
 __all__ = ["SQLiteState"]
@@ -48,12 +49,8 @@ class SQLiteState(StateStore):
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
-                                   check_same_thread=False)
+            conn = open_wal(self.path, self._busy_timeout_s)
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute(_SCHEMA)
             except BaseException:
                 conn.close()
