@@ -1,10 +1,16 @@
 """Remote ASR (``ASR_BASE_URL``): server A sends its speakers' utterances to server B's OpenAI audio API.
 
-Both servers run in this process (each with its own services and metrics); B is stopped half-way, and
-A's speaker then hears the apology, or, with ``ASR_REMOTE_FALLBACK=local``, A's own model answers."""
+B is a ``voicegrow serve`` process, A runs in the test; B is stopped half-way, and A's speaker then hears
+the apology, or, with ``ASR_REMOTE_FALLBACK=local``, A's own model answers."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -31,44 +37,72 @@ def _clip(audio_fixtures: Path, entry: dict) -> bytes:
     return samples.astype("<i2").tobytes()
 
 
-async def test_speaker_on_a_is_transcribed_by_b_then_apologised_to_or_answered_locally(
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def _server_process(tmp_path: Path, **env_overrides: str) -> AsyncIterator[tuple[str, subprocess.Popen]]:
+    """``voicegrow serve`` in its own process on free ports; yields its HTTP URL once it answers health."""
+    ws_port, http_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MYSQL_", "REDIS_", "MINIO_", "LLM_", "TTS_", "ASR_", "API_KEYS"))}
+    env.update(WS_PORT=str(ws_port), HTTP_PORT=str(http_port), SERVER_HOST="127.0.0.1", LOG_FORMAT="text",
+               DATA_DIR=str(tmp_path / "data"), HF_HUB_OFFLINE="1", ASR_MODEL_SIZE="base", ASR_PRELOAD="false",
+               **env_overrides)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([sys.executable, "-m", "voicegrow", "--env-file", "/nonexistent", "serve"], env=env,
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        async with httpx.AsyncClient() as http:
+            with trio.fail_after(60):
+                while True:
+                    assert process.poll() is None, process.stdout.read()
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await http.get(f"{url}/api/v1/health", timeout=2)).status_code == 200:
+                            break
+                    await trio.sleep(0.2)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        await trio.to_thread.run_sync(process.wait)
+        process.stdout.close()
+
+
+async def test_speaker_on_a_is_transcribed_by_process_b_then_apologised_to_or_answered_locally(
         tmp_path: Path, audio_fixtures: Path, manifest: list[dict]) -> None:
+    """The issue's two processes: B is ``voicegrow serve`` (the pool), A this test's in-process edge."""
     en = next(e for e in manifest if e["lang"] == "en")
-    stop_b, b_stopped = trio.Event(), trio.Event()
-
-    async def run_b(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        settings = make_settings(tmp_path / "b", ADMIN_TOKEN=ADMIN, API_KEYS=KEY)
-        async with running_server(settings) as b:
-            task_status.started(b)
-            await stop_b.wait()
-        b_stopped.set()
-
+    auth = {"Authorization": f"Bearer {ADMIN}"}
     async with run_fake_ai(FakeAiConfig(ttft_ms=0, tokens_per_s=400, tts_ms_per_char=5)) as ai, \
-            trio.open_nursery() as nursery:
-        b = await nursery.start(run_b)
-        remote = dict(ASR_BASE_URL=f"{b.http_url}/v1", ASR_API_KEY=KEY, ASR_REMOTE_TIMEOUT_S=60,
+            _server_process(tmp_path / "b", ADMIN_TOKEN=ADMIN, API_KEYS=KEY) as (b_url, b_process):
+        remote = dict(ASR_BASE_URL=f"{b_url}/v1", ASR_API_KEY=KEY, ASR_REMOTE_TIMEOUT_S=60, ASR_TIMEOUT=90,
                       ASR_LANGUAGE="en", LLM_BASE_URL=ai.url, TTS_BASE_URL=ai.url, ADMIN_TOKEN=ADMIN)
         async with running_server(make_settings(tmp_path / "a", **remote)) as a:
             assert isinstance(a.services.asr, RemoteAsr) and a.services.asr.fallback is None
             async with open_native_client(a.ws_url, device_id="edge-speaker") as client:
-                answered = await stream_wav_and_collect(client, _clip(audio_fixtures, en), speed=2.0, timeout_s=90)
+                answered = await stream_wav_and_collect(client, _clip(audio_fixtures, en), speed=2.0, timeout_s=120)
                 assert answered.failure is None and answered.reply.strip() and answered.reply_audio_s > 0
                 assert char_error_rate(en["text"], answered.transcript, "en") <= 0.15, answered.transcript
-                async with httpx.AsyncClient(headers={"Authorization": f"Bearer {ADMIN}"}) as http:
-                    b_metrics = (await http.get(f"{b.http_url}/metrics")).text
+                async with httpx.AsyncClient(headers=auth) as http:
+                    b_metrics = (await http.get(f"{b_url}/metrics")).text
                     detail = (await http.get(f"{a.http_url}/api/v1/health/detail")).json()
                 assert 'voicegrow_audio_api_requests_total{endpoint="transcriptions",outcome="ok"} 1.0' in b_metrics
                 asr = detail["components"]["asr"]
-                assert asr["engine"] == "remote" and asr["remote"] == f"{b.http_url}/v1"
+                assert asr["engine"] == "remote" and asr["remote"] == f"{b_url}/v1"
                 assert asr["status"] == "ok" and asr["last_latency_ms"] > 0
 
-                stop_b.set()
-                await b_stopped.wait()
+                b_process.terminate()  # B stops (SIGTERM: a graceful stop, its port closes)
+                await trio.to_thread.run_sync(b_process.wait)
                 failed = await stream_wav_and_collect(client, _clip(audio_fixtures, en), speed=2.0, timeout_s=60)
                 spoken = [e for e in failed.events if e.event == "error_spoken"]
                 assert spoken and spoken[0].data["reason"] == "asr_error", failed.events
                 assert spoken[0].data["text"].startswith("Sorry") and failed.reply_audio_s > 0
-            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {ADMIN}"}) as http:
+            async with httpx.AsyncClient(headers=auth) as http:
                 down = (await http.get(f"{a.http_url}/api/v1/health/detail")).json()["components"]["asr"]
             assert down["status"] == "down" and "remote ASR" in down["detail"]
 
