@@ -23,6 +23,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any, ClassVar, Union
 
+from voicegrow.protocol import strictjson
 from voicegrow.protocol.errors import ErrorCode, ProtocolError
 
 __all__ = [
@@ -222,28 +223,16 @@ def _json_payload(obj: dict[str, Any]) -> bytes:
     return payload
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"{text} overflows a double")
-    return value
-
-
 def _parse_json_object(payload: bytes, what: str) -> dict[str, Any]:
     if len(payload) > MAX_JSON_BYTES:
         raise _bad(f"{what} JSON of {len(payload)} bytes exceeds {MAX_JSON_BYTES}", ErrorCode.OVERSIZED)
     try:
-        obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant,
-                         parse_float=_finite_float)
+        obj = strictjson.loads(payload.decode("utf-8"))
     except UnicodeDecodeError:
         raise _bad(f"{what} payload is not valid UTF-8") from None
     except RecursionError:
         raise _bad(f"{what} JSON is nested deeper than {MAX_JSON_DEPTH}") from None
-    except ValueError as exc:  # JSONDecodeError, huge integers, NaN/Infinity
+    except ValueError as exc:  # JSONDecodeError, huge integers, NaN/Infinity, 1e400
         raise _bad(f"{what} payload is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise _bad(f"{what} payload must be a JSON object, got {type(obj).__name__}")

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
+
+from voicegrow.protocol import strictjson
 
 __all__ = [
     "ABORT_XIAOAI_COMMAND",
@@ -308,21 +309,6 @@ def encode_stream(stream: Stream) -> bytes:
 # -- decoding ---------------------------------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    """serde_json refuses a number beyond a double ("number out of range"); Python would read inf."""
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number out of range: {text[:40]}")
-    return value
-
-
-_json_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
-
-
 def _loads(raw: str | bytes | bytearray | memoryview, max_bytes: int) -> Any:
     if isinstance(raw, str):
         if len(raw) > max_bytes:
@@ -338,35 +324,16 @@ def _loads(raw: str | bytes | bytearray | memoryview, max_bytes: int) -> Any:
     else:
         raise XiaoaiError(XiaoaiErrorCode.BAD_SHAPE, f"expected str or bytes, got {type(raw).__name__}")
     try:
-        value = _json_decoder.decode(text)
+        value = strictjson.loads(text)
     except RecursionError:
         raise XiaoaiError(XiaoaiErrorCode.TOO_DEEP, "JSON nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, constants, ints longer than Python's digit limit
+    except ValueError as exc:  # JSONDecodeError, constants, 1e400, ints longer than Python's digit limit
         raise XiaoaiError(XiaoaiErrorCode.INVALID_JSON, str(exc)) from None
-    # A lone surrogate comes from a \uD8xx escape (or a str that holds one); serde_json refuses it
-    # anywhere, and a message holding one could not be encoded again.
-    if (not text.isascii() or "\\u" in text) and _has_lone_surrogate(value):
-        raise XiaoaiError(XiaoaiErrorCode.BAD_FIELD, "a string holds a lone surrogate")
+    try:  # serde_json refuses a lone surrogate anywhere, and a message holding one could not be encoded again
+        strictjson.refuse_lone_surrogates(text, value)
+    except strictjson.LoneSurrogate as exc:
+        raise XiaoaiError(XiaoaiErrorCode.BAD_FIELD, str(exc)) from None
     return value
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _has_lone_surrogate(value: Any) -> bool:
-    """Whether any string (or key) in a decoded JSON value holds a surrogate code point, without recursion."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if _SURROGATE.search(item):
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
 
 
 def _string_field(body: dict[str, Any], key: str, *, required: bool) -> str | None:

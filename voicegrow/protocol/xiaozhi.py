@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
+
+from voicegrow.protocol import strictjson
 
 __all__ = [
     "ABORT_REASONS",
@@ -264,17 +265,18 @@ def _loads(data: str | bytes | bytearray | memoryview, max_bytes: int) -> dict[s
     if _nesting(text) > _MAX_DEPTH:
         raise XiaozhiError(XiaozhiErrorCode.TOO_DEEP, f"JSON nested deeper than {_MAX_DEPTH}")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = strictjson.loads(text)
+    except strictjson.NumberOutOfRange:  # cJSON would not produce it, and it cannot be sent back
+        raise XiaozhiError(XiaozhiErrorCode.BAD_FIELD, "number out of range") from None
     except (ValueError, RecursionError) as exc:
         raise XiaozhiError(XiaozhiErrorCode.INVALID_JSON, str(exc)[:200]) from None
     if not isinstance(value, dict):
         raise XiaozhiError(XiaozhiErrorCode.BAD_SHAPE, f"expected a JSON object, got {type(value).__name__}")
-    _check_values(value)
+    try:
+        strictjson.refuse_lone_surrogates(text, value)
+    except strictjson.LoneSurrogate:
+        raise XiaozhiError(XiaozhiErrorCode.BAD_FIELD, "a lone surrogate escape in a string") from None
     return value
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _nesting(text: str) -> int:
@@ -287,31 +289,6 @@ def _nesting(text: str) -> int:
         elif char in "]}":
             depth -= 1
     return deepest
-
-
-def _check_values(value: Any) -> None:
-    """Values we could not send back: 1e400 parses as inf, ``\\ud800`` as a lone surrogate (cJSON
-    would produce neither, and neither is valid UTF-8 JSON to answer with)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            raise XiaozhiError(XiaozhiErrorCode.BAD_FIELD, "number out of range")
-        if isinstance(item, str):
-            _check_unicode(item)
-        elif isinstance(item, dict):
-            for key in item:
-                _check_unicode(key)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
-def _check_unicode(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise XiaozhiError(XiaozhiErrorCode.BAD_FIELD, "a lone surrogate escape in a string") from None
 
 
 def _string(obj: Mapping[str, Any], key: str, *, required: bool = False, choices: tuple[str, ...] | None = None,
