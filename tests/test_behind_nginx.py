@@ -187,6 +187,10 @@ async def test_speakers_stick_to_a_replica_the_api_round_robins_and_tls_works(tm
             # The API over https round-robins: with one speaker held on each replica, the session
             # lists alternate.
             by_replica = {next(iter(placement[a])): a for a in addresses}
+            # A closed speaker leaves its replica's list a moment after the client returns.
+            with trio.fail_after(10):
+                while any([await sessions(h.http_url) for h in handles]):
+                    await trio.sleep(0.05)
             async with holding(nginx.url("ws"), list(by_replica.values())):
                 async with httpx.AsyncClient(verify=tls, timeout=10) as http:
                     seen = set()
