@@ -384,12 +384,15 @@ def server_environment(data_dir: str, *, ai_url: str | None, overrides: Mapping[
 
     The admission limits are raised because every simulated speaker comes from 127.0.0.1, which the
     production defaults (50 sessions, 120 connects a minute per address) would rightly refuse.
+    Every utterance is heard (``LISTEN_MODE=always``): the simulated speakers say no wake word
+    (``bench room`` measures the listening modes).
     """
     env = {
         "SERVER_HOST": "127.0.0.1", "WS_PORT": "0", "HTTP_PORT": "0", "DATA_DIR": data_dir,
         "ASR_MODEL_SIZE": "base", "ASR_LANGUAGE": "auto", "ASR_PRELOAD": "true",
         "LOG_FORMAT": "text", "LOG_LEVEL": "WARNING", "PROTOCOL_DETECT_MS": "300", "SHUTDOWN_GRACE_S": "2",
         "MAX_SESSIONS": "5000", "MAX_SESSIONS_PER_IP": "5000", "MAX_CONNECTS_PER_IP_PER_MIN": "1000000",
+        "LISTEN_MODE": "always",
     }
     if ai_url:
         env.update(LLM_BASE_URL=ai_url, TTS_BASE_URL=ai_url)

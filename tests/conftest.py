@@ -34,13 +34,17 @@ def manifest(audio_fixtures: Path) -> list[dict]:
 # -- in-process servers ---------------------------------------------------------------------------
 
 def make_settings(tmp_path: Path, **overrides: object):
-    """Settings for an in-process server on free loopback ports with embedded backends under tmp_path."""
+    """Settings for an in-process server on free loopback ports with embedded backends under tmp_path.
+
+    Every utterance is heard (``LISTEN_MODE=always``): the pipeline's tests speak without a wake word;
+    the listening modes' own tests (tests/test_listening.py) choose theirs."""
     from voicegrow.settings import load_settings
 
     env = {
         "SERVER_HOST": "127.0.0.1", "WS_PORT": "0", "HTTP_PORT": "0", "DATA_DIR": str(tmp_path / "data"),
         "ASR_MODEL_SIZE": "base", "ASR_PRELOAD": "false", "ASR_LANGUAGE": "auto", "LOG_FORMAT": "text",
         "PROTOCOL_DETECT_MS": "300", "SHUTDOWN_GRACE_S": "2",
+        "LISTEN_MODE": "always",
     }
     env.update({key.upper(): str(value) for key, value in overrides.items()})
     return load_settings(env, env_file=None)

@@ -380,6 +380,7 @@ async def test_an_open_xiaoai_speaker_is_armed_and_answered(container: Container
     async with run_emulator(container.ws_url) as emu:
         await emu.wait_for_request("start_recording", timeout=30)
         await emu.wait_for_request("start_play", timeout=30)
+        await emu.send_kws("小爱同学")  # LISTEN_MODE=auto: a speaker answers after its wake word
         await emu.stream_pcm(_pcm(audio_fixtures, "zh-00"), realtime=False)
         await emu.wait_until_played(24000, timeout=90)  # half a second of the reply has been heard
     assert emu.play_config is not None and emu.play_config.sample_rate == 24000

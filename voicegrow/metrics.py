@@ -81,6 +81,10 @@ class Metrics:
             ["protocol"], buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), registry=r)
         self.audio_frames_dropped = Counter(
             "voicegrow_audio_frames_dropped_total", "Audio frames dropped, by reason", ["reason"], registry=r)
+        self.utterances_ignored = Counter(
+            "voicegrow_utterances_ignored_total",
+            "Utterances heard that started no turn (LISTEN_MODE: no wake signal, outside the follow-up window)",
+            ["mode"], registry=r)
         self.spool_depth = Gauge(
             "voicegrow_spool_depth", "Records waiting in the local spool, by component", ["component"],
             registry=r, multiprocess_mode="livesum")

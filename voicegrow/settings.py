@@ -118,12 +118,21 @@ class Settings:
 
     # -- VAD
     vad_aggressiveness: int = _field(2, int, low=0, high=3)
+    # webrtc_floor: webrtcvad and the session's noise floor (endpoints in a fan's noise); see README
+    vad_engine: str = _field("webrtc_floor", str, choices=("webrtc", "webrtc_floor", "silero", "webrtc_silero"))
     vad_frame_ms: int = _field(30, int, choices=("10", "20", "30"))
     vad_preroll_ms: int = _field(300, int, low=0, high=5000)
     vad_silence_ms: int = _field(500, int, low=60, high=10_000)
     vad_min_speech_ms: int = _field(250, int, low=0, high=10_000)
     vad_max_utterance_s: float = _field(15.0, float, low=1, high=120)
     barge_in_min_ms: int = _field(300, int, low=0, high=10_000)
+
+    # -- listening (voicegrow/streaming/listening.py): which heard speech becomes a turn
+    # auto: wake for open-xiaoai speakers, always for native devices, the browser and xiaozhi boards
+    listen_mode: str = _field("auto", str, choices=("auto", "wake", "always", "push_to_talk"))
+    listen_mode_devices: str = _field("", str)  # device_id=mode,… (wins over LISTEN_MODE and the hello)
+    follow_up_s: float = _field(8.0, float, low=0, high=600)  # after a wake signal, and after each reply
+    wake_preroll_ms: int = _field(1500, int, low=0, high=10_000)  # audio kept before a wake signal
 
     # -- TTS
     tts_base_url: str = _field("", str)
@@ -355,6 +364,13 @@ def _check_cross_field(s: Settings) -> None:
             parse_mcp_servers(s.mcp_servers)
         except McpConfigError as exc:
             raise ConfigError(f"MCP_SERVERS is not allowed: {exc}") from None
+    if s.listen_mode_devices:
+        from voicegrow.streaming.listening import ListenModeError, parse_listen_mode_devices
+
+        try:
+            parse_listen_mode_devices(s.listen_mode_devices)
+        except ListenModeError as exc:
+            raise ConfigError(f"LISTEN_MODE_DEVICES={s.listen_mode_devices!r} is not allowed: {exc}") from None
     if s.admin_allow_from.strip().lower() not in ("auto", "none"):
         parse_networks(s.admin_allow_from)
     parse_networks(s.trusted_proxies, "TRUSTED_PROXIES")

@@ -19,6 +19,7 @@ from voicegrow.protocol import native as wire
 from voicegrow.protocol.errors import ErrorCode, ProtocolError
 from voicegrow.services import Services
 from voicegrow.streaming.ingest import IngestLagMeter
+from voicegrow.streaming.listening import ListenMode, ListenModeError, parse_mode, resolve_listen_mode
 from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.streaming.registry import SessionInfo
@@ -84,6 +85,8 @@ class NativeSession:
         self.outbox = self.connection.outbox
         self.decoder = wire.FrameDecoder(max_payload=services.settings.max_frame_bytes)
         self.state = wire.ServerConnectionState()
+        self._requested_mode: ListenMode | None = None  # the hello's capabilities.listen_mode
+        self._listen_mode = ListenMode.ALWAYS
 
     async def run(self) -> None:
         async with self.connection.running(self.info) as nursery:
@@ -113,6 +116,7 @@ class NativeSession:
                         return None
                     log.info("device error before HELLO: %s", hello)
                     hello = await self._next_frame()
+                self._requested_mode = _requested_listen_mode(hello)
                 await self._authenticate(hello)
         except trio.TooSlowError:
             log.info("handshake not finished before its deadline; closing")
@@ -143,10 +147,15 @@ class NativeSession:
             if not credentials.check_token(hello.device_id, hello.token):
                 self._refuse("bad_token", guess=f"{hello.device_id}\n{hello.token}")
                 raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown device or wrong token")
+        settings = self.services.settings
+        self._listen_mode = resolve_listen_mode(
+            setting=settings.listen_mode, devices=settings.listen_mode_devices, protocol="native",
+            device_id=hello.device_id or info.session_id, requested=self._requested_mode)
         await self.outbox.put(wire.encode(wire.HelloAck(
             session_id=info.session_id, audio_in=hello.audio_in, audio_out=hello.audio_out,
             server=f"voicegrow/{__version__}", nonce=nonce,
-            capabilities={"max_payload": self.services.settings.max_frame_bytes, "auth": mode})))
+            capabilities={"max_payload": settings.max_frame_bytes, "auth": mode,
+                          "listen_mode": self._listen_mode.value})))
         if mode != "hmac":
             return
         answer = await self._next_frame()
@@ -186,7 +195,8 @@ class NativeSession:
         device_id_var.set(info.device_id)
         history = await begin_device_session(services, info)
         link = NativeLink(self.outbox, output_rate=hello.audio_out.sample_rate)
-        voice = VoiceSession(services, link, info, input_rate=hello.audio_in.sample_rate, history=history)
+        voice = VoiceSession(services, link, info, input_rate=hello.audio_in.sample_rate, history=history,
+                             listen_mode=self._listen_mode)
         await nursery.start(voice.run)
         log.info("native session established", extra={"remote": info.remote_addr})
         frames_received = services.metrics.audio_frames_received.labels("native")
@@ -263,6 +273,19 @@ class NativeSession:
             except ConnectionClosed:
                 pass
         await self.connection.close(exc.ws_close_code, exc.reason)
+
+
+def _requested_listen_mode(hello: wire.Hello) -> ListenMode | None:
+    """``capabilities.listen_mode`` of a HELLO: how the device means to be listened to, if it says."""
+    requested = hello.capabilities.get("listen_mode")
+    if requested is None:
+        return None
+    if not isinstance(requested, str):
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD, "hello capabilities.listen_mode must be a string")
+    try:
+        return parse_mode(requested, "capabilities.listen_mode")
+    except ListenModeError as exc:
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"hello {exc}") from None
 
 
 def _close_frame(code: int, reason: str) -> bytes:

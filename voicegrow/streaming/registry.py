@@ -24,6 +24,8 @@ class SessionInfo:
     device_id: str = ""
     since: float = dataclasses.field(default_factory=time.time)
     turns: int = 0
+    #: ``wake``, ``always`` or ``push_to_talk`` (LISTEN_MODE), once the voice session runs.
+    listen_mode: str = ""
     #: What the session is doing now (``listening``, ``hearing``, ``thinking``, ``speaking``); set by
     #: the voice session once the device is established, ``handshake`` before.
     state_of: Callable[[], str] | None = None
@@ -55,6 +57,7 @@ class SessionInfo:
             "protocol": self.protocol,
             "since": self.since,
             "turns": self.turns,
+            "listen_mode": self.listen_mode,
             "state": self.state_of() if self.state_of is not None else "handshake",
             "device_tools": [tool.name for tool in self.device_tools.tools] if self.device_tools else [],
         }

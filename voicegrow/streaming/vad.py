@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Union
 
 import webrtcvad
@@ -147,6 +149,7 @@ class VadSegmenter:
         min_speech_ms: int = 250,
         max_utterance_s: float = 15.0,
         speech_start_ms: int = 90,
+        classifier: Callable[[bytes], bool] | None = None,
     ) -> None:
         if sample_rate not in _WEBRTC_RATES:
             raise VadConfigError(f"sample_rate must be one of {_WEBRTC_RATES}, got {sample_rate}")
@@ -160,7 +163,9 @@ class VadSegmenter:
             raise VadConfigError(f"max_utterance_s must hold at least two frames, got {max_utterance_s}")
         self.sample_rate = sample_rate
         self.frame_ms = frame_ms
-        self._vad = webrtcvad.Vad(aggressiveness)
+        #: Frame → voiced? webrtcvad unless the caller brings another (streaming/vad_classifiers.py).
+        self._classify = classifier or functools.partial(webrtcvad.Vad(aggressiveness).is_speech,
+                                                         sample_rate=sample_rate)
         self._frame_samples = sample_rate * frame_ms // 1000
         self._frame_bytes = self._frame_samples * _SAMPLE_WIDTH
         self._onset_frames = math.ceil(speech_start_ms / frame_ms)
@@ -238,7 +243,7 @@ class VadSegmenter:
     def _step(self, frame: bytes, events: list[VadEvent]) -> None:
         index = self._frames_done
         self._frames_done += 1
-        voiced = self._vad.is_speech(frame, self.sample_rate)
+        voiced = self._classify(frame)
         if self._utterance is None:
             self._idle_step(index, frame, voiced, events)
         else:

@@ -8,6 +8,7 @@ running turn; all of them are tasks of the session's nursery, so the session's e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -17,9 +18,18 @@ import trio
 from voicegrow.audio import StreamResampler
 from voicegrow.llm import ConversationHistory
 from voicegrow.services import Services
+from voicegrow.streaming.listening import ListenGate, ListenMode
 from voicegrow.streaming.registry import SessionInfo
 from voicegrow.streaming.turn import Announcement, DeviceLink, Turn, Utterance
-from voicegrow.streaming.vad import SpeechPaused, SpeechResumed, UtteranceDropped, UtteranceEnded, VadSegmenter
+from voicegrow.streaming.vad_classifiers import make_classifier
+from voicegrow.streaming.vad import (
+    SpeechPaused,
+    SpeechResumed,
+    SpeechStarted,
+    UtteranceDropped,
+    UtteranceEnded,
+    VadSegmenter,
+)
 
 __all__ = ["VoiceSession", "begin_device_session"]
 
@@ -79,15 +89,21 @@ class _TypedTranscript:
 
 class VoiceSession:
     def __init__(self, services: Services, link: DeviceLink, info: SessionInfo, *, input_rate: int,
-                 history: ConversationHistory | None = None) -> None:
+                 history: ConversationHistory | None = None, listen_mode: ListenMode = ListenMode.ALWAYS) -> None:
         s = services.settings
         self.services = services
         self.link = link
         self.info = info
         self.history = history or ConversationHistory(max_turns=s.llm_history_turns, max_chars=s.llm_history_chars)
+        classifier = make_classifier(s.vad_engine, sample_rate=VAD_RATE, frame_ms=s.vad_frame_ms,
+                                     aggressiveness=s.vad_aggressiveness)
         self.vad = VadSegmenter(sample_rate=VAD_RATE, frame_ms=s.vad_frame_ms, aggressiveness=s.vad_aggressiveness,
                                 preroll_ms=s.vad_preroll_ms, silence_ms=s.vad_silence_ms,
-                                min_speech_ms=s.vad_min_speech_ms, max_utterance_s=s.vad_max_utterance_s)
+                                min_speech_ms=s.vad_min_speech_ms, max_utterance_s=s.vad_max_utterance_s,
+                                classifier=classifier)
+        info.listen_mode = listen_mode.value
+        self.gate = ListenGate(listen_mode, follow_up_s=s.follow_up_s, wake_preroll_s=s.wake_preroll_ms / 1000)
+        self._utterance_start_s = 0.0  # the open utterance's onset (VAD clock)
         self._resampler = StreamResampler(input_rate, VAD_RATE) if input_rate != VAD_RATE else None
         self._stream_pos_s = 0.0  # seconds of audio fed to the VAD
         self._nursery: trio.Nursery | None = None
@@ -115,10 +131,13 @@ class VoiceSession:
                 self.info.announce = self.info.state_of = None
 
     def state(self) -> str:
-        """For the console's live list: a reply playing, a turn before its audio, speech heard, or idle."""
+        """For the console's live list: a reply playing, a turn before its audio, speech heard, idle, or
+        idle until a wake signal (``wake`` and ``push_to_talk`` modes)."""
         turn = self._turn
         if turn is not None and not turn.done.is_set() and not turn.interrupted:
             return "speaking" if turn.playing else "thinking"
+        if not self.gate.listening(self._stream_pos_s) and not self.vad.in_speech:
+            return "waiting_for_wake"
         return "hearing" if self.vad.current_speech_ms > 0 else "listening"
 
     # -- input from the driver --------------------------------------------------------------------
@@ -143,6 +162,9 @@ class VoiceSession:
                 await self._on_vad_event(event, now)
         finally:
             self._flushing = False
+            if self.gate.mode is ListenMode.PUSH_TO_TALK:
+                self.gate.release(self._stream_pos_s)
+                self.vad.hold_until_flush = False
 
     async def text_input(self, text: str) -> None:
         """A typed utterance: a turn as if ``text`` had been heard."""
@@ -172,8 +194,23 @@ class VoiceSession:
         """The device asked to stop the reply."""
         await self._interrupt(reason)
 
-    async def wake(self) -> None:
-        """A wake word: stop talking and listen."""
+    def open_listening(self) -> None:
+        """The device opened its microphone for the user (xiaozhi's ``listen start`` after its own wake
+        word): a wake signal that interrupts nothing."""
+        self.gate.wake(self._stream_pos_s)
+
+    @property
+    def position_s(self) -> float:
+        """Seconds of microphone audio received so far: where a signal arriving now sits in the stream."""
+        return self._stream_pos_s
+
+    async def wake(self, at_s: float | None = None) -> None:
+        """A wake word or a button press: stop talking and listen (in ``wake`` and ``push_to_talk``
+        modes, the signal lets the speech around it become a turn). ``at_s``: where in the stream the
+        signal arrived, when the caller runs this later (default: now)."""
+        self.gate.wake(self._stream_pos_s if at_s is None else at_s)
+        if self.gate.mode is ListenMode.PUSH_TO_TALK:
+            self.vad.hold_until_flush = True  # held until listen_stop
         await self._interrupt("wake")
 
     # -- VAD events ---------------------------------------------------------------------------------
@@ -183,9 +220,12 @@ class VoiceSession:
         return now - (self._stream_pos_s - stream_pos_s)
 
     async def _on_vad_event(self, event: object, now: float) -> None:
-        if isinstance(event, SpeechPaused):
+        if isinstance(event, SpeechStarted):
+            self._utterance_start_s = event.at_s
+        elif isinstance(event, SpeechPaused):
             self._cancel_speculation()
-            if self.services.settings.asr_speculative and self._nursery is not None:
+            if (self.services.settings.asr_speculative and self._nursery is not None
+                    and self.gate.may_be_heard(self._utterance_start_s)):
                 spec = self._speculation = _Speculation(event.audio)
                 self._nursery.start_soon(spec.run, self.services, self.language)
         elif isinstance(event, SpeechResumed):
@@ -195,8 +235,16 @@ class VoiceSession:
         elif isinstance(event, UtteranceEnded):
             if event.forced and not self._flushing:  # VAD_MAX_UTTERANCE_S cut it
                 self.services.metrics.limit_hits.labels("utterance_length").inc()
+            keep_from = self.gate.admit(event.start_s, event.end_s)
+            if keep_from is None:  # not addressed to us (LISTEN_MODE)
+                self._cancel_speculation()
+                self.services.metrics.utterances_ignored.labels(self.gate.mode.value).inc()
+                log.debug("ignoring an utterance (%.1f-%.1f s): no wake signal", event.start_s, event.end_s)
+                return
+            event = _trimmed(event, keep_from)
             spec, self._speculation = self._speculation, None
-            if spec is not None and not event.forced and spec.audio_len == event.paused_audio_len:
+            if (spec is not None and not event.forced and event.paused_audio_len is not None
+                    and spec.audio_len == event.paused_audio_len):
                 source = spec.wait
             else:
                 if spec is not None:
@@ -220,6 +268,8 @@ class VoiceSession:
         turn = self._turn
         if turn is None or turn.done.is_set() or turn.interrupted:
             return
+        if not self.gate.allows_barge_in:
+            return  # wake and push-to-talk: only a wake signal interrupts (the TV would, else)
         if turn.utterance.forced:
             return  # the speech going on is the rest of the same long utterance, not an interruption
         if self.vad.current_speech_ms >= self.services.settings.barge_in_min_ms:
@@ -268,8 +318,22 @@ class VoiceSession:
                 log.exception("turn %s crashed", turn.turn_id)
             finally:
                 turn.done.set()  # also when it was superseded before it began
+                if self._turn is turn:  # the reply is over: the follow-up window opens
+                    self.gate.reply_ended(self._stream_pos_s)
 
         self._nursery.start_soon(run_turn)
+
+
+def _trimmed(event: UtteranceEnded, keep_from: float) -> UtteranceEnded:
+    """The utterance without its audio before ``keep_from`` (speech long before a wake signal)."""
+    cut_s = keep_from - event.audio_start_s
+    if cut_s <= 0:
+        return event
+    cut = min(len(event.audio), int(cut_s * VAD_RATE) * 2)
+    paused = event.paused_audio_len - cut if event.paused_audio_len is not None else None
+    return dataclasses.replace(event, audio=event.audio[cut:], audio_start_s=keep_from,
+                               start_s=max(event.start_s, keep_from),
+                               paused_audio_len=paused if paused is not None and paused > 0 else None)
 
 
 async def begin_device_session(services: Services, info: SessionInfo) -> ConversationHistory:

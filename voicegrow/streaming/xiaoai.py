@@ -31,6 +31,7 @@ from voicegrow.protocol import xiaoai as wire
 from voicegrow.protocol.xiaoai import Request, Response, Stream, XiaoaiError
 from voicegrow.services import Services
 from voicegrow.streaming.ingest import IngestLagMeter
+from voicegrow.streaming.listening import resolve_listen_mode
 from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.streaming.registry import SessionInfo
@@ -404,7 +405,10 @@ class XiaoaiSession:
         await self._supersede_older_sessions()
         history = await begin_device_session(services, info)
         self.link = XiaoaiLink(self.outbox, self.call, nursery, model=identity.model)
-        self.voice = VoiceSession(services, self.link, info, input_rate=RECORD_RATE, history=history)
+        mode = resolve_listen_mode(setting=services.settings.listen_mode, devices=services.settings.listen_mode_devices,
+                                   protocol="xiaoai", device_id=info.device_id)
+        self.voice = VoiceSession(services, self.link, info, input_rate=RECORD_RATE, history=history,
+                                  listen_mode=mode)
         await nursery.start(self.voice.run)
         await self._start_recording()
         await self.link.start_player()
@@ -530,13 +534,13 @@ class XiaoaiSession:
             log.debug("ignoring %s before the session is established", event.event)
         elif isinstance(meaning, wire.KwsKeyword):
             log.info("wake word %r", meaning.keyword)
-            self._spawn(voice.wake)
+            self._spawn(voice.wake, voice.position_s)
         elif isinstance(meaning, wire.InstructionLine) and meaning.recognize is not None:
             heard = meaning.recognize
             if not heard.text and not heard.is_vad_begin:
                 log.info("the built-in assistant woke up")
                 self._silence_builtin_assistant()
-                self._spawn(voice.wake)
+                self._spawn(voice.wake, voice.position_s)
             elif heard.text and heard.is_final:
                 log.info("the built-in assistant heard %r", heard.text[:80])
                 self._silence_builtin_assistant()

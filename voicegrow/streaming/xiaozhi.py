@@ -35,6 +35,7 @@ from voicegrow.services import Services
 from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.device_mcp import DeviceMcpClient, DeviceToolError
 from voicegrow.streaming.ingest import IngestLagMeter
+from voicegrow.streaming.listening import resolve_listen_mode
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.streaming.registry import SessionInfo
 from voicegrow.streaming.voice import VAD_RATE, VoiceSession, begin_device_session
@@ -298,7 +299,10 @@ class XiaozhiSession:
             session_id=info.session_id,
             audio_params=wire.AudioParams(sample_rate=output_rate, frame_duration=wire.FRAME_DURATION_MS))))
         history = await begin_device_session(services, info)
-        self.voice = VoiceSession(services, self.link, info, input_rate=VAD_RATE, history=history)
+        mode = resolve_listen_mode(setting=services.settings.listen_mode, devices=services.settings.listen_mode_devices,
+                                   protocol="xiaozhi", device_id=info.device_id)
+        self.voice = VoiceSession(services, self.link, info, input_rate=VAD_RATE, history=history,
+                                  listen_mode=mode)
         await nursery.start(self.voice.run)
         if self.mcp is not None:
             nursery.start_soon(self._list_device_tools, self.mcp)
@@ -349,6 +353,7 @@ class XiaozhiSession:
         if listen.state == "start":
             self.mode = listen.mode or "auto"
             voice.set_push_to_talk(self.mode == "manual")
+            voice.open_listening()  # the board opens its microphone after its wake word or button
             # The microphone (re)opens: a new stream, whose clock starts now (the board sent nothing
             # while it was speaking, and that pause is not lag).
             self._lag_meter, self._audio_s, self._first_audio_at = IngestLagMeter(), 0.0, None
