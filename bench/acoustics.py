@@ -48,6 +48,7 @@ __all__ = [
     "rms",
     "room_impulse_response",
     "scale_to_dbfs",
+    "television",
     "white_noise",
 ]
 
@@ -194,6 +195,24 @@ def babble(n: int, rng: np.random.Generator, clips: Sequence[np.ndarray], *, voi
         out += np.concatenate(track)[:n]
     level = rms(out)
     return (out / level if level > _EPS else out).astype(np.float32)
+
+
+def television(n: int, rng: np.random.Generator, clips: Sequence[np.ndarray], *,
+               gap_s: tuple[float, float] = (0.15, 0.9)) -> np.ndarray:
+    """A television talking: one voice at a time, sentence after sentence (random fixture clips, each
+    at unit active RMS) with ``gap_s`` pauses as in a dialogue — other people's speech, for minutes,
+    that a speaker must not answer. Unlike :func:`babble` it has the pauses a VAD ends utterances in."""
+    usable = [np.asarray(c, dtype=np.float32) for c in clips if np.asarray(c).size]
+    if not usable:
+        raise ValueError("television needs at least one non-empty speech clip")
+    out = np.zeros(n, dtype=np.float32)
+    position = 0
+    while position < n:
+        clip = usable[int(rng.integers(len(usable)))]
+        take = min(clip.size, n - position)
+        out[position: position + take] = clip[:take] / (active_rms(clip) or 1.0)
+        position += take + int(rng.uniform(*gap_s) * MIC_RATE)
+    return out
 
 
 def noise(kind: str, n: int, rng: np.random.Generator, clips: Sequence[np.ndarray] = ()) -> np.ndarray:

@@ -1,35 +1,285 @@
 """``python -m bench room``: a speaker in a living room — noise, a television, listening modes.
 
-Filled in below; this first part is the television (other people's speech for minutes), which the
-listening-mode tests use too.
+The fixture questions, at a talker's level (``--speech-dbfs``), are mixed with white noise, a fan
+(brown noise), babble (four voices at once) and a television (one voice after another, with pauses) at
+20, 10 and 5 dB SNR, each after ``--lead-s`` of that noise alone (the room was noisy before the user
+spoke) and followed by ``--tail-s`` more. Each mix goes through the server's own segmenter
+(``VadSegmenter`` with the ``VAD_ENGINE`` classifier under test, the server's VAD settings) and the
+server's ASR service (Whisper, ``ASR_ENGINE=fast``), side by side for every VAD choice in one run:
+
+* **answered**: the utterance ended by silence (not cut at ``VAD_MAX_UTTERANCE_S``) within
+  ``--answer-within-s`` of the end of the clean clip's speech, and its transcript has CER ≤ 0.25;
+* **endpoint delay**: where the segmenter ended the utterance, minus where it ended the clean clip;
+  the reply's end-of-speech → first-audio delay differs from the clean one by this plus the ASR time
+  difference (the LLM and TTS see the same text), both reported;
+* **false turns per 10 min of TV**: ``--tv-min`` minutes of television alone at ``--tv-dbfs``, per
+  listening mode (``always``; ``wake`` without a wake word, which must be 0) and VAD choice;
+* **CPU per stream**: the classifier's CPU seconds per second of audio.
+
+Positions are sample counts, so the endpoint figures do not depend on the machine's load; ASR times do.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import statistics
+import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import trio
+
+from bench.acoustics import db_to_gain, noise, scale_to_dbfs, television
+from bench.asr import Clip, cer, default_clips_dir, load_clips
+from bench.common import progress, report, select_clips, write_json
 
 SAMPLE_RATE = 16_000
+NOISES = ("white", "fan", "babble", "tv")
+SNRS = (20, 10, 5)
+CER_LIMIT = 0.25
+TARGET_SNR = 10
+TARGET_ANSWERED = 0.90
+TARGET_DELAY_S = 0.300
 
 
-def tv_speech(clips: Sequence[np.ndarray], seconds: float, *, seed: int = 0, gain_db: float = 0.0) -> np.ndarray:
-    """``seconds`` of a television talking: the clips (int16, 16 kHz) one after the other in a seeded
-    order, 0.15–0.9 s apart as in a dialogue, scaled by ``gain_db``; float32 in int16 units."""
-    if not clips:
-        raise ValueError("tv_speech needs at least one clip")
-    rng = np.random.default_rng(seed)
-    total = int(seconds * SAMPLE_RATE)
-    out = np.zeros(total, dtype=np.float32)
-    position = 0
-    while position < total:
-        clip = np.asarray(clips[int(rng.integers(len(clips)))], dtype=np.float32)
-        take = min(len(clip), total - position)
-        out[position: position + take] = clip[:take]
-        position += take + int(rng.uniform(0.15, 0.9) * SAMPLE_RATE)
-    return out * np.float32(10 ** (gain_db / 20))
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench room", description=__doc__.splitlines()[0])
+    p.add_argument("--clips", type=Path, default=None, help="fixture directory (default: ../shared/fixtures/audio)")
+    p.add_argument("--count", type=int, default=12, help="questions (voices taking turns)")
+    p.add_argument("--engines", default="webrtc@0,webrtc_floor@0,webrtc_floor",
+                   help="VAD_ENGINE choices, comma-separated, each optionally @VAD_RELATIVE_DB, and +ns: "
+                        "WebRTC noise suppression before the VAD and the ASR")
+    p.add_argument("--noises", default=",".join(NOISES))
+    p.add_argument("--snrs", default=",".join(map(str, SNRS)))
+    p.add_argument("--speech-dbfs", type=float, default=-18.0,
+                   help="the user's speech level (active RMS; the fixtures are recorded at -14 … -23)")
+    p.add_argument("--lead-s", type=float, default=8.0)
+    p.add_argument("--tail-s", type=float, default=5.0)
+    p.add_argument("--answer-within-s", type=float, default=4.0)
+    p.add_argument("--tv-min", type=float, default=10.0)
+    p.add_argument("--tv-dbfs", type=float, default=-40.0, help="the television's level (20 dB under the user)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
 
 
-def to_pcm(samples: np.ndarray) -> bytes:
-    """float samples in int16 units → s16le bytes, clipped."""
-    return np.clip(np.round(samples), -32768, 32767).astype("<i2").tobytes()
+def _pcm(x: np.ndarray) -> bytes:
+    return np.clip(np.round(x * 32768.0), -32768, 32767).astype("<i2").tobytes()
+
+
+def _segmenter(engine: str, settings: Any) -> Any:
+    """``engine``: a ``VAD_ENGINE`` value, optionally ``@`` a ``VAD_RELATIVE_DB`` (default: the setting's)."""
+    from voicegrow.streaming.vad import VadSegmenter
+    from voicegrow.streaming.vad_classifiers import make_classifier
+
+    name, _, relative = engine.removesuffix("+ns").partition("@")
+    classifier = make_classifier(name, sample_rate=SAMPLE_RATE, frame_ms=settings.vad_frame_ms,
+                                 aggressiveness=settings.vad_aggressiveness)
+    return VadSegmenter(sample_rate=SAMPLE_RATE, frame_ms=settings.vad_frame_ms,
+                        aggressiveness=settings.vad_aggressiveness, preroll_ms=settings.vad_preroll_ms,
+                        silence_ms=settings.vad_silence_ms, min_speech_ms=settings.vad_min_speech_ms,
+                        max_utterance_s=settings.vad_max_utterance_s, classifier=classifier,
+                        relative_db=float(relative) if relative else settings.vad_relative_db)
+
+
+def suppress_noise(pcm: bytes) -> bytes:
+    """WebRTC's noise suppression and high-pass filter (the ``livekit`` wheel's audio processing
+    module, the front end voicegrow/echo.py brings to sessions), 10 ms frames in order: a measurement
+    of what noise suppression before the VAD and ASR gains, not a second front end."""
+    from livekit import rtc
+
+    apm = rtc.AudioProcessingModule(noise_suppression=True, high_pass_filter=True)
+    out = bytearray()
+    frame_bytes = 320
+    for offset in range(0, len(pcm) - frame_bytes + 1, frame_bytes):
+        frame = rtc.AudioFrame(bytearray(pcm[offset: offset + frame_bytes]), SAMPLE_RATE, 1, frame_bytes // 2)
+        apm.process_stream(frame)
+        out += bytes(frame.data)
+    return bytes(out)
+
+
+def segment(engine: str, settings: Any, pcm: bytes, chunk: int = 2880) -> tuple[list[tuple[Any, float]], float]:
+    """Every utterance the server's segmenter ends, with the position it was ended at; CPU seconds."""
+    from voicegrow.streaming.vad import UtteranceEnded
+
+    started = time.process_time()
+    if engine.endswith("+ns"):
+        pcm = suppress_noise(pcm)
+        engine = engine[: -len("+ns")]
+    seg = _segmenter(engine, settings)
+    ended: list[tuple[Any, float]] = []
+    for offset in range(0, len(pcm), chunk):
+        for event in seg.feed(pcm[offset: offset + chunk]):
+            if isinstance(event, UtteranceEnded):
+                ended.append((event, seg.position_s))
+    return ended, time.process_time() - started
+
+
+def _noise(kind: str, n: int, rng: np.random.Generator, voices: Sequence[np.ndarray]) -> np.ndarray:
+    if kind == "tv":
+        return television(n, rng, voices)
+    return noise("brown" if kind == "fan" else kind, n, rng, voices)
+
+
+def mix(clip: Clip, kind: str | None, snr_db: float | None, args: argparse.Namespace, seed: int,
+        voices: Sequence[np.ndarray]) -> tuple[bytes, float, float]:
+    """(the stream, where the clip starts, where it ends) in seconds; noise at ``snr_db`` below the
+    speech's active level, also before and after it."""
+    speech = scale_to_dbfs(clip.pcm.astype(np.float32) / 32768.0, args.speech_dbfs, active=True)
+    lead, tail = int(args.lead_s * SAMPLE_RATE), int(args.tail_s * SAMPLE_RATE)
+    stream = np.concatenate([np.zeros(lead, np.float32), speech, np.zeros(tail, np.float32)])
+    if kind is not None and snr_db is not None:
+        n = _noise(kind, stream.size, np.random.default_rng(seed), voices)
+        level = float(np.sqrt(np.mean(np.square(n, dtype=np.float64)))) or 1.0
+        stream = stream + n / level * db_to_gain(args.speech_dbfs - snr_db)
+    return _pcm(stream), lead / SAMPLE_RATE, (lead + speech.size) / SAMPLE_RATE
+
+
+def _the_answer(ended: list[tuple[Any, float]], start_s: float, clean_end_s: float, within_s: float) -> tuple[Any, float] | None:
+    """The utterance that answers the question: the first one ended by silence after the question
+    began, if it was ended in time."""
+    for event, at in ended:
+        if event.end_s >= start_s + 0.3:
+            return (event, at) if not event.forced and at <= clean_end_s + within_s else None
+    return None
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    from voicegrow.asr import build_asr_service
+    from voicegrow.settings import load_settings
+
+    settings = load_settings({"ASR_MODEL_SIZE": "base", "ASR_LANGUAGE": "auto", "ASR_WORKERS": "1"}, env_file=None)
+    asr = build_asr_service(settings)
+    await asr.warm_up()
+    clips = load_clips(args.clips or default_clips_dir())
+    voices = [c.pcm for c in clips]
+    chosen = select_clips(clips, args.count)
+    engines = [e for e in args.engines.split(",") if e]
+    conditions: list[tuple[str | None, float | None]] = [(None, None)] + [
+        (k, float(s)) for k in args.noises.split(",") if k for s in args.snrs.split(",") if s]
+    rows: list[dict[str, Any]] = []
+    cpu: dict[str, list[float]] = {e: [0.0, 0.0] for e in engines}
+    clean_end: dict[tuple[str, str], float] = {}
+    clean_asr: dict[tuple[str, str], float] = {}
+    bar = progress(len(chosen) * len(conditions) * len(engines), "room", "mix")
+    for index, clip in enumerate(chosen):
+        for kind, snr in conditions:
+            pcm, start_s, end_s = mix(clip, kind, snr, args, args.seed * 1000 + index, voices)
+            for engine in engines:
+                ended, spent = segment(engine, settings, pcm)
+                cpu[engine][0] += spent
+                cpu[engine][1] += len(pcm) / 2 / SAMPLE_RATE
+                reference_end = clean_end.get((engine, clip.id), end_s)
+                found = _the_answer(ended, start_s, reference_end, args.answer_within_s)
+                row: dict[str, Any] = {"clip": clip.id, "lang": clip.lang, "noise": kind or "clean", "snr_db": snr,
+                                       "engine": engine, "ended": found is not None, "utterances": len(ended)}
+                if found is not None:
+                    event, at = found
+                    transcript = await asr.transcribe(event.audio)
+                    row.update(text=transcript.text, cer=cer(clip.text, transcript.text, clip.lang),
+                               asr_s=transcript.elapsed_s, ended_at_s=at, level_dbfs=event.level_dbfs)
+                    if kind is None:
+                        clean_end[(engine, clip.id)] = at
+                        clean_asr[(engine, clip.id)] = transcript.elapsed_s
+                    row["endpoint_delay_s"] = at - clean_end.get((engine, clip.id), at)
+                    row["asr_delta_s"] = transcript.elapsed_s - clean_asr.get((engine, clip.id), transcript.elapsed_s)
+                row["answered"] = bool(found is not None and row["cer"] <= CER_LIMIT)
+                rows.append(row)
+                bar.update()
+    bar.close()
+    user_levels = [r["level_dbfs"] for r in rows if r["noise"] == "clean" and r.get("level_dbfs", -100.0) > -100.0]
+    user_level = float(np.mean(user_levels)) if user_levels else None
+    tv = _television_turns(args, settings, engines, voices, user_level)
+    return {"rows": rows, "summary": summarize(rows), "television": tv,
+            "cpu_per_stream": {e: round(c / a, 5) for e, (c, a) in cpu.items() if a}}
+
+
+def _television_turns(args: argparse.Namespace, settings: Any, engines: Sequence[str],
+                      voices: Sequence[np.ndarray], user_level: float | None) -> list[dict[str, Any]]:
+    """Turns that ``--tv-min`` minutes of television alone would start, per listening mode and VAD;
+    ``always, user heard``: once the user's level is known (their clean questions' mean), the session
+    drops utterances ``VAD_RELATIVE_DB`` + 5 dB under it (voicegrow.streaming.voice)."""
+    from voicegrow.streaming.listening import ListenGate, ListenMode
+    from voicegrow.streaming.voice import _BACKGROUND_EXTRA_DB
+
+    n = int(args.tv_min * 60 * SAMPLE_RATE)
+    tv = television(n, np.random.default_rng(args.seed + 99), voices) * db_to_gain(args.tv_dbfs)
+    room = noise("white", n, np.random.default_rng(args.seed + 98)) * db_to_gain(-65.0)  # a quiet room's hiss
+    pcm = _pcm(tv + room)
+    out = []
+    for engine in engines:
+        ended, spent = segment(engine, settings, pcm)
+        for mode in (ListenMode.ALWAYS, ListenMode.WAKE):
+            gate = ListenGate(mode, follow_up_s=settings.follow_up_s, wake_preroll_s=settings.wake_preroll_ms / 1000)
+            turns = sum(gate.admit(event.start_s, event.end_s) is not None for event, _ in ended)
+            out.append({"engine": engine, "mode": mode.value, "tv_dbfs": args.tv_dbfs, "minutes": args.tv_min,
+                        "turns": turns, "turns_per_10_min": round(turns * 10 / args.tv_min, 1),
+                        "cpu_per_stream": round(spent / (n / SAMPLE_RATE), 5)})
+        relative = float(engine.removesuffix("+ns").partition("@")[2] or settings.vad_relative_db)
+        if user_level is not None and relative > 0:
+            bar = user_level - relative - _BACKGROUND_EXTRA_DB
+            turns = sum(event.level_dbfs >= bar for event, _ in ended)
+            out.append({"engine": engine, "mode": f"always, user heard at {user_level:.0f} dBFS",
+                        "tv_dbfs": args.tv_dbfs, "minutes": args.tv_min, "turns": turns,
+                        "turns_per_10_min": round(turns * 10 / args.tv_min, 1)})
+    return out
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, Any, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["noise"], row["snr_db"], row["engine"]), []).append(row)
+    out = []
+    for (kind, snr, engine), group in groups.items():
+        ended = [r for r in group if r["ended"]]
+        delays = [r["endpoint_delay_s"] for r in ended]
+        asr_delta = [r["asr_delta_s"] for r in ended]
+        out.append({
+            "noise": kind, "snr_db": snr, "engine": engine, "questions": len(group),
+            "answered": sum(r["answered"] for r in group) / len(group),
+            "ended": len(ended) / len(group),
+            "cer_mean": round(statistics.fmean(r["cer"] for r in ended), 3) if ended else None,
+            "endpoint_delay_p50_s": round(statistics.median(delays), 3) if delays else None,
+            "endpoint_delay_max_s": round(max(delays), 3) if delays else None,
+            "reply_delay_vs_clean_p50_s": round(statistics.median(d + a for d, a in zip(delays, asr_delta)), 3)
+            if delays else None,
+        })
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = ["| noise | SNR dB | VAD_ENGINE | answered (CER ≤ 0.25, ended ≤ 4 s) | ended by silence | CER | "
+             "endpoint Δ vs clean p50 / max (s) | reply Δ vs clean p50 (s) |", "|---|---|---|---|---|---|---|---|"]
+    for s in result["summary"]:
+        fmt = (lambda v: "–" if v is None else f"{v:+.2f}")
+        lines.append(f"| {s['noise']} | {'' if s['snr_db'] is None else int(s['snr_db'])} | {s['engine']} | "
+                     f"{s['answered']:.0%} | {s['ended']:.0%} | {'–' if s['cer_mean'] is None else s['cer_mean']} | "
+                     f"{fmt(s['endpoint_delay_p50_s'])} / {fmt(s['endpoint_delay_max_s'])} | "
+                     f"{fmt(s['reply_delay_vs_clean_p50_s'])} |")
+    lines += ["", "| television alone | VAD_ENGINE | LISTEN_MODE | turns per 10 min |", "|---|---|---|---|"]
+    for t in result["television"]:
+        lines.append(f"| {t['minutes']:g} min at {t['tv_dbfs']:g} dBFS | {t['engine']} | {t['mode']} | "
+                     f"{t['turns_per_10_min']:g} |")
+    lines += ["", "CPU per stream (classifier, share of one core): " + ", ".join(
+        f"{e} {v:.2%}" for e, v in result["cpu_per_stream"].items())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    load = os.getloadavg()
+    result = trio.run(_run, args)
+    result["load_average"] = [round(v, 2) for v in load] + [round(v, 2) for v in os.getloadavg()]
+    print(render(result))
+    if args.json:
+        write_json(args.json, report("room", vars(args), result))
+    target = [s for s in result["summary"] if s["snr_db"] == TARGET_SNR and s["noise"] in ("white", "fan", "babble")]
+    return 0 if target else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

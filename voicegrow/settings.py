@@ -120,6 +120,9 @@ class Settings:
     vad_aggressiveness: int = _field(2, int, low=0, high=3)
     # webrtc_floor: webrtcvad and the session's noise floor (endpoints in a fan's noise); see README
     vad_engine: str = _field("webrtc_floor", str, choices=("webrtc", "webrtc_floor", "silero", "webrtc_silero"))
+    # speech this many dB under the loudest of the utterance (a TV behind the user) does not extend it,
+    # nor, once the user was heard, start a turn; 0: off
+    vad_relative_db: float = _field(10.0, float, low=0, high=60)
     vad_frame_ms: int = _field(30, int, choices=("10", "20", "30"))
     vad_preroll_ms: int = _field(300, int, low=0, high=5000)
     vad_silence_ms: int = _field(500, int, low=60, high=10_000)

@@ -19,6 +19,11 @@ How an utterance is cut (frame = ``frame_ms`` of audio classified by webrtcvad):
   :class:`SpeechPaused` with the audio so far, so a speculative transcription can start at once;
   a voiced frame before ``silence_ms`` of non-voiced frames emits :class:`SpeechResumed` (the
   speculation is stale). After ``silence_ms`` the utterance ends with the trailing silence included.
+* **Background speech.** With ``relative_db`` set, in a noisy room (a classifier with a ``noisy``
+  attribute says; one without is always in one), a voiced frame more than ``relative_db`` under the
+  loudest speech of the open utterance counts as non-voiced (a television far behind the user does
+  not extend the user's utterance), and audio before the first frame that loud is left out (the TV
+  sentence the user began to speak over); ``UtteranceEnded.level_dbfs`` is that loudest level.
 * **Too short / too long.** An utterance whose speech span (onset to speech end) is under
   ``min_speech_ms`` is dropped (a click, a cough); its pauses emit no :class:`SpeechPaused`, since no
   one should transcribe it. Audio never exceeds ``max_utterance_s`` (pre-roll included): at that
@@ -40,6 +45,8 @@ from collections.abc import Callable
 from typing import Union
 
 import webrtcvad
+
+from voicegrow.streaming.vad_classifiers import frame_dbfs
 
 __all__ = [
     "VadConfigError",
@@ -107,6 +114,7 @@ class UtteranceEnded:
     forced: bool
     audio_start_s: float
     paused_audio_len: int | None
+    level_dbfs: float = -100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +141,9 @@ class _Utterance:
     silence_run: int = 0  # consecutive non-voiced frames (the hangover so far)
     speech_end: int = 0  # valid while silence_run > 0
     paused_audio_len: int | None = None  # set by an emitted SpeechPaused, cleared by a resume
+    loud_db: float = -100.0  # the loudest voiced level held for two frames (relative_db)
+    last_voiced_db: float = -100.0
+    levels: list[float] = dataclasses.field(default_factory=list)  # per frame, with relative_db only
 
 
 class VadSegmenter:
@@ -150,6 +161,7 @@ class VadSegmenter:
         max_utterance_s: float = 15.0,
         speech_start_ms: int = 90,
         classifier: Callable[[bytes], bool] | None = None,
+        relative_db: float = 0.0,
     ) -> None:
         if sample_rate not in _WEBRTC_RATES:
             raise VadConfigError(f"sample_rate must be one of {_WEBRTC_RATES}, got {sample_rate}")
@@ -164,8 +176,8 @@ class VadSegmenter:
         self.sample_rate = sample_rate
         self.frame_ms = frame_ms
         #: Frame → voiced? webrtcvad unless the caller brings another (streaming/vad_classifiers.py).
-        self._classify = classifier or functools.partial(webrtcvad.Vad(aggressiveness).is_speech,
-                                                         sample_rate=sample_rate)
+        self.classifier = self._classify = classifier or functools.partial(webrtcvad.Vad(aggressiveness).is_speech,
+                                                                           sample_rate=sample_rate)
         self._frame_samples = sample_rate * frame_ms // 1000
         self._frame_bytes = self._frame_samples * _SAMPLE_WIDTH
         self._onset_frames = math.ceil(speech_start_ms / frame_ms)
@@ -174,6 +186,7 @@ class VadSegmenter:
         self._hangover_frames = max(1, math.ceil(silence_ms / frame_ms))
         self._min_speech_samples = sample_rate * min_speech_ms // 1000
         self._max_frames = int(max_utterance_s * 1000 // frame_ms)
+        self.relative_db = relative_db
         self._pending = bytearray()
         self._frames_done = 0
         # Idle history: (frame index, frame bytes, voiced), enough for the pre-roll and the window.
@@ -265,6 +278,11 @@ class VadSegmenter:
             frames=len(held),
             voiced_frames=sum(v for i, _, v in held if i >= onset_frame),
         )
+        if self.relative_db > 0:
+            utterance = self._utterance
+            utterance.levels = [frame_dbfs(f) for _, f, _ in held]
+            for (_, _, v), level in zip(held, utterance.levels):
+                self._note_level(utterance, level, v)
         events.append(SpeechStarted(at_s=self._seconds(self._utterance.onset),
                                      confirmed_s=self._seconds((index + 1) * self._frame_samples)))
         if self._utterance.frames >= self._max_frames:
@@ -274,6 +292,12 @@ class VadSegmenter:
         utterance = self._utterance
         assert utterance is not None
         frame_start = index * self._frame_samples
+        if self.relative_db > 0:
+            level = frame_dbfs(frame)
+            utterance.levels.append(level)
+            self._note_level(utterance, level, voiced)
+            if getattr(self._classify, "noisy", True):  # a quiet room: nothing to tell the user from
+                voiced = voiced and level >= utterance.loud_db - self.relative_db
         if voiced:
             utterance.voiced_frames += 1
             if utterance.silence_run and utterance.paused_audio_len is not None:
@@ -294,12 +318,39 @@ class VadSegmenter:
         elif utterance.frames >= self._max_frames:
             self._finish(events, forced=True)
 
+    @staticmethod
+    def _note_level(utterance: _Utterance, level: float, voiced: bool) -> None:
+        """The utterance's loudest voiced level, held for two frames (a click is not a voice)."""
+        if voiced:
+            utterance.loud_db = max(utterance.loud_db, min(level, utterance.last_voiced_db))
+            utterance.last_voiced_db = level
+        else:
+            utterance.last_voiced_db = -100.0
+
+    def _trim_background(self, utterance: _Utterance) -> None:
+        """Leave out what came before the first frame near the utterance's loudest level (minus the
+        pre-roll): speech much quieter than the user's, which the user began to talk over."""
+        if self.relative_db <= 0 or not utterance.levels or not getattr(self._classify, "noisy", True):
+            return
+        bar = utterance.loud_db - self.relative_db
+        first_loud = next((i for i, level in enumerate(utterance.levels) if level >= bar), 0)
+        keep_from = max(0, first_loud - self._preroll_frames)
+        onset_frame = (utterance.onset - utterance.audio_start) // self._frame_samples
+        if keep_from <= onset_frame:
+            return
+        cut = keep_from * self._frame_bytes
+        del utterance.audio[:cut]
+        utterance.audio_start += keep_from * self._frame_samples
+        utterance.onset = utterance.audio_start + min(first_loud - keep_from, self._preroll_frames) * self._frame_samples
+        utterance.paused_audio_len = None  # the speculative transcript was of the untrimmed audio
+
     def _finish(self, events: list[VadEvent], *, forced: bool) -> None:
         """Close the open utterance as ended or dropped and return to idle with no history."""
         utterance = self._utterance
         assert utterance is not None
         self._utterance = None
         self._history.clear()
+        self._trim_background(utterance)
         position = self._frames_done * self._frame_samples
         end = utterance.speech_end if utterance.silence_run else position
         start_s, end_s = self._seconds(utterance.onset), self._seconds(end)
@@ -313,4 +364,5 @@ class VadSegmenter:
             forced=forced,
             audio_start_s=self._seconds(utterance.audio_start),
             paused_audio_len=utterance.paused_audio_len,
+            level_dbfs=utterance.loud_db,
         ))

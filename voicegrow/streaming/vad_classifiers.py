@@ -47,11 +47,13 @@ def frame_dbfs(frame: bytes) -> float:
 class NoiseFloor:
     """The room's noise, tracked per session from the levels of the last ``window_s`` of frames.
 
-    The user speaks for seconds, not for most of the window, so its median is the noise level and its
-    80th percentile the noise's own loud moments: white noise hardly wobbles (±0.5 dB over 30 ms
-    frames), a fan's rumble does (±4 dB), people talking (babble, a television) more. A frame counts
-    as the user's speech only above both the median plus ``margin_db`` and the 80th percentile plus
-    ``peak_margin_db``. Recomputed every ``every`` frames (a percentile per frame is wasted work).
+    The user speaks for seconds, not for most of the window, so its median is the noise level; how far
+    its 80th percentile lies above the median is how much the noise itself wobbles: white noise hardly
+    (±0.5 dB over 30 ms frames), a fan's rumble some, people talking (babble, a television) more. A
+    frame counts as the user's speech only ``margin_db`` plus that wobble (at most ``peak_margin_db``)
+    above the median. The cap keeps a conversation that fills a fifth of the window (the user, the
+    reply's echo) from lifting the bar above the user's voice; only a window more than half speech
+    moves the median. Recomputed every ``every`` frames (a percentile per frame is wasted work).
     """
 
     def __init__(self, *, frame_ms: int, window_s: float = 20.0, margin_db: float = 6.0,
@@ -67,6 +69,10 @@ class NoiseFloor:
 
     def update(self, level_dbfs: float) -> float:
         """Take one frame's level; return the level speech must reach now."""
+        self.learn(level_dbfs)
+        return self.threshold_dbfs
+
+    def learn(self, level_dbfs: float) -> None:
         self._levels[self._index] = level_dbfs
         self._index = (self._index + 1) % self._levels.size
         self._filled = min(self._filled + 1, self._levels.size)
@@ -74,21 +80,39 @@ class NoiseFloor:
             seen = self._levels if self._filled == self._levels.size else self._levels[: self._filled]
             median, loud = np.percentile(seen, (50, 80))
             self.median_dbfs = float(median)
-            self.threshold_dbfs = float(max(median + self.margin_db, loud + self.peak_margin_db))
-        return self.threshold_dbfs
+            wobble = min(self.peak_margin_db, max(0.0, float(loud - median)))
+            self.threshold_dbfs = float(median + self.margin_db + wobble)
+
+
+_SPEECH_LEARN_EVERY = 8
+
+#: Below this bar the room is quiet and webrtcvad alone decides: on a clean microphone nothing changes.
+QUIET_ROOM_DBFS = -60.0
 
 
 class NoiseFloorGate:
-    """Speech by the inner classifier *and* above the session's noise floor (:class:`NoiseFloor`)."""
+    """Speech by the inner classifier *and*, in a noisy room, above its noise floor (:class:`NoiseFloor`)."""
 
     def __init__(self, inner: FrameClassifier, *, frame_ms: int, margin_db: float) -> None:
         self._inner = inner
         self.floor = NoiseFloor(frame_ms=frame_ms, margin_db=margin_db)
+        self._frames = 0
+
+    @property
+    def noisy(self) -> bool:
+        """The room is loud enough for the floor to matter (the segmenter's relative gate asks too)."""
+        return self.floor.threshold_dbfs > QUIET_ROOM_DBFS
 
     def __call__(self, frame: bytes) -> bool:
         level = frame_dbfs(frame)
-        threshold = self.floor.update(level)
-        return self._inner(frame) and level >= threshold
+        threshold = self.floor.threshold_dbfs
+        speech = self._inner(frame) and (threshold <= QUIET_ROOM_DBFS or level >= threshold)
+        # What it calls speech teaches the floor at an eighth of the rate: a conversation (the user,
+        # the reply's echo) does not become the room's noise, a fan switched on still does, in a minute.
+        self._frames += 1
+        if not speech or self._frames % _SPEECH_LEARN_EVERY == 0:
+            self.floor.learn(level)
+        return speech
 
 
 class SileroClassifier:

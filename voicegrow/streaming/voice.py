@@ -36,6 +36,9 @@ __all__ = ["VoiceSession", "begin_device_session"]
 log = logging.getLogger(__name__)
 
 VAD_RATE = 16000
+#: How much further under the user's voice than VAD_RELATIVE_DB an utterance must be to start no turn
+#: (the user's own level varies by a few dB from one question to the next).
+_BACKGROUND_EXTRA_DB = 5.0
 
 
 class _Speculation:
@@ -100,7 +103,8 @@ class VoiceSession:
         self.vad = VadSegmenter(sample_rate=VAD_RATE, frame_ms=s.vad_frame_ms, aggressiveness=s.vad_aggressiveness,
                                 preroll_ms=s.vad_preroll_ms, silence_ms=s.vad_silence_ms,
                                 min_speech_ms=s.vad_min_speech_ms, max_utterance_s=s.vad_max_utterance_s,
-                                classifier=classifier)
+                                classifier=classifier, relative_db=s.vad_relative_db)
+        self._user_level_dbfs: float | None = None  # how loud the user's turns were (VAD_RELATIVE_DB)
         info.listen_mode = listen_mode.value
         self.gate = ListenGate(listen_mode, follow_up_s=s.follow_up_s, wake_preroll_s=s.wake_preroll_ms / 1000)
         self._utterance_start_s = 0.0  # the open utterance's onset (VAD clock)
@@ -235,6 +239,11 @@ class VoiceSession:
         elif isinstance(event, UtteranceEnded):
             if event.forced and not self._flushing:  # VAD_MAX_UTTERANCE_S cut it
                 self.services.metrics.limit_hits.labels("utterance_length").inc()
+            if self._is_background(event.level_dbfs):
+                self._cancel_speculation()
+                self.services.metrics.utterances_ignored.labels("background").inc()
+                log.debug("ignoring an utterance at %.0f dBFS: far under the user's voice", event.level_dbfs)
+                return
             keep_from = self.gate.admit(event.start_s, event.end_s)
             if keep_from is None:  # not addressed to us (LISTEN_MODE)
                 self._cancel_speculation()
@@ -242,6 +251,7 @@ class VoiceSession:
                 log.debug("ignoring an utterance (%.1f-%.1f s): no wake signal", event.start_s, event.end_s)
                 return
             event = _trimmed(event, keep_from)
+            self._note_user_level(event.level_dbfs)
             spec, self._speculation = self._speculation, None
             if (spec is not None and not event.forced and event.paused_audio_len is not None
                     and spec.audio_len == event.paused_audio_len):
@@ -256,6 +266,26 @@ class VoiceSession:
             utterance = Utterance(audio=event.audio, speech_start=self._wall(event.start_s, now),
                                   speech_end=self._wall(event.end_s, now), forced=event.forced)
             await self._start_turn(utterance, source)
+
+    def _is_background(self, level_dbfs: float) -> bool:
+        """Speech ``VAD_RELATIVE_DB`` + 5 dB under the user's turns so far: a television across the
+        room, not the person who talks to the speaker (undecidable before the user was first heard)."""
+        relative = self.services.settings.vad_relative_db
+        user = self._user_level_dbfs
+        noisy = getattr(self.vad.classifier, "noisy", True)  # in a quiet room there is no background
+        return (relative > 0 and noisy and user is not None
+                and level_dbfs < user - relative - _BACKGROUND_EXTRA_DB)
+
+    def _note_user_level(self, level_dbfs: float) -> None:
+        """Learn the user's level from turns that sound like the user (not from a quiet one let
+        through in a quiet room: the bar would sink with each)."""
+        relative = self.services.settings.vad_relative_db
+        if relative > 0 and level_dbfs > -100.0:
+            user = self._user_level_dbfs
+            if user is None:
+                self._user_level_dbfs = level_dbfs
+            elif level_dbfs >= user - relative:
+                self._user_level_dbfs = 0.5 * (user + level_dbfs)
 
     def _cancel_speculation(self) -> None:
         if self._speculation is not None:
