@@ -74,7 +74,7 @@ def _pcm(x: np.ndarray) -> bytes:
 def _segmenter(engine: str, settings: Any) -> Any:
     """``engine``: a ``VAD_ENGINE`` value, optionally ``@`` a ``VAD_RELATIVE_DB`` (default: the setting's)."""
     from voicegrow.streaming.vad import VadSegmenter
-    from voicegrow.streaming.vad_classifiers import make_classifier
+    from voicegrow.vad_classifiers import make_classifier
 
     name, _, relative = engine.removesuffix("+ns").partition("@")
     classifier = make_classifier(name, sample_rate=SAMPLE_RATE, frame_ms=settings.vad_frame_ms,

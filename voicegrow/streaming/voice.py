@@ -21,7 +21,7 @@ from voicegrow.services import Services
 from voicegrow.streaming.listening import ListenGate, ListenMode
 from voicegrow.streaming.registry import SessionInfo
 from voicegrow.streaming.turn import Announcement, DeviceLink, Turn, Utterance
-from voicegrow.streaming.vad_classifiers import make_classifier
+from voicegrow.vad_classifiers import make_classifier
 from voicegrow.streaming.vad import (
     SpeechPaused,
     SpeechResumed,

@@ -1,5 +1,7 @@
 """Frame classifiers for the segmenter (:mod:`voicegrow.streaming.vad`): is this frame speech?
 
+A pipeline stage (DESIGN §9): it imports nothing of sessions, storage or HTTP.
+
 webrtcvad alone is a GMM over sub-band energies that adapts slowly: in stationary noise 10 dB under
 the voice (a fan, a cooker hood) it keeps calling the noise speech after the user stopped, and the
 utterance runs on to ``VAD_MAX_UTTERANCE_S``. Two second opinions, chosen by ``VAD_ENGINE``
