@@ -56,7 +56,6 @@ from bench.common import (
     run_command,
     save_figure,
     server_under_test,
-    xiaoai_driver_present,
 )
 
 __all__ = ["Behaviour", "Crowd", "CrowdStats", "LagHistogram", "Utterance", "add_crowd_options", "add_server_options",
@@ -684,7 +683,7 @@ async def run_load(args: argparse.Namespace, utterances_from: Sequence[Clip]) ->
                                  overrides=parse_overrides(args.set), url=args.url, http_url=args.http_url,
                                  pid=args.server_pid, admin_token=args.admin_token) as server:
         utterances = prepare_utterances(utterances_from, assumed_settings(server, args.env_file))
-        xiaoai = args.xiaoai_share > 0 and (mode == "url" or xiaoai_driver_present())
+        xiaoai = args.xiaoai_share > 0
         shares = {"mixed": (args.xiaoai_share, 0.0), "native": (0.0, 0.0), "xiaoai": (1.0, 0.0),
                   "xiaozhi": (0.0, 1.0)}[args.protocol]
         xiaoai = xiaoai and shares[0] > 0

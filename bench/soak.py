@@ -52,7 +52,6 @@ from bench.common import (
     sample_process,
     save_figure,
     server_under_test,
-    xiaoai_driver_present,
 )
 from bench.load import Behaviour, Crowd, add_crowd_options, add_server_options, prepare_utterances, server_figures
 from bench.stores import STORE_KINDS, bench_stores
@@ -155,17 +154,17 @@ async def run_soak(args: argparse.Namespace, clips: Sequence[Clip]) -> dict[str,
             async with server_under_test(mode, fake_ai=None if args.url else FakeAiKnobs.from_args(args),
                                          overrides=overrides, url=args.url, http_url=args.http_url,
                                          pid=args.server_pid, admin_token=args.admin_token) as server:
-                return await _soak(args, server, clips, mode, duration_s, warmup_s)
+                return await _soak(args, server, clips, duration_s, warmup_s)
 
 
-async def _soak(args: argparse.Namespace, server: ServerUnderTest, clips: Sequence[Clip], mode: str,
+async def _soak(args: argparse.Namespace, server: ServerUnderTest, clips: Sequence[Clip],
                 duration_s: float, warmup_s: float) -> dict[str, Any]:
     settings = assumed_settings(server, args.env_file)
     reconnect_after = (args.reconnect_min_s, args.reconnect_max_s) if args.reconnect_max_s > 0 else None
     behaviour = Behaviour(gap_s=(args.gap_min_s, args.gap_max_s), barge_in=args.barge_in, reconnect=args.reconnect,
                           reconnect_after_s=reconnect_after, talker_share=args.talker_share,
                           xiaoai_share=args.xiaoai_share, reply_timeout_s=args.reply_timeout_s)
-    xiaoai = args.xiaoai_share > 0 and (mode == "url" or xiaoai_driver_present())
+    xiaoai = args.xiaoai_share > 0
     addresses = args.addresses if _loopback(server.ws_url) else 1
     crowd = Crowd(server.ws_url, prepare_utterances(clips, settings), behaviour, seed=7, xiaoai=xiaoai,
                   addresses=addresses)
