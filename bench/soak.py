@@ -154,10 +154,10 @@ async def run_soak(args: argparse.Namespace, clips: Sequence[Clip]) -> dict[str,
             async with server_under_test(mode, fake_ai=None if args.url else FakeAiKnobs.from_args(args),
                                          overrides=overrides, url=args.url, http_url=args.http_url,
                                          pid=args.server_pid, admin_token=args.admin_token) as server:
-                return await _soak(args, server, clips, duration_s, warmup_s)
+                return await _soak(args, server, clips, mode, duration_s, warmup_s)
 
 
-async def _soak(args: argparse.Namespace, server: ServerUnderTest, clips: Sequence[Clip],
+async def _soak(args: argparse.Namespace, server: ServerUnderTest, clips: Sequence[Clip], mode: str,
                 duration_s: float, warmup_s: float) -> dict[str, Any]:
     settings = assumed_settings(server, args.env_file)
     reconnect_after = (args.reconnect_min_s, args.reconnect_max_s) if args.reconnect_max_s > 0 else None
