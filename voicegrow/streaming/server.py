@@ -172,7 +172,8 @@ class VoiceServer:
             headers = [(b"content-type", b"application/json")]
             if status == 503:  # full, overloaded or stopping: a balancer tries another replica, a device later
                 headers.append((b"retry-after", str(self.services.settings.admit_retry_after_s).encode()))
-            await request.reject(status, extra_headers=headers, body=json.dumps({"error": limit, "reason": reason}).encode())
+            body = json.dumps({"error": limit, "reason": reason}).encode()
+            await request.reject(status, extra_headers=headers, body=body)
             return
         connected_at = trio.current_time()
         ws = await request.accept()
