@@ -63,7 +63,6 @@ from bench.common import (
     run_command,
     save_figure,
     server_under_test,
-    xiaoai_driver_present,
 )
 
 __all__ = ["Behaviour", "Crowd", "CrowdStats", "LagHistogram", "Utterance", "add_crowd_options", "add_server_options",
@@ -722,7 +721,7 @@ async def run_load(args: argparse.Namespace, utterances_from: Sequence[Clip]) ->
 async def _sweep(args: argparse.Namespace, mode: str, server: ServerUnderTest, pool: ServerUnderTest | None,
                  utterances_from: Sequence[Clip]) -> dict[str, Any]:
     utterances = prepare_utterances(utterances_from, assumed_settings(server, args.env_file))
-    xiaoai = args.xiaoai_share > 0 and (mode == "url" or xiaoai_driver_present())
+    xiaoai = args.xiaoai_share > 0
     shares = {"mixed": (args.xiaoai_share, 0.0), "native": (0.0, 0.0), "xiaoai": (1.0, 0.0),
               "xiaozhi": (0.0, 1.0)}[args.protocol]
     xiaoai = xiaoai and shares[0] > 0
