@@ -779,11 +779,11 @@ def build_asr_service(settings: Settings, metrics: Metrics | None = None, *,
                       allow_download: bool | None = None) -> AsrService:
     """The service the server runs, from ``ASR_*`` settings; nothing is loaded until first use.
 
-    ``allow_download`` defaults to a setting ``asr_allow_download`` if the settings have one, else
-    False: the embedded default (``small``) then falls back to the packaged ``base`` model offline.
+    ``allow_download`` defaults to ``ASR_ALLOW_DOWNLOAD`` (off: the embedded default ``small`` then
+    falls back to the packaged ``base`` model offline).
     """
     if allow_download is None:
-        allow_download = bool(getattr(settings, "asr_allow_download", False))
+        allow_download = settings.asr_allow_download
     workers = settings.asr_workers
     threads = settings.asr_cpu_threads or _default_cpu_threads(workers)
     engine_kind = settings.asr_engine

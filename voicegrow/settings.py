@@ -242,14 +242,6 @@ class Settings:
     def api_key_list(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
 
-    @property
-    def llm_configured(self) -> bool:
-        return bool(self.llm_base_url)
-
-    @property
-    def tts_configured(self) -> bool:
-        return bool(self.tts_base_url)
-
 
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     """Parse a ``.env`` file: ``KEY=value`` lines, ``#`` comments, optional ``export`` and quotes."""

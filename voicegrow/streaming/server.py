@@ -14,7 +14,6 @@ starts that conversation itself.
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import logging
 import time
@@ -173,7 +172,8 @@ class VoiceServer:
             headers = [(b"content-type", b"application/json")]
             if status == 503:  # full, overloaded or stopping: a balancer tries another replica, a device later
                 headers.append((b"retry-after", str(self.services.settings.admit_retry_after_s).encode()))
-            await request.reject(status, extra_headers=headers, body=json.dumps({"error": limit, "reason": reason}).encode())
+            body = json.dumps({"error": limit, "reason": reason}).encode()
+            await request.reject(status, extra_headers=headers, body=body)
             return
         connected_at = trio.current_time()
         ws = await request.accept()
@@ -261,11 +261,11 @@ class VoiceServer:
                 return
         protocol = detect_protocol(first)
         if protocol == "xiaoai":
-            xiaoai = _xiaoai_driver()
-            if xiaoai is not None:
-                info.protocol = "xiaoai"
-                await xiaoai(self.services, ws, info, first, handshake_deadline, request).run()
-                return
+            from voicegrow.streaming.xiaoai import XiaoaiSession
+
+            info.protocol = "xiaoai"
+            await XiaoaiSession(self.services, ws, info, first, handshake_deadline, request).run()
+            return
         from voicegrow.streaming.native import NativeSession
 
         info.protocol = "native"
@@ -297,10 +297,3 @@ class VoiceServer:
         except Exception:
             log.exception("could not record the session end")
 
-
-def _xiaoai_driver() -> Any:
-    if importlib.util.find_spec("voicegrow.streaming.xiaoai") is None:
-        return None
-    from voicegrow.streaming.xiaoai import XiaoaiSession
-
-    return XiaoaiSession
