@@ -203,7 +203,7 @@ def _television_turns(args: argparse.Namespace, settings: Any, engines: Sequence
     """Turns that ``--tv-min`` minutes of television alone would start, per listening mode and VAD;
     ``always, user heard``: once the user's level is known (their clean questions' mean), the session
     drops utterances ``VAD_RELATIVE_DB`` + 5 dB under it (voicegrow.streaming.voice)."""
-    from voicegrow.streaming.listening import ListenGate, ListenMode
+    from voicegrow.listening import ListenGate, ListenMode
     from voicegrow.streaming.voice import _BACKGROUND_EXTRA_DB
 
     n = int(args.tv_min * 60 * SAMPLE_RATE)

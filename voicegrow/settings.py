@@ -54,6 +54,9 @@ class Settings:
 
     # -- server
     server_host: str = _field("0.0.0.0", str)
+    # all: speakers and the HTTP API; asr: an ASR worker of a pool (no speaker port, no timers: the OpenAI
+    # audio API, Wyoming, health and metrics only), for edge replicas whose ASR_BASE_URL points at the pool.
+    server_role: str = _field("all", str, choices=("all", "asr"))
     ws_port: int = _port(4399)
     http_port: int = _port(8000)
     wyoming_port: int = _port(0)  # Home Assistant's Wyoming protocol (ASR and TTS); 0: off
@@ -86,6 +89,12 @@ class Settings:
     max_sessions: int = _field(500, int, low=1, high=100_000)
     max_sessions_per_ip: int = _field(50, int, low=1, high=100_000)
     max_connects_per_ip_per_min: int = _field(120, int, low=1, high=1_000_000)
+    # Load-aware admission (HTTP 503 + Retry-After at the handshake, so a balancer tries another
+    # replica): the oldest live utterance's wait for an ASR worker, in seconds, and this process's CPU
+    # as a share of the cores it may use (0 to 1); 0 turns a check off.
+    admit_max_asr_wait_s: float = _field(0.0, float, low=0, high=600)
+    admit_max_cpu: float = _field(0.0, float, low=0, high=1)
+    admit_retry_after_s: int = _field(5, int, low=1, high=3600)
     max_audio_rate: float = _field(3.0, float, low=1.0, high=100.0)  # × real time
     max_llm_input_chars: int = _field(2000, int, low=10, high=1_000_000)
 
@@ -106,6 +115,11 @@ class Settings:
     asr_beam_size: int = _field(1, int, low=1, high=10)
     asr_engine: str = _field("fast", str, choices=("fast", "stock"))
     asr_speculative: bool = _field(True, bool)
+    # start the LLM (and TTS) on the speculative transcript during the hangover; audio waits for the end
+    # of the turn; a user who goes on talking costs one wasted LLM call (voicegrow_llm_preemptive_total)
+    llm_preemptive: bool = _field(True, bool)
+    # ... once the pause has lasted this long (a word gap shorter than it costs no LLM call)
+    llm_preemptive_after_ms: int = _field(200, int, low=0, high=10_000)
     asr_preload: bool = _field(True, bool)  # load the model at start-up, not on the first utterance
     asr_allow_download: bool = _field(False, bool)  # fetch a standard model from the hub if not installed
     # remote ASR: any OpenAI-compatible /v1/audio/transcriptions instead of the local model (docs/audio-api.md)
@@ -130,7 +144,7 @@ class Settings:
     vad_max_utterance_s: float = _field(15.0, float, low=1, high=120)
     barge_in_min_ms: int = _field(300, int, low=0, high=10_000)
 
-    # -- listening (voicegrow/streaming/listening.py): which heard speech becomes a turn
+    # -- listening (voicegrow/listening.py): which heard speech becomes a turn
     # auto: wake for open-xiaoai speakers, always for native devices, the browser and xiaozhi boards
     listen_mode: str = _field("auto", str, choices=("auto", "wake", "always", "push_to_talk"))
     listen_mode_devices: str = _field("", str)  # device_id=mode,… (wins over LISTEN_MODE and the hello)
@@ -194,6 +208,9 @@ class Settings:
     minio_secure: bool = _field(False, bool)
     presigned_url_ttl_s: int = _field(900, int, low=1, high=7 * 86400)
     replica_id: str = _field("", str)
+    # With REDIS_HOST: how often each replica rewrites its entry in the shared session listing; an
+    # entry lives three heartbeats, so a replica that died leaves the listing within 3 × this.
+    cluster_heartbeat_s: float = _field(2.0, float, low=0.1, high=60)
 
     # -- open-xiaoai speakers
     xiaoai_token: str = _field("", str, secret=True)
@@ -236,14 +253,6 @@ class Settings:
     @property
     def api_key_list(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
-
-    @property
-    def llm_configured(self) -> bool:
-        return bool(self.llm_base_url)
-
-    @property
-    def tts_configured(self) -> bool:
-        return bool(self.tts_base_url)
 
 
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -368,7 +377,7 @@ def _check_cross_field(s: Settings) -> None:
         except McpConfigError as exc:
             raise ConfigError(f"MCP_SERVERS is not allowed: {exc}") from None
     if s.listen_mode_devices:
-        from voicegrow.streaming.listening import ListenModeError, parse_listen_mode_devices
+        from voicegrow.listening import ListenModeError, parse_listen_mode_devices
 
         try:
             parse_listen_mode_devices(s.listen_mode_devices)
