@@ -126,7 +126,6 @@ async def _sample(server: ServerUnderTest, crowd: Crowd, started: float) -> dict
         # glibc's view: memory in use by the program vs freed but kept in the arenas (fragmentation).
         "malloc_in_use_mb": malloc["in_use_bytes"] / 2**20 if malloc else None,
         "malloc_free_held_mb": malloc["free_held_bytes"] / 2**20 if malloc else None,
-        "malloc_arenas": malloc.get("arenas") if malloc else None,
         "gc_full_collections": collections[2] if collections else None,
         # The speakers' own memory, when it is not mixed into the server's: a creeping generator is ours.
         "generator_rss_mb": sample_process(os.getpid()).rss_bytes / 2**20 if server.mode != "in-process" else None,
@@ -270,11 +269,11 @@ def render_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
                              "turn latency p50 s"], series_rows)]
     allocator = results["allocator_slopes_mb_per_min"]
     if allocator["malloc_in_use_mb"] is not None:
-        arenas = [s["malloc_arenas"] for s in samples if s.get("malloc_arenas") is not None]
+        arenas = (results.get("memory") or {}).get("malloc_arenas")
         parts += ["", f"glibc allocator after warm-up: in use {allocator['malloc_in_use_mb']:+.3f} MB/min, held free "
                   f"in its arenas {allocator['malloc_free_held_mb']:+.3f} MB/min (Python's small objects live in "
                   "pymalloc's own arenas, outside both)"
-                  + (f"; {min(arenas)}–{max(arenas)} arenas." if arenas else ".")]
+                  + (f"; {arenas} arenas at the end." if arenas else ".")]
     release = results.get("release")
     if release:
         mb = 2**20

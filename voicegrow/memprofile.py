@@ -67,21 +67,22 @@ def malloc_stats() -> dict[str, int] | None:
 
     ``in_use_bytes`` is what the program (Python and every C library) has allocated; ``free_held_bytes``
     is freed memory the allocator keeps in its arenas instead of returning it (fragmentation, or room
-    kept for reuse); ``mmapped_bytes`` are large blocks mapped on their own, returned when freed;
-    ``arenas`` how many arenas hold all that (see voicegrow.allocator).
+    kept for reuse); ``mmapped_bytes`` are large blocks mapped on their own, returned when freed.
     """
     libc = glibc()
     if libc is None:
         return None
     info = libc.mallinfo2()
     return {"arena_bytes": info.arena, "mmapped_bytes": info.hblkhd, "in_use_bytes": info.uordblks,
-            "free_held_bytes": info.fordblks, "releasable_top_bytes": info.keepcost, "free_chunks": info.ordblks,
-            "arenas": arena_count()}
+            "free_held_bytes": info.fordblks, "releasable_top_bytes": info.keepcost, "free_chunks": info.ordblks}
 
 
 def arena_count() -> int | None:
     """How many arenas glibc has made in this process (``malloc_info``'s ``<heap>`` elements; they are
-    never given back, and each keeps what was freed in it); None off glibc or where it cannot say."""
+    never given back, and each keeps what was freed in it); None off glibc or where it cannot say.
+
+    It walks every free chunk of every arena: tens of milliseconds on a big heap, so the memory report
+    asks for it only with its full report, not with the cheap one ``bench soak`` samples."""
     libc = glibc()
     if libc is None or not hasattr(libc, "malloc_info"):
         return None
@@ -210,4 +211,5 @@ def memory_report(tracer: MemoryTracer | None, *, limit: int = 20, group_by: str
     """RSS and the allocator's figures always; the growth sites when ``tracer`` is running and
     ``limit`` > 0 (a snapshot of a big heap takes a while: ``limit=0`` skips it)."""
     return {"rss_bytes": resident_bytes(), "malloc": malloc_stats(), "gc": gc_stats(),
+            "malloc_arenas": arena_count() if limit else None,
             "tracing": tracer.report(limit=limit, group_by=group_by) if tracer is not None and limit else None}
