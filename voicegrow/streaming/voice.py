@@ -17,7 +17,7 @@ import trio
 from voicegrow.audio import StreamResampler
 from voicegrow.llm import ConversationHistory
 from voicegrow.services import Services
-from voicegrow.streaming.registry import SessionInfo
+from voicegrow.sessions.registry import SessionInfo
 from voicegrow.streaming.turn import Announcement, DeviceLink, Turn, Utterance
 from voicegrow.streaming.vad import SpeechPaused, SpeechResumed, UtteranceDropped, UtteranceEnded, VadSegmenter
 
