@@ -72,6 +72,9 @@ async def test_memory_endpoints_are_admin_only_and_report_without_tracing(tmp_pa
             report = (await http.get("/api/v1/debug/memory")).json()
             assert report["tracing"] is None and report["rss_bytes"] > 0
             assert report["malloc"]["in_use_bytes"] > 0 and report["malloc"]["free_held_bytes"] >= 0
+            assert report["malloc_arenas"] >= 1  # the full report (limit 20 by default) counts glibc's arenas
+            cheap = (await http.get("/api/v1/debug/memory", params={"limit": "0"})).json()
+            assert cheap["malloc_arenas"] is None and cheap["malloc"]["in_use_bytes"] > 0
             assert len(report["gc"]["collections"]) == 3 and report["gc"]["uncollectable"] >= 0
             response = await http.post("/api/v1/debug/memory/baseline")
             assert response.status_code == 404 and response.json()["error"] == "memory_trace_off"
