@@ -17,9 +17,17 @@ import trio
 from voicegrow.audio import StreamResampler
 from voicegrow.llm import ConversationHistory
 from voicegrow.services import Services
+from voicegrow.streaming.bargein import EchoGuard, resolve_mode
 from voicegrow.streaming.registry import SessionInfo
 from voicegrow.streaming.turn import Announcement, DeviceLink, Turn, Utterance
-from voicegrow.streaming.vad import SpeechPaused, SpeechResumed, UtteranceDropped, UtteranceEnded, VadSegmenter
+from voicegrow.streaming.vad import (
+    SpeechPaused,
+    SpeechResumed,
+    SpeechStarted,
+    UtteranceDropped,
+    UtteranceEnded,
+    VadSegmenter,
+)
 
 __all__ = ["VoiceSession", "begin_device_session"]
 
@@ -77,9 +85,21 @@ class _TypedTranscript:
         self.dropped = 0
 
 
+class _EchoCheckedTranscript:
+    """A transcript that repeats the reply it was heard over: the turn drops it (no LLM request)."""
+
+    echo_of_reply = True
+
+    def __init__(self, transcript: Any) -> None:
+        self.text = transcript.text
+        self.language = transcript.language
+        self.dropped = getattr(transcript, "dropped", 0)
+
+
 class VoiceSession:
     def __init__(self, services: Services, link: DeviceLink, info: SessionInfo, *, input_rate: int,
-                 history: ConversationHistory | None = None) -> None:
+                 history: ConversationHistory | None = None, device_cancels_echo: bool = False,
+                 barge_in: str | None = None) -> None:
         s = services.settings
         self.services = services
         self.link = link
@@ -97,6 +117,11 @@ class VoiceSession:
         self._speculation: _Speculation | None = None
         self._flushing = False  # the device ended the utterance (push-to-talk), not the VAD
         self.language = None if s.asr_language == "auto" else s.asr_language
+        self.echo = _echo_guard(services, barge_in or s.barge_in, device_cancels_echo)
+        info.barge_in = self.echo.mode.name
+        self._onset_s = 0.0  # the open utterance's onset (VAD stream position)
+        self._onset_over_reply = False  # the reply could be heard when it began
+        self._barged = False  # it interrupted the reply
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the session's nursery for turns and speculative ASR until cancelled."""
@@ -130,6 +155,7 @@ class VoiceSession:
             samples = self._resampler.process(np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2"))
             pcm = np.asarray(samples, dtype="<i2").tobytes()
         self._stream_pos_s += len(pcm) / 2 / VAD_RATE
+        pcm = self.echo.front_end(pcm, now, self._stream_pos_s)
         for event in self.vad.feed(pcm):
             await self._on_vad_event(event, now)
         self._check_barge_in()
@@ -173,8 +199,9 @@ class VoiceSession:
         await self._interrupt(reason)
 
     async def wake(self) -> None:
-        """A wake word: stop talking and listen."""
-        await self._interrupt("wake")
+        """A wake word: stop talking and listen (unless ``BARGE_IN=off``)."""
+        if self.echo.mode.wake_interrupts:
+            await self._interrupt("wake")
 
     # -- VAD events ---------------------------------------------------------------------------------
 
@@ -183,7 +210,11 @@ class VoiceSession:
         return now - (self._stream_pos_s - stream_pos_s)
 
     async def _on_vad_event(self, event: object, now: float) -> None:
-        if isinstance(event, SpeechPaused):
+        if isinstance(event, SpeechStarted):
+            self._onset_s = event.at_s
+            self._onset_over_reply = self._reply_running() and self.echo.reply_audible()
+            self._barged = False
+        elif isinstance(event, SpeechPaused):
             self._cancel_speculation()
             if self.services.settings.asr_speculative and self._nursery is not None:
                 spec = self._speculation = _Speculation(event.audio)
@@ -195,18 +226,36 @@ class VoiceSession:
         elif isinstance(event, UtteranceEnded):
             if event.forced and not self._flushing:  # VAD_MAX_UTTERANCE_S cut it
                 self.services.metrics.limit_hits.labels("utterance_length").inc()
+            unproven = False
+            if self._onset_over_reply and not self._barged and not self._flushing:
+                unproven = self.echo.mode.echo_gate and not self.echo.canceller_proven(self._onset_s)
+                if not unproven:
+                    # Heard over the reply without passing the barge-in test: the speaker's own voice
+                    # (echo-safe), or speech that may not interrupt (wake_word, off). Nothing to answer.
+                    self._cancel_speculation()
+                    self.services.metrics.echo_rejected.labels("level").inc()
+                    log.info("dropping an utterance heard over the reply (%.1f-%.1f s, barge-in %s)",
+                             event.start_s, event.end_s, self.echo.mode.name)
+                    return
             spec, self._speculation = self._speculation, None
             if spec is not None and not event.forced and spec.audio_len == event.paused_audio_len:
-                source = spec.wait
+                transcribe = spec.wait
             else:
                 if spec is not None:
                     spec.scope.cancel()
                 audio = event.audio
 
-                async def source() -> Any:
+                async def transcribe() -> Any:
                     return await self.services.asr.transcribe(audio, language=self.language)
+            source = self._echo_checked(transcribe) if self._onset_over_reply else transcribe
             utterance = Utterance(audio=event.audio, speech_start=self._wall(event.start_s, now),
                                   speech_end=self._wall(event.end_s, now), forced=event.forced)
+            if unproven:
+                # The canceller had not proven itself, so the level said nothing: the transcript
+                # decides, before anything is interrupted.
+                assert self._nursery is not None
+                self._nursery.start_soon(self._start_unless_echo, utterance, source)
+                return
             await self._start_turn(utterance, source)
 
     def _cancel_speculation(self) -> None:
@@ -216,15 +265,53 @@ class VoiceSession:
 
     # -- turns and barge-in ---------------------------------------------------------------------
 
+    def _reply_running(self) -> bool:
+        turn = self._turn
+        return turn is not None and not turn.done.is_set() and not turn.interrupted
+
+    def _echo_checked(self, transcribe: Any) -> Any:
+        """Wrap a transcript source: a transcript that repeats the reply it interrupted is echo."""
+        turn = self._turn
+        reply = turn.reply_text if turn is not None else ""
+        guard = self.echo
+        metrics = self.services.metrics
+
+        async def source() -> Any:
+            transcript = await transcribe()
+            lang = transcript.language if transcript.language in ("zh", "en") else "en"
+            if guard.is_echo_transcript(transcript.text, reply, lang):
+                metrics.echo_rejected.labels("transcript").inc()
+                log.info("the utterance %r repeats the reply: echo", transcript.text[:80])
+                return _EchoCheckedTranscript(transcript)
+            return transcript
+
+        return source
+
+    async def _start_unless_echo(self, utterance: Utterance, source: Any) -> None:
+        try:
+            transcript = await source()
+        except Exception as exc:  # the turn would only apologise for an utterance that was probably echo
+            log.info("could not transcribe an utterance heard over the reply: %s", exc)
+            return
+        if getattr(transcript, "echo_of_reply", False):
+            return
+
+        async def heard() -> Any:
+            return transcript
+
+        await self._start_turn(utterance, heard)
+
     def _check_barge_in(self) -> None:
         turn = self._turn
         if turn is None or turn.done.is_set() or turn.interrupted:
             return
         if turn.utterance.forced:
             return  # the speech going on is the rest of the same long utterance, not an interruption
-        if self.vad.current_speech_ms >= self.services.settings.barge_in_min_ms:
-            log.info("barge-in: user speech while turn %s was %s", turn.turn_id,
-                     "playing" if turn.playing else "thinking")
+        if (self.vad.current_speech_ms >= self.services.settings.barge_in_min_ms
+                and self.echo.speech_counts(self._onset_s)):
+            self._barged = True
+            log.info("barge-in: user speech while turn %s was %s (echo canceller kept %s dB)", turn.turn_id,
+                     "playing" if turn.playing else "thinking", self.echo.kept_db_since(self._onset_s))
             assert self._nursery is not None
             self._nursery.start_soon(self._interrupt, "barge_in")
 
@@ -254,7 +341,7 @@ class VoiceSession:
         turn = Turn(services=self.services, link=self.link, turn_id=self._turn_ids, utterance=utterance,
                     history=self.history, session_id=self.info.session_id,
                     device_id=self.info.device_id or self.info.session_id, transcribe=transcribe,
-                    announcement=announcement)
+                    announcement=announcement, playout=self.echo.tap)
         scope = trio.CancelScope()
         self._turn, self._turn_scope = turn, scope
 
@@ -270,6 +357,21 @@ class VoiceSession:
                 turn.done.set()  # also when it was superseded before it began
 
         self._nursery.start_soon(run_turn)
+
+
+def _echo_guard(services: Services, policy: str, device_cancels_echo: bool) -> EchoGuard:
+    """The session's barge-in policy and, where it asks for one, its echo canceller."""
+    from voicegrow.echo import EchoCanceller, EchoUnavailable
+
+    settings = services.settings
+    mode = resolve_mode(policy, device_cancels_echo=device_cancels_echo)
+    canceller = None
+    if mode.cancel_echo:
+        try:
+            canceller = EchoCanceller()
+        except EchoUnavailable as exc:
+            log.warning("no echo cancellation for this session (%s): barge-in relies on transcripts", exc)
+    return EchoGuard(mode, kept_db=settings.barge_in_echo_kept_db, canceller=canceller)
 
 
 async def begin_device_session(services: Services, info: SessionInfo) -> ConversationHistory:
