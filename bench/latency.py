@@ -36,7 +36,6 @@ import httpx
 import trio
 
 from bench.common import (
-    BenchError,
     Clip,
     FakeAiKnobs,
     ServerUnderTest,
@@ -54,7 +53,6 @@ from bench.common import (
     run_command,
     save_figure,
     server_under_test,
-    xiaoai_driver_present,
 )
 
 __all__ = ["STAGES", "COMPONENTS", "TurnMeasurement", "main", "run_latency"]
@@ -362,9 +360,6 @@ async def run_latency(args: argparse.Namespace, clips: Sequence[Clip]) -> dict[s
     """Speak the clips, measure the components, and return every figure (see :func:`summarize`)."""
     overrides = parse_overrides(args.set)
     mode = "url" if args.url else "in-process"
-    if args.protocol == "xiaoai" and mode != "url" and not xiaoai_driver_present():
-        raise BenchError("no_xiaoai_driver", "this checkout's server has no open-xiaoai driver "
-                         "(voicegrow/streaming/xiaoai.py) yet")
     async with server_under_test(mode, fake_ai=None if args.url else FakeAiKnobs.from_args(args),
                                  overrides=overrides, url=args.url, http_url=args.http_url,
                                  admin_token=args.admin_token) as server:

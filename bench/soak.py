@@ -52,7 +52,6 @@ from bench.common import (
     sample_process,
     save_figure,
     server_under_test,
-    xiaoai_driver_present,
 )
 from bench.load import Behaviour, Crowd, add_crowd_options, add_server_options, prepare_utterances, server_figures
 from bench.stores import STORE_KINDS, bench_stores
@@ -165,7 +164,7 @@ async def _soak(args: argparse.Namespace, server: ServerUnderTest, clips: Sequen
     behaviour = Behaviour(gap_s=(args.gap_min_s, args.gap_max_s), barge_in=args.barge_in, reconnect=args.reconnect,
                           reconnect_after_s=reconnect_after, talker_share=args.talker_share,
                           xiaoai_share=args.xiaoai_share, reply_timeout_s=args.reply_timeout_s)
-    xiaoai = args.xiaoai_share > 0 and (mode == "url" or xiaoai_driver_present())
+    xiaoai = args.xiaoai_share > 0
     addresses = args.addresses if _loopback(server.ws_url) else 1
     crowd = Crowd(server.ws_url, prepare_utterances(clips, settings), behaviour, seed=7, xiaoai=xiaoai,
                   addresses=addresses)

@@ -33,8 +33,8 @@ import json
 import math
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
 
+from bench.emulator import EmulatorError, running
 from voicegrow.client import connect_websocket_from
 from voicegrow.protocol import xiaoai as proto
 from voicegrow.protocol.xiaoai import AudioConfig, Event, PlayingState, Request, Response, Stream, XiaoaiError
@@ -73,10 +74,6 @@ CLIENT_PLAY_WRITE_TIMEOUT_S = 0.1
 PIPE_BUFFER_BYTES = 65536
 #: client.rs sleeps 1 s after a failed connect and reconnects at once after a disconnect.
 CLIENT_RETRY_INTERVAL_S = 1.0
-
-
-class EmulatorError(Exception):
-    """The emulator was asked for something a speaker could not do (not connected, not recording)."""
 
 
 ShellOutput = tuple[str, str, int]
@@ -694,23 +691,9 @@ def _mix_pcm(a: bytes, b: bytes) -> bytes:
     return np.clip(mixed, -32768, 32767).astype("<i2").tobytes()
 
 
-@asynccontextmanager
-async def run_emulator(url: str, **options: Any) -> AsyncIterator[SpeakerEmulator]:
+def run_emulator(url: str, **options: Any) -> AbstractAsyncContextManager[SpeakerEmulator]:
     """A connected :class:`SpeakerEmulator` for the body of the block (options as its constructor's)."""
-    emulator = SpeakerEmulator(url, **options)
-    failure: EmulatorError | None = None
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(emulator.run)
-        except EmulatorError as exc:
-            failure = exc
-        else:
-            try:
-                yield emulator
-            finally:
-                await emulator.aclose()
-    if failure is not None:
-        raise failure  # outside the nursery, so it is not wrapped in an ExceptionGroup
+    return running(SpeakerEmulator(url, **options))
 
 
 # -- command line -----------------------------------------------------------------------------------------

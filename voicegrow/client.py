@@ -26,19 +26,18 @@ from voicegrow.protocol import (
     HEADER_SIZE,
     Audio,
     AudioFormat,
-    ClientConnectionState,
     Close,
     Control,
     Error,
     ErrorCode,
     Frame,
-    FrameDecoder,
     Hello,
     HelloAck,
+    NativeConnection,
     Ping,
     Pong,
     ProtocolError,
-    encode,
+    Role,
 )
 from voicegrow.protocol.native import wire_ms
 
@@ -108,9 +107,8 @@ class NativeClient:
     def __init__(self, ws: trio_websocket.WebSocketConnection, *,
                  max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self._ws = ws
-        self._decoder = FrameDecoder(max_payload)
-        self._max_payload = max_payload
-        self.state = ClientConnectionState()
+        #: The protocol state machine, the same one the server's driver runs (``Role.CLIENT`` here).
+        self.conn = NativeConnection(Role.CLIENT, max_payload=max_payload, max_send_payload=max_payload)
         self.hello_ack: HelloAck | None = None
         self._audio_seq = 0
         self._control_seq = 0
@@ -168,8 +166,7 @@ class NativeClient:
         """Check the frame is allowed now, encode it and send it as one binary message."""
         if self._closed is not None:
             raise self._closed
-        self.state.send(frame)
-        message = encode(frame, max_payload=self._max_payload)
+        message = self.conn.send(frame)
         try:
             await self._ws.send_message(message)
         except trio_websocket.ConnectionClosed as exc:
@@ -200,8 +197,9 @@ class NativeClient:
             message = await self._ws.get_message()
         except trio_websocket.ConnectionClosed as exc:
             raise self._closed_by_websocket(exc) from None
-        frame = self._decoder.decode_message(message)  # type: ignore[arg-type]
-        self.state.receive(frame)
+        self.conn.receive_data(message)
+        frame = self.conn.next_event()
+        assert frame is not None  # one WebSocket message is one frame
         if isinstance(frame, Ping):
             with contextlib.suppress(ConnectionClosed):
                 await self.send(Pong(frame.nonce, timestamp_ms=self._now_ms()))
@@ -223,7 +221,7 @@ class NativeClient:
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Send CLOSE (unless the session is already over) and close the WebSocket; never raises."""
         with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_GRACE_S):
-            if self._closed is None and self.state.our_role not in self.state.closed_by:
+            if self._closed is None and not self.conn.we_closed:
                 with contextlib.suppress(NativeClientError):
                     await self.send(Close(code, reason, timestamp_ms=self._now_ms()))
             await self._ws.aclose(code, reason or None)

@@ -90,6 +90,13 @@ class Metrics:
         self.limit_hits = Counter(
             "voicegrow_limit_hits_total", "Times a configured limit refused or throttled a client", ["limit"],
             registry=r)
+        self.admission_threshold = Gauge(
+            "voicegrow_admission_threshold", "Load above which new sessions are refused (0: check off), by check",
+            ["check"], registry=r, multiprocess_mode="livemax")
+        self.admission_load = Gauge(
+            "voicegrow_admission_load", "The load admission compares with its threshold (ASR queue wait in"
+            " seconds; CPU as a share of the usable cores), by check", ["check"], registry=r,
+            multiprocess_mode="livemax")
         self.auth_refusals = Counter(
             "voicegrow_auth_refusals_total", "Refused authentications, by protocol and reason",
             ["protocol", "reason"], registry=r)

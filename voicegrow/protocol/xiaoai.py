@@ -23,6 +23,7 @@ from typing import Any, Union
 import numpy as np
 
 from voicegrow.protocol import strictjson
+from voicegrow.protocol.errors import CodecError
 
 __all__ = [
     "ABORT_XIAOAI_COMMAND",
@@ -138,17 +139,13 @@ class XiaoaiErrorCode(enum.Enum):
         return 1007
 
 
-class XiaoaiError(Exception):
+class XiaoaiError(CodecError):
     """Input the open-xiaoai codec refuses (or a message it cannot produce).
 
-    The decoders raise nothing else for any input, so a driver needs exactly one ``except``; the real
-    client silently drops what it cannot parse, and a server usually logs and does the same.
+    The real client silently drops what it cannot parse, and a server usually logs and does the same.
     """
 
-    def __init__(self, code: XiaoaiErrorCode, reason: str) -> None:
-        super().__init__(f"{code.value}: {reason}")
-        self.code = code
-        self.reason = reason
+    code: XiaoaiErrorCode
 
 
 # -- messages ---------------------------------------------------------------------------------------

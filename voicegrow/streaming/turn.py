@@ -25,6 +25,7 @@ import trio
 from voicegrow.audio import StreamResampler
 from voicegrow.language import detect_language
 from voicegrow.llm import DEFAULT_SYSTEM_PROMPT, ConversationHistory, LlmError, apology
+from voicegrow.protocol.native import TIMING_KEYS
 from voicegrow.sentences import SentenceSplitter
 from voicegrow.services import Services
 from voicegrow.streaming.pacer import AudioPacer
@@ -35,9 +36,9 @@ __all__ = ["Announcement", "DeviceLink", "Utterance", "Turn", "TIMING_ORDER"]
 
 log = logging.getLogger(__name__)
 
-#: Timing marks in the order they happen; ``turn_timings`` reports them in ms since speech start.
-TIMING_ORDER = ("speech_start", "speech_end", "asr_done", "llm_first_token", "first_sentence",
-                "tts_first_audio", "first_audio_sent", "last_audio_sent")
+#: Timing marks in the order they happen (ms since speech start in the record and on the wire): one
+#: list with the keys the native protocol documents for ``turn_timings``.
+TIMING_ORDER = TIMING_KEYS
 
 
 class DeviceLink(Protocol):

@@ -17,8 +17,8 @@ import trio
 from voicegrow.audio import StreamResampler
 from voicegrow.llm import ConversationHistory
 from voicegrow.services import Services
+from voicegrow.sessions.registry import SessionInfo
 from voicegrow.streaming.bargein import EchoGuard, resolve_mode
-from voicegrow.streaming.registry import SessionInfo
 from voicegrow.streaming.turn import Announcement, DeviceLink, Turn, Utterance
 from voicegrow.streaming.vad import (
     SpeechPaused,

@@ -33,7 +33,7 @@ from voicegrow.services import Services
 from voicegrow.streaming.ingest import IngestLagMeter
 from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.outbox import Outbox
-from voicegrow.streaming.registry import SessionInfo
+from voicegrow.sessions.registry import SessionInfo
 from voicegrow.streaming.voice import VoiceSession, begin_device_session
 
 __all__ = [

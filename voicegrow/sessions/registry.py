@@ -108,6 +108,10 @@ class SessionRegistry:
         while self._sessions:
             await self._changed.wait()
 
+    async def wait_changed(self) -> None:
+        """Until the next session is added or removed (the cluster view republishes then)."""
+        await self._changed.wait()
+
     async def wait_until(self, predicate: Callable[["SessionRegistry"], bool]) -> None:
         while not predicate(self):
             await self._changed.wait()
