@@ -190,8 +190,8 @@ class EchoGuard:
         """May the speech since ``onset_s`` (VAD stream position) interrupt a reply now?
 
         Echo-safe: while the reply can be heard, only if the canceller proved itself on the echo
-        just before and kept at least ``BARGE_IN_ECHO_KEPT_DB`` of the speech; an unproven canceller
-        leaves the decision to the transcript (:meth:`is_echo_transcript`, once the utterance ends).
+        just before and kept at least ``BARGE_IN_ECHO_KEPT_DB`` of the speech. While it is unproven
+        (a session's first reply), speech does not interrupt: the wake word still does.
         """
         if not self.mode.speech_interrupts:
             return False

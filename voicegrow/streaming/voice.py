@@ -226,17 +226,16 @@ class VoiceSession:
         elif isinstance(event, UtteranceEnded):
             if event.forced and not self._flushing:  # VAD_MAX_UTTERANCE_S cut it
                 self.services.metrics.limit_hits.labels("utterance_length").inc()
-            unproven = False
             if self._onset_over_reply and not self._barged and not self._flushing:
-                unproven = self.echo.mode.echo_gate and not self.echo.canceller_proven(self._onset_s)
-                if not unproven:
-                    # Heard over the reply without passing the barge-in test: the speaker's own voice
-                    # (echo-safe), or speech that may not interrupt (wake_word, off). Nothing to answer.
-                    self._cancel_speculation()
-                    self.services.metrics.echo_rejected.labels("level").inc()
-                    log.info("dropping an utterance heard over the reply (%.1f-%.1f s, barge-in %s)",
-                             event.start_s, event.end_s, self.echo.mode.name)
-                    return
+                # Heard over the reply without passing the barge-in test: the speaker's own voice
+                # (its echo, or a canceller not yet converged: a garbled echo transcript would start a
+                # turn), or speech that may not interrupt (wake_word, off). Nothing to answer.
+                self._cancel_speculation()
+                proven = self.echo.canceller_proven(self._onset_s)
+                self.services.metrics.echo_rejected.labels("level" if proven else "unproven").inc()
+                log.info("dropping an utterance heard over the reply (%.1f-%.1f s, barge-in %s)",
+                         event.start_s, event.end_s, self.echo.mode.name)
+                return
             spec, self._speculation = self._speculation, None
             if spec is not None and not event.forced and spec.audio_len == event.paused_audio_len:
                 transcribe = spec.wait
@@ -250,12 +249,6 @@ class VoiceSession:
             source = self._echo_checked(transcribe) if self._onset_over_reply else transcribe
             utterance = Utterance(audio=event.audio, speech_start=self._wall(event.start_s, now),
                                   speech_end=self._wall(event.end_s, now), forced=event.forced)
-            if unproven:
-                # The canceller had not proven itself, so the level said nothing: the transcript
-                # decides, before anything is interrupted.
-                assert self._nursery is not None
-                self._nursery.start_soon(self._start_unless_echo, utterance, source)
-                return
             await self._start_turn(utterance, source)
 
     def _cancel_speculation(self) -> None:
@@ -286,20 +279,6 @@ class VoiceSession:
             return transcript
 
         return source
-
-    async def _start_unless_echo(self, utterance: Utterance, source: Any) -> None:
-        try:
-            transcript = await source()
-        except Exception as exc:  # the turn would only apologise for an utterance that was probably echo
-            log.info("could not transcribe an utterance heard over the reply: %s", exc)
-            return
-        if getattr(transcript, "echo_of_reply", False):
-            return
-
-        async def heard() -> Any:
-            return transcript
-
-        await self._start_turn(utterance, heard)
 
     def _check_barge_in(self) -> None:
         turn = self._turn
