@@ -1,4 +1,4 @@
-"""``python -m bench COMMAND``: latency, load, asr, soak, ingest, storm, echo."""
+"""``python -m bench COMMAND``: latency, pauses, load, asr, soak, ingest, storm, echo."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "latency": "bench.latency",
+    "pauses": "bench.pauses",
     "load": "bench.load",
     "asr": "bench.asr",
     "soak": "bench.soak",

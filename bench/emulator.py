@@ -7,13 +7,16 @@ holds it connected for an ``async with`` body and closes it however the body end
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import argparse
+import json
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
 import trio
 
-__all__ = ["EmulatorError", "running"]
+__all__ = ["EmulatorError", "run_cli", "running"]
 
 
 class EmulatorError(Exception):
@@ -49,3 +52,15 @@ async def running(emulator: E) -> AsyncIterator[E]:
                 nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
+
+
+def run_cli(name: str, run: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+            args: argparse.Namespace) -> int:
+    """An emulator's command line: its summary as JSON on stdout, or its error on stderr with status 1."""
+    try:
+        summary = trio.run(run, args)
+    except EmulatorError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, ensure_ascii=False, indent=2))
+    return 0

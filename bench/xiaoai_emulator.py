@@ -42,7 +42,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
 
-from bench.emulator import EmulatorError, running
+from bench.emulator import EmulatorError, run_cli, running
 from voicegrow.client import connect_websocket_from
 from voicegrow.protocol import xiaoai as proto
 from voicegrow.protocol.xiaoai import AudioConfig, Event, PlayingState, Request, Response, Stream, XiaoaiError
@@ -735,14 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--duration", type=float, help="seconds to stay connected (default: speech + 10 s, or 30 s)")
     parser.add_argument("--reconnect", action="store_true", help="reconnect after a disconnect, as the client does")
-    args = parser.parse_args(argv)
-    try:
-        summary = trio.run(_run_cli, args)
-    except EmulatorError as exc:
-        print(f"xiaoai_emulator: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, ensure_ascii=False, indent=2))
-    return 0
+    return run_cli("xiaoai_emulator", _run_cli, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

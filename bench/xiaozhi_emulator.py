@@ -29,7 +29,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
 
-from bench.emulator import EmulatorError, running
+from bench.emulator import EmulatorError, run_cli, running
 from voicegrow.opus import OpusDecoder, OpusEncoder, OpusError
 from voicegrow.protocol import xiaozhi as wire
 
@@ -450,14 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=wire.LISTEN_MODES, default="auto")
     parser.add_argument("--device-id", default=DEFAULT_DEVICE_ID)
     parser.add_argument("--duration", type=float, help="seconds to stay connected (default: speech + 15 s)")
-    args = parser.parse_args(argv)
-    try:
-        summary = trio.run(_run_cli, args)
-    except EmulatorError as exc:
-        print(f"xiaozhi_emulator: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, ensure_ascii=False, indent=2))
-    return 0
+    return run_cli("xiaozhi_emulator", _run_cli, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

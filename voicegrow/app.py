@@ -67,7 +67,7 @@ async def running_server(settings: Settings, *, persistence_options: dict[str, A
             await nursery.start(services.tools.run)
         if settings.asr_preload:  # the first user should not wait for a model load
             nursery.start_soon(services.asr.warm_up)
-            if hasattr(services.tts, "preload"):
+            if hasattr(services.tts, "preload") and speakers:  # a pool's worker loads a voice when asked
                 nursery.start_soon(services.tts.preload)
         if worker is not None:
             await nursery.start(ControlServer(services.live.local, worker.control_socket(worker.index)).run)

@@ -369,7 +369,8 @@ class TalkResult:
     timings_ms: dict[str, float | None] = dataclasses.field(default_factory=dict)
     reply_audio: bytes = b""
     reply_sample_rate: int = 24000
-    #: seconds from sending the clip's last sample to receiving the first reply audio
+    #: seconds from sending the clip's last sample to receiving the first reply audio (negative when the
+    #: reply began during the clip's own trailing silence)
     client_first_audio_s: float | None = None
     events: list[TalkEvent] = dataclasses.field(default_factory=list)
     lang: str = ""
@@ -409,6 +410,14 @@ class _ReplyCollector:
         self._ignored_turns: set[int] = set()
         self.linger_until = math.inf
         self.clip_sent_at: float | None = None
+        self.first_audio_at: float | None = None
+
+    def clip_sent(self, now: float) -> None:
+        """The clip's last sample went out; a reply already playing (the trailing silence of a clip
+        outlasted the hangover) started that long before it, a negative ``client_first_audio_s``."""
+        self.clip_sent_at = now
+        if self.first_audio_at is not None:
+            self.result.client_first_audio_s = self.first_audio_at - now
 
     @property
     def heard_only_noise(self) -> bool:
@@ -421,8 +430,10 @@ class _ReplyCollector:
     def add(self, frame: Frame, now: float) -> None:
         if isinstance(frame, Audio):
             if self._ours(frame.turn_id) and frame.pcm:
-                if self.result.client_first_audio_s is None and self.clip_sent_at is not None:
-                    self.result.client_first_audio_s = now - self.clip_sent_at
+                if self.first_audio_at is None:
+                    self.first_audio_at = now
+                    if self.clip_sent_at is not None:
+                        self.result.client_first_audio_s = now - self.clip_sent_at
                 self.result.reply_audio += frame.pcm
         elif isinstance(frame, Control):
             self._add_event(frame, now)
@@ -509,10 +520,10 @@ async def stream_wav_and_collect(
                 await trio.sleep_until(started_at + index * frame_interval)
                 await client.send_audio(chunk)
                 if index == len(clip_frames) - 1:
-                    collector.clip_sent_at = trio.current_time()
-                    result.clip_sent_s = collector.clip_sent_at - started_at
+                    collector.clip_sent(trio.current_time())
+                    result.clip_sent_s = (collector.clip_sent_at or started_at) - started_at
             if not clip_frames:
-                collector.clip_sent_at = trio.current_time()
+                collector.clip_sent(trio.current_time())
 
     async def receive_reply() -> None:
         with trio.move_on_at(started_at + len(clip_frames) * frame_interval + timeout_s) as overall:

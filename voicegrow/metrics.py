@@ -59,6 +59,10 @@ class Metrics:
             ["endpoint", "outcome"], registry=r)
         self.llm_requests = Counter(
             "voicegrow_llm_requests_total", "LLM requests by outcome", ["outcome"], registry=r)
+        self.llm_preemptive = Counter(
+            "voicegrow_llm_preemptive_total", "Replies started on the speculative transcript before the end of"
+            " the turn (LLM_PREEMPTIVE), by outcome: used, or wasted (the user went on talking after the LLM"
+            " had been asked: a paid call for nothing)", ["outcome"], registry=r)
         self.tool_calls = Counter(
             "voicegrow_tool_calls_total", "Tool calls the LLM made, by where the tool lives (builtin, mcp, device)"
             " and outcome (ok, error)", ["source", "outcome"], registry=r)

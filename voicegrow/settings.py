@@ -115,6 +115,11 @@ class Settings:
     asr_beam_size: int = _field(1, int, low=1, high=10)
     asr_engine: str = _field("fast", str, choices=("fast", "stock"))
     asr_speculative: bool = _field(True, bool)
+    # start the LLM (and TTS) on the speculative transcript during the hangover; audio waits for the end
+    # of the turn; a user who goes on talking costs one wasted LLM call (voicegrow_llm_preemptive_total)
+    llm_preemptive: bool = _field(True, bool)
+    # ... once the pause has lasted this long (a word gap shorter than it costs no LLM call)
+    llm_preemptive_after_ms: int = _field(200, int, low=0, high=10_000)
     asr_preload: bool = _field(True, bool)  # load the model at start-up, not on the first utterance
     asr_allow_download: bool = _field(False, bool)  # fetch a standard model from the hub if not installed
     # remote ASR: any OpenAI-compatible /v1/audio/transcriptions instead of the local model (docs/audio-api.md)

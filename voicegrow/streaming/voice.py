@@ -19,7 +19,7 @@ from voicegrow.llm import ConversationHistory
 from voicegrow.services import Services
 from voicegrow.sessions.registry import SessionInfo
 from voicegrow.streaming.bargein import EchoGuard, resolve_mode
-from voicegrow.streaming.turn import Announcement, DeviceLink, Turn, Utterance
+from voicegrow.streaming.turn import Announcement, DeviceLink, HeldLink, Turn, Utterance
 from voicegrow.streaming.vad import (
     SpeechPaused,
     SpeechResumed,
@@ -76,6 +76,20 @@ class _Speculation:
         return self.result
 
 
+class _Preemption:
+    """A turn started on a speculation's transcript before the hangover ended (``LLM_PREEMPTIVE``).
+
+    It runs ASR → LLM → first sentence → TTS while the VAD still waits for the silence to last, holding
+    everything it would send (:class:`HeldLink`). The end of the utterance with no more speech releases
+    it: the reply is ready when the hangover ends. More speech cancels it, before anything was said.
+    """
+
+    def __init__(self, turn: Turn, scope: trio.CancelScope, link: HeldLink) -> None:
+        self.turn = turn
+        self.scope = scope
+        self.link = link
+
+
 class _TypedTranscript:
     """A typed utterance (the native ``text`` event) in the shape of an ASR result."""
 
@@ -115,6 +129,10 @@ class VoiceSession:
         self._turn_scope: trio.CancelScope | None = None
         self._turn_ids = 0
         self._speculation: _Speculation | None = None
+        self._preemption: _Preemption | None = None
+        #: a pause long enough to preempt on yet? (speculation, its utterance, the pause's VAD position)
+        self._preempt_pending: tuple[_Speculation, Utterance, float] | None = None
+        self._speech_start_s = 0.0  # VAD position of the open utterance's onset
         self._flushing = False  # the device ended the utterance (push-to-talk), not the VAD
         self.language = None if s.asr_language == "auto" else s.asr_language
         self.echo = _echo_guard(services, barge_in or s.barge_in, device_cancels_echo)
@@ -158,6 +176,11 @@ class VoiceSession:
         pcm = self.echo.front_end(pcm, now, self._stream_pos_s)
         for event in self.vad.feed(pcm):
             await self._on_vad_event(event, now)
+        pending = self._preempt_pending
+        if pending is not None and self.vad.position_s - pending[2] >= self.services.settings.llm_preemptive_after_ms / 1000:
+            self._preempt_pending = None
+            if not (self._onset_over_reply and not self._barged):  # no LLM call for the reply's echo
+                self._preempt(pending[0], pending[1])
         self._check_barge_in()
 
     async def end_of_speech(self) -> None:
@@ -214,11 +237,16 @@ class VoiceSession:
             self._onset_s = event.at_s
             self._onset_over_reply = self._reply_running() and self.echo.reply_audible()
             self._barged = False
+            self._speech_start_s = event.at_s
         elif isinstance(event, SpeechPaused):
             self._cancel_speculation()
             if self.services.settings.asr_speculative and self._nursery is not None:
                 spec = self._speculation = _Speculation(event.audio)
                 self._nursery.start_soon(spec.run, self.services, self.language)
+                if self.services.settings.llm_preemptive and not self.vad.hold_until_flush:
+                    utterance = Utterance(audio=event.audio, speech_start=self._wall(self._speech_start_s, now),
+                                          speech_end=self._wall(event.at_s, now))
+                    self._preempt_pending = (spec, utterance, event.at_s)
         elif isinstance(event, SpeechResumed):
             self._cancel_speculation()
         elif isinstance(event, UtteranceDropped):
@@ -231,30 +259,82 @@ class VoiceSession:
                 # (its echo, or a canceller not yet converged: a garbled echo transcript would start a
                 # turn), or speech that may not interrupt (wake_word, off). Nothing to answer.
                 self._cancel_speculation()
+                preemption, self._preemption, self._preempt_pending = self._preemption, None, None
+                if preemption is not None:
+                    self._cancel_preemption(preemption)
                 proven = self.echo.canceller_proven(self._onset_s)
                 self.services.metrics.echo_rejected.labels("level" if proven else "unproven").inc()
                 log.info("dropping an utterance heard over the reply (%.1f-%.1f s, barge-in %s)",
                          event.start_s, event.end_s, self.echo.mode.name)
                 return
             spec, self._speculation = self._speculation, None
-            if spec is not None and not event.forced and spec.audio_len == event.paused_audio_len:
-                transcribe = spec.wait
+            preemption, self._preemption = self._preemption, None
+            self._preempt_pending = None
+            usable = spec is not None and not event.forced and spec.audio_len == event.paused_audio_len
+            utterance = Utterance(audio=event.audio, speech_start=self._wall(event.start_s, now),
+                                  speech_end=self._wall(event.end_s, now), forced=event.forced)
+            if preemption is not None:
+                if usable and await self._confirm(preemption, utterance):
+                    return
+                self._cancel_preemption(preemption)
+            if usable:
+                assert spec is not None
+                source = spec.wait
             else:
                 if spec is not None:
                     spec.scope.cancel()
                 audio = event.audio
 
-                async def transcribe() -> Any:
+                async def source() -> Any:
                     return await self.services.asr.transcribe(audio, language=self.language)
-            source = self._echo_checked(transcribe) if self._onset_over_reply else transcribe
-            utterance = Utterance(audio=event.audio, speech_start=self._wall(event.start_s, now),
-                                  speech_end=self._wall(event.end_s, now), forced=event.forced)
+            if self._onset_over_reply:  # it interrupted the reply: it may still be its echo
+                source = self._echo_checked(source)
             await self._start_turn(utterance, source)
 
     def _cancel_speculation(self) -> None:
+        self._preempt_pending = None
         if self._speculation is not None:
             self._speculation.scope.cancel()
             self._speculation = None
+        if self._preemption is not None:
+            self._cancel_preemption(self._preemption)
+            self._preemption = None
+
+    # -- preemptive replies (LLM_PREEMPTIVE) --------------------------------------------------------
+
+    def _preempt(self, spec: _Speculation, utterance: Utterance) -> None:
+        """Start the reply to the speculation's transcript now; it waits for :meth:`_confirm`."""
+        previous = self._turn
+        if previous is not None and not previous.done.is_set() and not previous.interrupted:
+            return  # a reply is still running: the end of this utterance will supersede it, as ever
+        link = HeldLink(self.link)
+        turn = self._new_turn(utterance, spec.wait, None, turn_id=self._turn_ids + 1, link=link,
+                              confirmed=link.released)
+        scope = trio.CancelScope()
+        self._preemption = _Preemption(turn, scope, link)
+        self._launch(turn, scope, previous)
+
+    async def _confirm(self, preemption: _Preemption, utterance: Utterance) -> bool:
+        """The utterance ended as the preemptive turn assumed: it becomes the turn, and plays."""
+        turn = preemption.turn
+        if turn.done.is_set() or turn.turn_id != self._turn_ids + 1:
+            return False  # it crashed, or another turn (a typed one, a reminder) started meanwhile
+        previous = self._turn
+        if previous is not None and not previous.done.is_set():
+            await self._interrupt("new_utterance")
+        self._turn_ids += 1
+        self.info.turns += 1
+        turn.utterance = utterance  # the whole utterance (trailing silence too) is what gets stored
+        turn.marks["speech_start"], turn.marks["speech_end"] = utterance.speech_start, utterance.speech_end
+        self._turn, self._turn_scope = turn, preemption.scope
+        self.services.metrics.llm_preemptive.labels("used").inc()
+        await preemption.link.release()
+        return True
+
+    @staticmethod
+    def _cancel_preemption(preemption: _Preemption) -> None:
+        """The user went on talking: the held reply is dropped (its turn counts a wasted LLM call)."""
+        preemption.scope.cancel()
 
     # -- turns and barge-in ---------------------------------------------------------------------
 
@@ -317,12 +397,21 @@ class VoiceSession:
             await self._interrupt("new_utterance")
         self._turn_ids += 1
         self.info.turns += 1
-        turn = Turn(services=self.services, link=self.link, turn_id=self._turn_ids, utterance=utterance,
-                    history=self.history, session_id=self.info.session_id,
-                    device_id=self.info.device_id or self.info.session_id, transcribe=transcribe,
-                    announcement=announcement, playout=self.echo.tap)
+        turn = self._new_turn(utterance, transcribe, announcement, turn_id=self._turn_ids, link=self.link)
         scope = trio.CancelScope()
         self._turn, self._turn_scope = turn, scope
+        self._launch(turn, scope, previous)
+
+    def _new_turn(self, utterance: Utterance, transcribe: Any, announcement: Announcement | None, *,
+                  turn_id: int, link: DeviceLink, confirmed: trio.Event | None = None) -> Turn:
+        return Turn(services=self.services, link=link, turn_id=turn_id, utterance=utterance,
+                    history=self.history, session_id=self.info.session_id,
+                    device_id=self.info.device_id or self.info.session_id, transcribe=transcribe,
+                    announcement=announcement, confirmed=confirmed, playout=self.echo.tap)
+
+    def _launch(self, turn: Turn, scope: trio.CancelScope, previous: Turn | None) -> None:
+        """Run ``turn`` in the session's nursery under ``scope``, after ``previous`` has wound down."""
+        assert self._nursery is not None
 
         async def run_turn() -> None:
             try:
