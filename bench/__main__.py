@@ -1,4 +1,4 @@
-"""``python -m bench COMMAND``: latency, pauses, load, asr, soak, ingest, storm."""
+"""``python -m bench COMMAND``: latency, pauses, load, asr, soak, ingest, storm, echo."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ COMMANDS = {
     "tts": "bench.tts",
     "ingest": "bench.ingest",
     "storm": "bench.storm",
+    "echo": "bench.echo",
 }
 
 

@@ -89,6 +89,7 @@ class NativeSession:
         self.connection = DeviceConnection(services, ws, goodbye=_close_frame)
         self.outbox = self.connection.outbox
         self.conn = wire.NativeConnection(wire.Role.SERVER, max_payload=services.settings.max_frame_bytes)
+        self._declared: dict[str, Any] = {}
 
     async def run(self) -> None:
         async with self.connection.running(self.info) as nursery:
@@ -117,6 +118,7 @@ class NativeSession:
                         return None
                     log.info("device error before HELLO: %s", hello)
                     hello = await self._next_frame()
+                self._declared = _barge_in_declared(hello.capabilities)  # a bad one: refused before HELLO_ACK
                 await self._authenticate(hello)
         except trio.TooSlowError:
             log.info("handshake not finished before its deadline; closing")
@@ -190,7 +192,8 @@ class NativeSession:
         device_id_var.set(info.device_id)
         history = await begin_device_session(services, info)
         link = NativeLink(self.outbox, self.conn, output_rate=hello.audio_out.sample_rate)
-        voice = VoiceSession(services, link, info, input_rate=hello.audio_in.sample_rate, history=history)
+        voice = VoiceSession(services, link, info, input_rate=hello.audio_in.sample_rate, history=history,
+                             **self._declared)
         await nursery.start(voice.run)
         log.info("native session established", extra={"remote": info.remote_addr})
         frames_received = services.metrics.audio_frames_received.labels("native")
@@ -241,7 +244,7 @@ class NativeSession:
             await voice.abort("device_abort")
         elif frame.event == "listen_stop":
             await voice.end_of_speech()
-        elif frame.event == "listen_start":
+        elif frame.event in ("listen_start", "wake"):  # a button, or the device's own wake word
             await voice.wake()
         elif frame.event == "text":
             text = frame.data.get("text")
@@ -268,6 +271,19 @@ class NativeSession:
             except ConnectionClosed:
                 pass
         await self.connection.close(exc.ws_close_code, exc.reason)
+
+
+def _barge_in_declared(capabilities: dict[str, Any]) -> dict[str, Any]:
+    """What HELLO says about barge-in: ``echo_cancellation: true`` (the device cancels its own echo,
+    so ``BARGE_IN=auto`` trusts its microphone) and optionally the ``barge_in`` policy it wants."""
+    declared: dict[str, Any] = {"device_cancels_echo": capabilities.get("echo_cancellation") is True}
+    wanted = capabilities.get("barge_in")
+    if wanted is not None:
+        if wanted not in ("auto", "vad", "wake_word", "off"):
+            raise ProtocolError(ErrorCode.BAD_PAYLOAD,
+                                "capabilities.barge_in must be one of auto, vad, wake_word, off")
+        declared["barge_in"] = wanted
+    return declared
 
 
 def _close_frame(code: int, reason: str) -> bytes:
