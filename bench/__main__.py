@@ -1,4 +1,4 @@
-"""``python -m bench COMMAND``: latency, pauses, load, asr, soak, ingest, storm, room."""
+"""``python -m bench COMMAND``: latency, pauses, load, asr, soak, ingest, storm, echo, room."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ COMMANDS = {
     "ingest": "bench.ingest",
     "storm": "bench.storm",
     "room": "bench.room",
+    "echo": "bench.echo",
 }
 
 

@@ -13,6 +13,13 @@ Playback models the client's pipeline: a 50-chunk queue (a full queue stalls the
 the pipe plus the ALSA buffer drain at the playback rate, so a server that runs far ahead of real
 time sees audio cut, as it would on a speaker.
 
+With a ``room`` (:class:`bench.acoustics.EchoPath`) the microphone hears the speaker's own
+playback as a real one does: every chunk the emulated ``aplay`` accepts is placed on the microphone's
+timeline at the moment it plays, delayed, attenuated and reverberated, over background noise; speech
+from :meth:`SpeakerEmulator.stream_pcm` is mixed on top (the user in the same room). Positions are
+microphone samples, so :attr:`SpeakerEmulator.request_positions` tells how much audio after the user
+began talking the server's ``stop_play`` came, whatever the machine's load.
+
 Command line::
 
     python -m bench.xiaoai_emulator --url ws://127.0.0.1:4399 --wav clip.wav --kws 小爱同学 \\
@@ -172,6 +179,7 @@ class SpeakerEmulator:
     """
 
     def __init__(self, url: str, *, serial: str = DEFAULT_SERIAL, model: str = DEFAULT_MODEL,
+                 room: Any = None, babble_clips: Any = (),
                  version: str = proto.CLIENT_VERSION, auto_reconnect: bool = False,
                  connect_timeout: float | None = 10.0, retry_interval: float = CLIENT_RETRY_INTERVAL_S,
                  shell_outputs: Mapping[str, ShellOutput] | None = None,
@@ -181,7 +189,9 @@ class SpeakerEmulator:
                  max_message_size: int = CLIENT_MAX_MESSAGE_BYTES, keep_played_audio: bool = True,
                  source_address: str | None = None) -> None:
         """``keep_played_audio=False`` counts played bytes without keeping them (long soak runs);
-        ``source_address`` is the speaker's own address (many speakers from one machine)."""
+        ``source_address`` is the speaker's own address (many speakers from one machine); ``room``
+        an :class:`bench.acoustics.EchoPath` (the microphone hears the playback; see the module
+        docstring), ``babble_clips`` its babble noise's voices."""
         self.url = url
         self.source_address = source_address
         self.keep_played_audio = keep_played_audio
@@ -228,6 +238,15 @@ class SpeakerEmulator:
         self._play_send: trio.MemorySendChannel[bytes] | None = None
         self._play_receive: trio.MemoryReceiveChannel[bytes] | None = None
         self._play_scope: trio.CancelScope | None = None
+        self.room: Any = None
+        if room is not None:
+            from bench.acoustics import Room
+
+            self.room = Room(room, babble_clips=babble_clips)
+        self._record_t0 = 0.0  # trio time at which microphone sample 0 (room position 0) was captured
+        #: ``(command, microphone samples sent when it arrived)`` for every request received.
+        self.request_positions: list[tuple[str, int]] = []
+        self.mic_samples_sent = 0
 
     # -- state -----------------------------------------------------------------------------------------
 
@@ -362,6 +381,7 @@ class SpeakerEmulator:
         if not isinstance(message, Request):
             return  # a Response matches none of the client's own calls; server Events are only printed
         self.requests_seen.append(message)
+        self.request_positions.append((message.command, self.mic_samples_sent))
         await in_flight.acquire()
         assert self._session is not None
         self._session.start_soon(self._answer, ws, message, in_flight)
@@ -463,6 +483,8 @@ class SpeakerEmulator:
         period = config.buffer_size / max(config.sample_rate, 1)
         with scope:
             next_at = trio.current_time() + period
+            if self.room is not None:  # the room's clock continues across recorder restarts
+                self._record_t0 = next_at - period - self.room.position / max(config.sample_rate, 1)
             while True:
                 if self._mic_burst and self._mic:
                     await trio.sleep(0)
@@ -473,14 +495,21 @@ class SpeakerEmulator:
                 taken = min(len(self._mic), frame_bytes)
                 chunk = bytes(self._mic[:taken]) + bytes(frame_bytes - taken)
                 del self._mic[:taken]
+                if self.room is not None:
+                    chunk = _mix_pcm(chunk, self.room.capture(frame_bytes // 2))
                 try:
                     await ws.send_message(proto.encode_stream(Stream(proto.new_id(), proto.RECORD_TAG, chunk)))
                 except ConnectionClosed:
                     return
                 self._mic_taken += taken
+                self.mic_samples_sent += frame_bytes // 2
                 self.record_frames_sent += 1
                 self.record_bytes_sent += frame_bytes
                 self._notify()
+
+    def user_onset(self) -> int:
+        """The microphone position (samples sent) at which speech queued now starts to go out."""
+        return self.mic_samples_sent + len(self._mic) // 2
 
     async def stream_pcm(self, pcm: bytes, realtime: bool = True) -> int:
         """Speak ``pcm`` (in the recording format, normally 16 kHz mono s16le) into the microphone.
@@ -542,6 +571,10 @@ class SpeakerEmulator:
                     if self.keep_played_audio:
                         self._played += chunk[:accepted]
                     self.play_writes.append(PlayWrite(now, len(chunk), accepted, plays_from, pipe.playing_until))
+                    if self.room is not None and accepted:
+                        rate = self.record_config.sample_rate if self.record_config else 16000
+                        self.room.play(chunk[:accepted], config.sample_rate,
+                                       round((plays_from - self._record_t0) * rate))
                     self._notify()
                     if blocked > 0:
                         await trio.sleep(blocked)
@@ -648,6 +681,14 @@ class SpeakerEmulator:
             "played_seconds": round(self.played_bytes / rate, 3),
             "play_bytes_cut_by_write_timeout": self.play_bytes_cut,
         }
+
+
+def _mix_pcm(a: bytes, b: bytes) -> bytes:
+    """Two s16le signals of one length summed, clipped rather than wrapped."""
+    import numpy as np
+
+    mixed = np.frombuffer(a, dtype="<i2").astype(np.int32) + np.frombuffer(b, dtype="<i2")
+    return np.clip(mixed, -32768, 32767).astype("<i2").tobytes()
 
 
 def run_emulator(url: str, **options: Any) -> AbstractAsyncContextManager[SpeakerEmulator]:

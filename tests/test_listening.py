@@ -140,6 +140,8 @@ async def _turns_started(tmp_path: Path, mode: ListenMode, pcm: bytes, wake_at_s
                          vad_engine: str = "webrtc_floor", **settings: object) -> tuple[list, VoiceSession]:
     """Feed ``pcm`` to a session core in 90 ms chunks as fast as it takes them; return the utterances
     that would have started turns (the turn itself is not run)."""
+    # BARGE_IN=vad: no echo canceller (its noise suppression) in front: the gate and the VAD alone.
+    settings.setdefault("barge_in", "vad")
     services = types.SimpleNamespace(settings=make_settings(tmp_path, asr_speculative="false", vad_engine=vad_engine,
                                                             **settings),
                                      metrics=Metrics(), timers=None)

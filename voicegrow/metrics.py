@@ -92,6 +92,9 @@ class Metrics:
         self.spool_depth = Gauge(
             "voicegrow_spool_depth", "Records waiting in the local spool, by component", ["component"],
             registry=r, multiprocess_mode="livesum")
+        self.echo_rejected = Counter(
+            "voicegrow_echo_rejected_total", "Utterances heard over a reply and dropped as its echo", ["reason"],
+            registry=r)
         self.limit_hits = Counter(
             "voicegrow_limit_hits_total", "Times a configured limit refused or throttled a client", ["limit"],
             registry=r)

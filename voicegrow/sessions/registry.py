@@ -38,6 +38,8 @@ class SessionInfo:
     #: The device's own tools (a :class:`~voicegrow.streaming.device_mcp.DeviceMcpClient`), for
     #: devices that serve MCP (xiaozhi boards); a tool registry offers them to the LLM.
     device_tools: Any = None
+    #: The barge-in policy the session resolved (``vad``, ``echo_safe``, ``wake_word``, ``off``).
+    barge_in: str = ""
 
     #: The client's address without a port: the socket's peer, or the device behind a trusted proxy.
     remote_host: str = ""
@@ -58,6 +60,7 @@ class SessionInfo:
             "since": self.since,
             "turns": self.turns,
             "listen_mode": self.listen_mode,
+            "barge_in": self.barge_in,
             "state": self.state_of() if self.state_of is not None else "handshake",
             "device_tools": [tool.name for tool in self.device_tools.tools] if self.device_tools else [],
         }

@@ -92,6 +92,7 @@ class NativeSession:
         self.conn = wire.NativeConnection(wire.Role.SERVER, max_payload=services.settings.max_frame_bytes)
         self._requested_mode: ListenMode | None = None  # the hello's capabilities.listen_mode
         self._listen_mode = ListenMode.ALWAYS
+        self._declared: dict[str, Any] = {}
 
     async def run(self) -> None:
         async with self.connection.running(self.info) as nursery:
@@ -121,6 +122,7 @@ class NativeSession:
                     log.info("device error before HELLO: %s", hello)
                     hello = await self._next_frame()
                 self._requested_mode = _requested_listen_mode(hello)
+                self._declared = _barge_in_declared(hello.capabilities)  # a bad one: refused before HELLO_ACK
                 await self._authenticate(hello)
         except trio.TooSlowError:
             log.info("handshake not finished before its deadline; closing")
@@ -200,7 +202,7 @@ class NativeSession:
         history = await begin_device_session(services, info)
         link = NativeLink(self.outbox, self.conn, output_rate=hello.audio_out.sample_rate)
         voice = VoiceSession(services, link, info, input_rate=hello.audio_in.sample_rate, history=history,
-                             listen_mode=self._listen_mode)
+                             listen_mode=self._listen_mode, **self._declared)
         await nursery.start(voice.run)
         log.info("native session established", extra={"remote": info.remote_addr})
         frames_received = services.metrics.audio_frames_received.labels("native")
@@ -251,7 +253,7 @@ class NativeSession:
             await voice.abort("device_abort")
         elif frame.event == "listen_stop":
             await voice.end_of_speech()
-        elif frame.event == "listen_start":
+        elif frame.event in ("listen_start", "wake"):  # a button, or the device's own wake word
             await voice.wake()
         elif frame.event == "text":
             text = frame.data.get("text")
@@ -291,6 +293,19 @@ def _requested_listen_mode(hello: wire.Hello) -> ListenMode | None:
         return parse_mode(requested, "capabilities.listen_mode")
     except ListenModeError as exc:
         raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"hello {exc}") from None
+
+
+def _barge_in_declared(capabilities: dict[str, Any]) -> dict[str, Any]:
+    """What HELLO says about barge-in: ``echo_cancellation: true`` (the device cancels its own echo,
+    so ``BARGE_IN=auto`` trusts its microphone) and optionally the ``barge_in`` policy it wants."""
+    declared: dict[str, Any] = {"device_cancels_echo": capabilities.get("echo_cancellation") is True}
+    wanted = capabilities.get("barge_in")
+    if wanted is not None:
+        if wanted not in ("auto", "vad", "wake_word", "off"):
+            raise ProtocolError(ErrorCode.BAD_PAYLOAD,
+                                "capabilities.barge_in must be one of auto, vad, wake_word, off")
+        declared["barge_in"] = wanted
+    return declared
 
 
 def _close_frame(code: int, reason: str) -> bytes:

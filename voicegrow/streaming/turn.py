@@ -136,7 +136,8 @@ class Turn:
     def __init__(self, *, services: Services, link: DeviceLink, turn_id: int, utterance: Utterance,
                  history: ConversationHistory, session_id: str, device_id: str,
                  transcribe: TranscriptSource, announcement: Announcement | None = None,
-                 confirmed: trio.Event | None = None) -> None:
+                 confirmed: trio.Event | None = None,
+                 playout: Any = None) -> None:
         self.services = services
         self.link = link
         self.turn_id = turn_id
@@ -146,6 +147,8 @@ class Turn:
         self.device_id = device_id
         self._transcribe = transcribe
         self.announcement = announcement
+        #: Told of every chunk sent with when it plays (``played(pcm, rate, at)``): the echo reference.
+        self.playout = playout
         #: Set once the utterance has surely ended. A preemptive turn (LLM_PREEMPTIVE) starts before
         #: that: it plays nothing, calls no tool and keeps no record until it is set.
         self.confirmed = confirmed if confirmed is not None else trio.Event()
@@ -195,6 +198,9 @@ class Turn:
             await self._apologise_for_asr(getattr(exc, "code", "asr_error"))
             return
         self._mark("asr_done")
+        if getattr(transcript, "echo_of_reply", False):  # the speaker heard its own reply (bargein.py)
+            self.outcome = "echo"
+            return
         self.transcript = transcript.text.strip()
         language = transcript.language
         self.language = language if language in ("zh", "en") else detect_language(self.transcript)
@@ -343,7 +349,13 @@ class Turn:
         async def send(chunk: bytes) -> None:
             if "first_audio_sent" not in self.marks:
                 self._mark("first_audio_sent")
+            plays_at = pacer.plays_at
             await link.send_audio(chunk, self.turn_id)
+            if self.playout is not None:
+                # A send that waited long (a player restarting) plays later; a few milliseconds of
+                # encoding and queueing do not move the device's continuous playout.
+                now = trio.current_time()
+                self.playout.played(chunk, link.output_rate, now if now - plays_at > 0.1 else plays_at)
             self.reply_audio += chunk
 
         pacer = AudioPacer(send, sample_rate=link.output_rate,

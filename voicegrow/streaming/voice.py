@@ -20,6 +20,7 @@ from voicegrow.llm import ConversationHistory
 from voicegrow.services import Services
 from voicegrow.sessions.registry import SessionInfo
 from voicegrow.listening import ListenGate, ListenMode
+from voicegrow.streaming.bargein import EchoGuard, resolve_mode
 from voicegrow.streaming.turn import Announcement, DeviceLink, HeldLink, Turn, Utterance
 from voicegrow.vad_classifiers import make_classifier
 from voicegrow.streaming.vad import (
@@ -104,9 +105,21 @@ class _TypedTranscript:
         self.dropped = 0
 
 
+class _EchoCheckedTranscript:
+    """A transcript that repeats the reply it was heard over: the turn drops it (no LLM request)."""
+
+    echo_of_reply = True
+
+    def __init__(self, transcript: Any) -> None:
+        self.text = transcript.text
+        self.language = transcript.language
+        self.dropped = getattr(transcript, "dropped", 0)
+
+
 class VoiceSession:
     def __init__(self, services: Services, link: DeviceLink, info: SessionInfo, *, input_rate: int,
-                 history: ConversationHistory | None = None, listen_mode: ListenMode = ListenMode.ALWAYS) -> None:
+                 history: ConversationHistory | None = None, listen_mode: ListenMode = ListenMode.ALWAYS,
+                 device_cancels_echo: bool = False, barge_in: str | None = None) -> None:
         s = services.settings
         self.services = services
         self.link = link
@@ -134,6 +147,11 @@ class VoiceSession:
         self._speech_start_s = 0.0  # VAD position of the open utterance's onset
         self._flushing = False  # the device ended the utterance (push-to-talk), not the VAD
         self.language = None if s.asr_language == "auto" else s.asr_language
+        self.echo = _echo_guard(services, barge_in or s.barge_in, device_cancels_echo)
+        info.barge_in = self.echo.mode.name
+        self._onset_s = 0.0  # the open utterance's onset (VAD stream position)
+        self._onset_over_reply = False  # the reply could be heard when it began
+        self._barged = False  # it interrupted the reply
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the session's nursery for turns and speculative ASR until cancelled."""
@@ -170,12 +188,14 @@ class VoiceSession:
             samples = self._resampler.process(np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2"))
             pcm = np.asarray(samples, dtype="<i2").tobytes()
         self._stream_pos_s += len(pcm) / 2 / VAD_RATE
+        pcm = self.echo.front_end(pcm, now, self._stream_pos_s)
         for event in self.vad.feed(pcm):
             await self._on_vad_event(event, now)
         pending = self._preempt_pending
         if pending is not None and self.vad.position_s - pending[2] >= self.services.settings.llm_preemptive_after_ms / 1000:
             self._preempt_pending = None
-            self._preempt(pending[0], pending[1])
+            if not (self._onset_over_reply and not self._barged):  # no LLM call for the reply's echo
+                self._preempt(pending[0], pending[1])
         self._check_barge_in()
 
     async def end_of_speech(self) -> None:
@@ -236,7 +256,8 @@ class VoiceSession:
         self.gate.wake(self._stream_pos_s if at_s is None else at_s)
         if self.gate.mode is ListenMode.PUSH_TO_TALK:
             self.vad.hold_until_flush = True  # held until listen_stop
-        await self._interrupt("wake")
+        if self.echo.mode.wake_interrupts:  # unless BARGE_IN=off
+            await self._interrupt("wake")
 
     # -- VAD events ---------------------------------------------------------------------------------
 
@@ -246,6 +267,9 @@ class VoiceSession:
 
     async def _on_vad_event(self, event: object, now: float) -> None:
         if isinstance(event, SpeechStarted):
+            self._onset_s = event.at_s
+            self._onset_over_reply = self._reply_running() and self.echo.reply_audible()
+            self._barged = False
             self._speech_start_s = event.at_s
         elif isinstance(event, SpeechPaused):
             self._cancel_speculation()
@@ -264,6 +288,19 @@ class VoiceSession:
         elif isinstance(event, UtteranceEnded):
             if event.forced and not self._flushing:  # VAD_MAX_UTTERANCE_S cut it
                 self.services.metrics.limit_hits.labels("utterance_length").inc()
+            if self._onset_over_reply and not self._barged and not self._flushing:
+                # Heard over the reply without passing the barge-in test: the speaker's own voice
+                # (its echo, or a canceller not yet converged: a garbled echo transcript would start a
+                # turn), or speech that may not interrupt (wake_word, off). Nothing to answer.
+                self._cancel_speculation()
+                preemption, self._preemption, self._preempt_pending = self._preemption, None, None
+                if preemption is not None:
+                    self._cancel_preemption(preemption)
+                proven = self.echo.canceller_proven(self._onset_s)
+                self.services.metrics.echo_rejected.labels("level" if proven else "unproven").inc()
+                log.info("dropping an utterance heard over the reply (%.1f-%.1f s, barge-in %s)",
+                         event.start_s, event.end_s, self.echo.mode.name)
+                return
             if self._is_background(event.level_dbfs):
                 self._cancel_speculation()
                 self.services.metrics.utterances_ignored.labels("background").inc()
@@ -298,6 +335,8 @@ class VoiceSession:
 
                 async def source() -> Any:
                     return await self.services.asr.transcribe(audio, language=self.language)
+            if self._onset_over_reply:  # it interrupted the reply: it may still be its echo
+                source = self._echo_checked(source)
             await self._start_turn(utterance, source)
 
     def _is_background(self, level_dbfs: float) -> bool:
@@ -367,6 +406,28 @@ class VoiceSession:
 
     # -- turns and barge-in ---------------------------------------------------------------------
 
+    def _reply_running(self) -> bool:
+        turn = self._turn
+        return turn is not None and not turn.done.is_set() and not turn.interrupted
+
+    def _echo_checked(self, transcribe: Any) -> Any:
+        """Wrap a transcript source: a transcript that repeats the reply it interrupted is echo."""
+        turn = self._turn
+        reply = turn.reply_text if turn is not None else ""
+        guard = self.echo
+        metrics = self.services.metrics
+
+        async def source() -> Any:
+            transcript = await transcribe()
+            lang = transcript.language if transcript.language in ("zh", "en") else "en"
+            if guard.is_echo_transcript(transcript.text, reply, lang):
+                metrics.echo_rejected.labels("transcript").inc()
+                log.info("the utterance %r repeats the reply: echo", transcript.text[:80])
+                return _EchoCheckedTranscript(transcript)
+            return transcript
+
+        return source
+
     def _check_barge_in(self) -> None:
         turn = self._turn
         if turn is None or turn.done.is_set() or turn.interrupted:
@@ -375,9 +436,11 @@ class VoiceSession:
             return  # wake and push-to-talk: only a wake signal interrupts (the TV would, else)
         if turn.utterance.forced:
             return  # the speech going on is the rest of the same long utterance, not an interruption
-        if self.vad.current_speech_ms >= self.services.settings.barge_in_min_ms:
-            log.info("barge-in: user speech while turn %s was %s", turn.turn_id,
-                     "playing" if turn.playing else "thinking")
+        if (self.vad.current_speech_ms >= self.services.settings.barge_in_min_ms
+                and self.echo.speech_counts(self._onset_s)):
+            self._barged = True
+            log.info("barge-in: user speech while turn %s was %s (echo canceller kept %s dB)", turn.turn_id,
+                     "playing" if turn.playing else "thinking", self.echo.kept_db_since(self._onset_s))
             assert self._nursery is not None
             self._nursery.start_soon(self._interrupt, "barge_in")
 
@@ -414,7 +477,7 @@ class VoiceSession:
         return Turn(services=self.services, link=link, turn_id=turn_id, utterance=utterance,
                     history=self.history, session_id=self.info.session_id,
                     device_id=self.info.device_id or self.info.session_id, transcribe=transcribe,
-                    announcement=announcement, confirmed=confirmed)
+                    announcement=announcement, confirmed=confirmed, playout=self.echo.tap)
 
     def _launch(self, turn: Turn, scope: trio.CancelScope, previous: Turn | None) -> None:
         """Run ``turn`` in the session's nursery under ``scope``, after ``previous`` has wound down."""
@@ -446,6 +509,21 @@ def _trimmed(event: UtteranceEnded, keep_from: float) -> UtteranceEnded:
     return dataclasses.replace(event, audio=event.audio[cut:], audio_start_s=keep_from,
                                start_s=max(event.start_s, keep_from),
                                paused_audio_len=paused if paused is not None and paused > 0 else None)
+
+
+def _echo_guard(services: Services, policy: str, device_cancels_echo: bool) -> EchoGuard:
+    """The session's barge-in policy and, where it asks for one, its echo canceller."""
+    from voicegrow.echo import EchoCanceller, EchoUnavailable
+
+    settings = services.settings
+    mode = resolve_mode(policy, device_cancels_echo=device_cancels_echo)
+    canceller = None
+    if mode.cancel_echo:
+        try:
+            canceller = EchoCanceller()
+        except EchoUnavailable as exc:
+            log.warning("no echo cancellation for this session (%s): barge-in relies on transcripts", exc)
+    return EchoGuard(mode, kept_db=settings.barge_in_echo_kept_db, canceller=canceller)
 
 
 async def begin_device_session(services: Services, info: SessionInfo) -> ConversationHistory:
