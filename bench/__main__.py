@@ -1,4 +1,4 @@
-"""``python -m bench COMMAND``: latency, load, asr, soak, ingest, storm."""
+"""``python -m bench COMMAND``: latency, pauses, load, asr, soak, ingest, storm, echo."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import sys
 
 COMMANDS = {
     "latency": "bench.latency",
+    "pauses": "bench.pauses",
     "load": "bench.load",
     "asr": "bench.asr",
     "soak": "bench.soak",
     "tts": "bench.tts",
     "ingest": "bench.ingest",
     "storm": "bench.storm",
+    "echo": "bench.echo",
 }
 
 

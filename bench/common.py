@@ -75,7 +75,6 @@ __all__ = [
     "SpeechSpan",
     "write_json",
     "wait_for_port",
-    "xiaoai_driver_present",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -342,13 +341,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def xiaoai_driver_present() -> bool:
-    """Whether this checkout's server speaks open-xiaoai (the driver module exists)."""
-    import importlib.util
-
-    return importlib.util.find_spec("voicegrow.streaming.xiaoai") is not None
 
 
 # -- the server under test ----------------------------------------------------------------------------------

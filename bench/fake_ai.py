@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -80,6 +82,9 @@ class FakeAiConfig:
     tool_calls: list[dict[str, Any]] | None = None
     tool_preface: str = ""
     tool_triggers: bool = False
+    #: A fixture directory (``manifest.json`` + WAVs): a sentence that is some clip's text is spoken
+    #: with that clip's voice instead of the tone, so a microphone that hears the reply hears speech.
+    tts_clips_dir: str = ""
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply ``POST /_fake/config`` changes; ValueError names what is wrong."""
@@ -346,7 +351,8 @@ class FakeAi:
             await out.error(400, "response_format must be pcm or wav")
             return
         rate = PCM_RATE if fmt == "pcm" else cfg.tts_wav_rate
-        pcm = tone(round(len(text) * cfg.tts_ms_per_char / 1000 * rate), rate)
+        spoken = clip_speech(cfg.tts_clips_dir, text, rate) if cfg.tts_clips_dir else None
+        pcm = spoken if spoken is not None else tone(round(len(text) * cfg.tts_ms_per_char / 1000 * rate), rate)
         audio = wav_header(len(pcm), rate) + pcm if fmt == "wav" else pcm
         await out.start(200, "audio/wav" if fmt == "wav" else "audio/pcm")
         await trio.sleep(cfg.tts_first_chunk_ms / 1000)
@@ -442,6 +448,24 @@ def _completion(model: str, reply: str) -> dict[str, Any]:
 
 def _sse(obj: object) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+@functools.lru_cache(maxsize=8)
+def _clip_voices(directory: str, rate: int) -> dict[str, bytes]:
+    """Clip text → its audio at ``rate``, for :func:`clip_speech` (read once per directory)."""
+    from voicegrow.audio import read_wav, resample
+
+    entries = json.loads((Path(directory) / "manifest.json").read_text(encoding="utf-8"))
+    voices: dict[str, bytes] = {}
+    for entry in entries:
+        samples, clip_rate = read_wav(Path(directory) / entry["file"])
+        voices.setdefault(entry["text"].strip(), resample(samples, clip_rate, rate).astype("<i2").tobytes())
+    return voices
+
+
+def clip_speech(directory: str, text: str, rate: int) -> bytes | None:
+    """The fixture clip whose text ``text`` is, at ``rate``; None when no clip says it."""
+    return _clip_voices(directory, rate).get(text.strip())
 
 
 def tone(samples: int, rate: int) -> bytes:

@@ -15,19 +15,26 @@ The server runs as a subprocess by default (``voicegrow serve`` with the fake AI
 so the load generator's Python does not compete with the server's for one interpreter and its lag
 figures are the server's own; ``--in-process`` puts all of it in one process.
 
+``--asr-process`` puts speech recognition on a second process, as the scale file's edge replicas and
+ASR pool do: a ``SERVER_ROLE=asr`` server, and the measured server (the *edge*) with ``ASR_BASE_URL``
+pointing at it. The server CPU is then the edge's alone (sockets, VAD, pacing, the LLM and TTS
+clients), and the pool's is reported beside it. ``--talker-share 0`` makes every speaker stream silence
+only; run it once with 0 and once with 1 to split an edge's CPU into streaming and talking.
+
 The simulated speakers (:class:`Crowd`) are shared with ``bench soak``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import math
 import random
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +63,6 @@ from bench.common import (
     run_command,
     save_figure,
     server_under_test,
-    xiaoai_driver_present,
 )
 
 __all__ = ["Behaviour", "Crowd", "CrowdStats", "LagHistogram", "Utterance", "add_crowd_options", "add_server_options",
@@ -610,8 +616,10 @@ def process_usage(before: ProcessSample | None, after: ProcessSample | None) -> 
 
 
 async def run_step(server: ServerUnderTest, utterances: Sequence[Utterance], behaviour: Behaviour, count: int,
-                   duration_s: float, *, seed: int, xiaoai: bool, bar: Any) -> dict[str, Any]:
-    """One step: ``count`` speakers for ``duration_s`` after they are all connected, then hang up."""
+                   duration_s: float, *, seed: int, xiaoai: bool, bar: Any,
+                   pool: ServerUnderTest | None = None) -> dict[str, Any]:
+    """One step: ``count`` speakers for ``duration_s`` after they are all connected, then hang up.
+    ``pool``: the ASR process the server sends its utterances to, whose CPU is measured alongside."""
     crowd = Crowd(server.ws_url, utterances, behaviour, seed=seed, xiaoai=xiaoai)
     queue_max = 0.0
     rss_max = 0
@@ -619,6 +627,7 @@ async def run_step(server: ServerUnderTest, utterances: Sequence[Utterance], beh
         connected = await crowd.populate(nursery, count, ramp_s=min(5.0, 0.025 * count))
         ramp = crowd.take_stats()  # the ramp is not part of the step, but a refused connection matters
         metrics_before, process_before, own_before = await server.metrics(), server.process(), own_cpu_s()
+        pool_before = pool.process() if pool is not None else None
         wall_before = trio.current_time()
         deadline = wall_before + duration_s
         while trio.current_time() < deadline:
@@ -631,6 +640,7 @@ async def run_step(server: ServerUnderTest, utterances: Sequence[Utterance], beh
                 rss_max = max(rss_max, sample.rss_bytes)
             bar.update(1)
         metrics_after, process_after, own_after = await server.metrics(), server.process(), own_cpu_s()
+        pool_after = pool.process() if pool is not None else None
         wall = trio.current_time() - wall_before
         stats = crowd.take_stats()
         nursery.cancel_scope.cancel()
@@ -643,6 +653,7 @@ async def run_step(server: ServerUnderTest, utterances: Sequence[Utterance], beh
         "duration_s": wall,
         "server": server_figures(metrics_before, metrics_after),
         "process": process_usage(process_before, process_after),
+        "asr_pool_process": process_usage(pool_before, pool_after) if pool is not None else None,
         "generator_cpu_cores": (own_after - own_before) / wall if server.mode != "in-process" else None,
         "rss_max_mb": rss_max / 2**20 if rss_max else None,
         "asr_queue_max": queue_max,
@@ -678,25 +689,53 @@ def largest_ok(steps: Sequence[dict[str, Any]]) -> int | None:
     return best
 
 
+#: The bench's own key between the edge and its ASR pool (API_KEYS wants 16 characters or more).
+_POOL_KEY = "bench-asr-pool-key"
+
+
+@contextlib.asynccontextmanager
+async def asr_pool(args: argparse.Namespace) -> AsyncIterator[ServerUnderTest | None]:
+    """With ``--asr-process``: a ``SERVER_ROLE=asr`` server subprocess (the model loaded), else None."""
+    if not args.asr_process:
+        yield None
+        return
+    overrides = {key: value for key, value in parse_overrides(args.set).items() if key.upper().startswith("ASR_")}
+    overrides.update(SERVER_ROLE="asr", API_KEYS=_POOL_KEY, ASR_PRELOAD="true")
+    async with server_under_test("subprocess", fake_ai=None, overrides=overrides) as pool:
+        yield pool
+
+
 async def run_load(args: argparse.Namespace, utterances_from: Sequence[Clip]) -> dict[str, Any]:
     mode = "url" if args.url else ("in-process" if args.in_process else "subprocess")
-    async with server_under_test(mode, fake_ai=None if args.url else FakeAiKnobs.from_args(args),
-                                 overrides=parse_overrides(args.set), url=args.url, http_url=args.http_url,
-                                 pid=args.server_pid, admin_token=args.admin_token) as server:
-        utterances = prepare_utterances(utterances_from, assumed_settings(server, args.env_file))
-        xiaoai = args.xiaoai_share > 0 and (mode == "url" or xiaoai_driver_present())
-        shares = {"mixed": (args.xiaoai_share, 0.0), "native": (0.0, 0.0), "xiaoai": (1.0, 0.0),
-                  "xiaozhi": (0.0, 1.0)}[args.protocol]
-        xiaoai = xiaoai and shares[0] > 0
-        behaviour = Behaviour(gap_s=(args.gap_min_s, args.gap_max_s), xiaoai_share=shares[0], xiaozhi_share=shares[1])
-        steps = []
-        with progress(len(args.sessions) * math.ceil(args.duration), "load", "s") as bar:
-            for number, count in enumerate(args.sessions):
-                bar.set_postfix_str(f"{count} sessions")
-                steps.append(await run_step(server, utterances, behaviour, count, args.duration, seed=number + 1,
-                                            xiaoai=xiaoai, bar=bar))
-        return {"server_mode": mode, "xiaoai_speakers": xiaoai, "utterances": [u.clip_id for u in utterances],
-                "steps": steps, "largest_sessions_lag_ok": largest_ok(steps), "lag_target_s": LAG_TARGET_S}
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await stack.enter_async_context(asr_pool(args))
+        overrides = parse_overrides(args.set)
+        if pool is not None:
+            overrides.update(ASR_BASE_URL=f"{pool.http_url}/v1", ASR_API_KEY=_POOL_KEY, ASR_PRELOAD="false")
+        server = await stack.enter_async_context(server_under_test(
+            mode, fake_ai=None if args.url else FakeAiKnobs.from_args(args), overrides=overrides, url=args.url,
+            http_url=args.http_url, pid=args.server_pid, admin_token=args.admin_token))
+        return await _sweep(args, mode, server, pool, utterances_from)
+
+
+async def _sweep(args: argparse.Namespace, mode: str, server: ServerUnderTest, pool: ServerUnderTest | None,
+                 utterances_from: Sequence[Clip]) -> dict[str, Any]:
+    utterances = prepare_utterances(utterances_from, assumed_settings(server, args.env_file))
+    xiaoai = args.xiaoai_share > 0
+    shares = {"mixed": (args.xiaoai_share, 0.0), "native": (0.0, 0.0), "xiaoai": (1.0, 0.0),
+              "xiaozhi": (0.0, 1.0)}[args.protocol]
+    xiaoai = xiaoai and shares[0] > 0
+    behaviour = Behaviour(gap_s=(args.gap_min_s, args.gap_max_s), xiaoai_share=shares[0], xiaozhi_share=shares[1],
+                          talker_share=args.talker_share)
+    steps = []
+    with progress(len(args.sessions) * math.ceil(args.duration), "load", "s") as bar:
+        for number, count in enumerate(args.sessions):
+            bar.set_postfix_str(f"{count} sessions")
+            steps.append(await run_step(server, utterances, behaviour, count, args.duration, seed=number + 1,
+                                        xiaoai=xiaoai, bar=bar, pool=pool))
+    return {"server_mode": mode, "asr_process": pool is not None, "talker_share": args.talker_share,
+            "xiaoai_speakers": xiaoai, "utterances": [u.clip_id for u in utterances], "steps": steps,
+            "largest_sessions_lag_ok": largest_ok(steps), "lag_target_s": LAG_TARGET_S}
 
 
 # -- output --------------------------------------------------------------------------------------------------
@@ -714,7 +753,9 @@ def render_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         mix = step["by_protocol"]
         rows.append([
             f"{step['sessions']} ({'+'.join(str(mix.get(p, 0)) for p in _MIX)})", str(step["connected"]),
-            fmt(proc.get("cpu_cores"), 2), fmt(proc.get("rss_mb")),
+            fmt(proc.get("cpu_cores"), 2), _per_session(proc.get("cpu_cores"), step["sessions"]),
+            *([fmt((step.get("asr_pool_process") or {}).get("cpu_cores"), 2)] if results.get("asr_process") else []),
+            fmt(proc.get("rss_mb")),
             fmt(srv.get("ingest_lag_p50_s"), 1, 1000),
             ("≥" if srv.get("ingest_lag_p99_beyond_histogram") else "") + fmt(srv.get("ingest_lag_p99_s"), 1, 1000),
             fmt(srv.get("frames_dropped")), f"{client['utterances']}/{client['replies']}/{fmt(turns.get('completed'))}",
@@ -725,12 +766,14 @@ def render_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     best = results["largest_sessions_lag_ok"]
     errors = [f"{step['sessions']} sessions: {step['client']['errors']}" for step in results["steps"]
               if step["client"]["errors"] or step["ramp_connect_failures"]]
-    header = [f"sessions ({'+'.join(_MIX)})", "connected", "server CPU (cores)", "RSS MB", "ingest lag p50 ms",
+    header = [f"sessions ({'+'.join(_MIX)})", "connected", "server CPU (cores)", "CPU per session (% of a core)",
+              *(["ASR process CPU (cores)"] if results.get("asr_process") else []), "RSS MB", "ingest lag p50 ms",
               "ingest lag p99 ms", "frames dropped", "utterances/replies/turns done", "turn latency p50 s",
               "turn latency p99 s", "ASR queue max", "ping RTT p99 ms", "generator CPU (cores)", "held: all in, lag p99 < 50 ms"]
     return "\n".join([
-        f"## Load: simulated speakers streaming in real time — {results['server_mode']} server, "
-        f"{args.duration:g} s per step",
+        f"## Load: simulated speakers streaming in real time — {results['server_mode']} server"
+        f"{' (ASR on a second process)' if results.get('asr_process') else ''}, {args.duration:g} s per step, "
+        f"{results.get('talker_share', 1.0):.0%} of speakers talking",
         "",
         markdown_table(header, rows),
         "",
@@ -739,6 +782,10 @@ def render_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"**{best if best is not None else 'none'}**.",
         *([f"Speaker errors (connection refused or dropped): {'; '.join(errors)}."] if errors else []),
     ])
+
+
+def _per_session(cores: float | None, sessions: int) -> str:
+    return fmt(cores * 100 / sessions, 2) if cores is not None and sessions else "–"
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -801,6 +848,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="session counts, one step each (default 1,10,50,100,200)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per step (default 20)")
     add_server_options(parser, default="subprocess")
+    parser.add_argument("--asr-process", action="store_true",
+                        help="speech recognition on a second process (SERVER_ROLE=asr): the server measured is "
+                             "an edge with ASR_BASE_URL pointing at it")
+    parser.add_argument("--talker-share", type=_share, default=1.0,
+                        help="share of the speakers that ask questions; the others stream silence (default 1)")
     add_crowd_options(parser, gap_s=(4.0, 12.0))
     parser.add_argument("--protocol", choices=("mixed", "native", "xiaoai", "xiaozhi"), default="mixed",
                         help="every speaker of one protocol, or native and open-xiaoai mixed by --xiaoai-share")
@@ -808,6 +860,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.duration <= 0:
         parser.error("--duration must be positive")
+    if args.asr_process and (args.url or args.in_process):
+        parser.error("--asr-process starts both processes itself: not with --url or --in-process")
     return args
 
 

@@ -22,7 +22,8 @@ import httpx
 
 NGINX_CONF = Path(__file__).resolve().parents[1] / "deploy" / "config" / "nginx" / "nginx.conf"
 #: The ports the file listens on, by their role.
-LISTEN_PORTS = {"http_redirect": 80, "https": 443, "ws": 4399, "wss": 4443, "device_http": 8000, "health": 8081}
+LISTEN_PORTS = {"http_redirect": 80, "https": 443, "ws": 4399, "wss": 4443, "device_http": 8000, "health": 8081,
+                "asr_pool": 8090}
 
 
 class NginxUnavailable(RuntimeError):
@@ -76,6 +77,8 @@ def render(conf: str, replicas: Sequence[Replica], ports: dict[str, int], folder
         return f"{match.group(1)}127.0.0.1:{port}{match.group(4)}"
 
     conf = re.sub(r"^(\s*server )server(-\d+)?:(\d+)([^\n]*)$", upstream, conf, flags=re.M)
+    # The ASR pool's workers: here the replicas' own HTTP ports (every replica serves the audio API).
+    conf = re.sub(r"^(\s*server )asr(-\d+)?:(\d+)([^\n]*)$", upstream, conf, flags=re.M)
     for role, port in LISTEN_PORTS.items():
         conf = re.sub(rf"^(\s*listen ){port}\b", rf"\g<1>127.0.0.1:{ports[role]}", conf, flags=re.M)
     conf = conf.replace("/etc/nginx/certs", str(folder))

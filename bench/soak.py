@@ -52,7 +52,6 @@ from bench.common import (
     sample_process,
     save_figure,
     server_under_test,
-    xiaoai_driver_present,
 )
 from bench.load import Behaviour, Crowd, add_crowd_options, add_server_options, prepare_utterances, server_figures
 from bench.stores import STORE_KINDS, bench_stores
@@ -165,7 +164,7 @@ async def _soak(args: argparse.Namespace, server: ServerUnderTest, clips: Sequen
     behaviour = Behaviour(gap_s=(args.gap_min_s, args.gap_max_s), barge_in=args.barge_in, reconnect=args.reconnect,
                           reconnect_after_s=reconnect_after, talker_share=args.talker_share,
                           xiaoai_share=args.xiaoai_share, reply_timeout_s=args.reply_timeout_s)
-    xiaoai = args.xiaoai_share > 0 and (mode == "url" or xiaoai_driver_present())
+    xiaoai = args.xiaoai_share > 0
     addresses = args.addresses if _loopback(server.ws_url) else 1
     crowd = Crowd(server.ws_url, prepare_utterances(clips, settings), behaviour, seed=7, xiaoai=xiaoai,
                   addresses=addresses)
@@ -269,9 +268,11 @@ def render_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
                              "turn latency p50 s"], series_rows)]
     allocator = results["allocator_slopes_mb_per_min"]
     if allocator["malloc_in_use_mb"] is not None:
+        arenas = (results.get("memory") or {}).get("malloc_arenas")
         parts += ["", f"glibc allocator after warm-up: in use {allocator['malloc_in_use_mb']:+.3f} MB/min, held free "
                   f"in its arenas {allocator['malloc_free_held_mb']:+.3f} MB/min (Python's small objects live in "
-                  "pymalloc's own arenas, outside both)."]
+                  "pymalloc's own arenas, outside both)"
+                  + (f"; {arenas} arenas at the end." if arenas else ".")]
     release = results.get("release")
     if release:
         mb = 2**20

@@ -13,6 +13,13 @@ Playback models the client's pipeline: a 50-chunk queue (a full queue stalls the
 the pipe plus the ALSA buffer drain at the playback rate, so a server that runs far ahead of real
 time sees audio cut, as it would on a speaker.
 
+With a ``room`` (:class:`bench.acoustics.EchoPath`) the microphone hears the speaker's own
+playback as a real one does: every chunk the emulated ``aplay`` accepts is placed on the microphone's
+timeline at the moment it plays, delayed, attenuated and reverberated, over background noise; speech
+from :meth:`SpeakerEmulator.stream_pcm` is mixed on top (the user in the same room). Positions are
+microphone samples, so :attr:`SpeakerEmulator.request_positions` tells how much audio after the user
+began talking the server's ``stop_play`` came, whatever the machine's load.
+
 Command line::
 
     python -m bench.xiaoai_emulator --url ws://127.0.0.1:4399 --wav clip.wav --kws 小爱同学 \\
@@ -26,8 +33,8 @@ import json
 import math
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
 
+from bench.emulator import EmulatorError, run_cli, running
 from voicegrow.client import connect_websocket_from
 from voicegrow.protocol import xiaoai as proto
 from voicegrow.protocol.xiaoai import AudioConfig, Event, PlayingState, Request, Response, Stream, XiaoaiError
@@ -66,10 +74,6 @@ CLIENT_PLAY_WRITE_TIMEOUT_S = 0.1
 PIPE_BUFFER_BYTES = 65536
 #: client.rs sleeps 1 s after a failed connect and reconnects at once after a disconnect.
 CLIENT_RETRY_INTERVAL_S = 1.0
-
-
-class EmulatorError(Exception):
-    """The emulator was asked for something a speaker could not do (not connected, not recording)."""
 
 
 ShellOutput = tuple[str, str, int]
@@ -175,6 +179,7 @@ class SpeakerEmulator:
     """
 
     def __init__(self, url: str, *, serial: str = DEFAULT_SERIAL, model: str = DEFAULT_MODEL,
+                 room: Any = None, babble_clips: Any = (),
                  version: str = proto.CLIENT_VERSION, auto_reconnect: bool = False,
                  connect_timeout: float | None = 10.0, retry_interval: float = CLIENT_RETRY_INTERVAL_S,
                  shell_outputs: Mapping[str, ShellOutput] | None = None,
@@ -184,7 +189,9 @@ class SpeakerEmulator:
                  max_message_size: int = CLIENT_MAX_MESSAGE_BYTES, keep_played_audio: bool = True,
                  source_address: str | None = None) -> None:
         """``keep_played_audio=False`` counts played bytes without keeping them (long soak runs);
-        ``source_address`` is the speaker's own address (many speakers from one machine)."""
+        ``source_address`` is the speaker's own address (many speakers from one machine); ``room``
+        an :class:`bench.acoustics.EchoPath` (the microphone hears the playback; see the module
+        docstring), ``babble_clips`` its babble noise's voices."""
         self.url = url
         self.source_address = source_address
         self.keep_played_audio = keep_played_audio
@@ -231,6 +238,15 @@ class SpeakerEmulator:
         self._play_send: trio.MemorySendChannel[bytes] | None = None
         self._play_receive: trio.MemoryReceiveChannel[bytes] | None = None
         self._play_scope: trio.CancelScope | None = None
+        self.room: Any = None
+        if room is not None:
+            from bench.acoustics import Room
+
+            self.room = Room(room, babble_clips=babble_clips)
+        self._record_t0 = 0.0  # trio time at which microphone sample 0 (room position 0) was captured
+        #: ``(command, microphone samples sent when it arrived)`` for every request received.
+        self.request_positions: list[tuple[str, int]] = []
+        self.mic_samples_sent = 0
 
     # -- state -----------------------------------------------------------------------------------------
 
@@ -365,6 +381,7 @@ class SpeakerEmulator:
         if not isinstance(message, Request):
             return  # a Response matches none of the client's own calls; server Events are only printed
         self.requests_seen.append(message)
+        self.request_positions.append((message.command, self.mic_samples_sent))
         await in_flight.acquire()
         assert self._session is not None
         self._session.start_soon(self._answer, ws, message, in_flight)
@@ -466,6 +483,8 @@ class SpeakerEmulator:
         period = config.buffer_size / max(config.sample_rate, 1)
         with scope:
             next_at = trio.current_time() + period
+            if self.room is not None:  # the room's clock continues across recorder restarts
+                self._record_t0 = next_at - period - self.room.position / max(config.sample_rate, 1)
             while True:
                 if self._mic_burst and self._mic:
                     await trio.sleep(0)
@@ -476,14 +495,21 @@ class SpeakerEmulator:
                 taken = min(len(self._mic), frame_bytes)
                 chunk = bytes(self._mic[:taken]) + bytes(frame_bytes - taken)
                 del self._mic[:taken]
+                if self.room is not None:
+                    chunk = _mix_pcm(chunk, self.room.capture(frame_bytes // 2))
                 try:
                     await ws.send_message(proto.encode_stream(Stream(proto.new_id(), proto.RECORD_TAG, chunk)))
                 except ConnectionClosed:
                     return
                 self._mic_taken += taken
+                self.mic_samples_sent += frame_bytes // 2
                 self.record_frames_sent += 1
                 self.record_bytes_sent += frame_bytes
                 self._notify()
+
+    def user_onset(self) -> int:
+        """The microphone position (samples sent) at which speech queued now starts to go out."""
+        return self.mic_samples_sent + len(self._mic) // 2
 
     async def stream_pcm(self, pcm: bytes, realtime: bool = True) -> int:
         """Speak ``pcm`` (in the recording format, normally 16 kHz mono s16le) into the microphone.
@@ -545,6 +571,10 @@ class SpeakerEmulator:
                     if self.keep_played_audio:
                         self._played += chunk[:accepted]
                     self.play_writes.append(PlayWrite(now, len(chunk), accepted, plays_from, pipe.playing_until))
+                    if self.room is not None and accepted:
+                        rate = self.record_config.sample_rate if self.record_config else 16000
+                        self.room.play(chunk[:accepted], config.sample_rate,
+                                       round((plays_from - self._record_t0) * rate))
                     self._notify()
                     if blocked > 0:
                         await trio.sleep(blocked)
@@ -653,23 +683,17 @@ class SpeakerEmulator:
         }
 
 
-@asynccontextmanager
-async def run_emulator(url: str, **options: Any) -> AsyncIterator[SpeakerEmulator]:
+def _mix_pcm(a: bytes, b: bytes) -> bytes:
+    """Two s16le signals of one length summed, clipped rather than wrapped."""
+    import numpy as np
+
+    mixed = np.frombuffer(a, dtype="<i2").astype(np.int32) + np.frombuffer(b, dtype="<i2")
+    return np.clip(mixed, -32768, 32767).astype("<i2").tobytes()
+
+
+def run_emulator(url: str, **options: Any) -> AbstractAsyncContextManager[SpeakerEmulator]:
     """A connected :class:`SpeakerEmulator` for the body of the block (options as its constructor's)."""
-    emulator = SpeakerEmulator(url, **options)
-    failure: EmulatorError | None = None
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(emulator.run)
-        except EmulatorError as exc:
-            failure = exc
-        else:
-            try:
-                yield emulator
-            finally:
-                await emulator.aclose()
-    if failure is not None:
-        raise failure  # outside the nursery, so it is not wrapped in an ExceptionGroup
+    return running(SpeakerEmulator(url, **options))
 
 
 # -- command line -----------------------------------------------------------------------------------------
@@ -711,14 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--duration", type=float, help="seconds to stay connected (default: speech + 10 s, or 30 s)")
     parser.add_argument("--reconnect", action="store_true", help="reconnect after a disconnect, as the client does")
-    args = parser.parse_args(argv)
-    try:
-        summary = trio.run(_run_cli, args)
-    except EmulatorError as exc:
-        print(f"xiaoai_emulator: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, ensure_ascii=False, indent=2))
-    return 0
+    return run_cli("xiaoai_emulator", _run_cli, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -21,14 +21,15 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
 
+from bench.emulator import EmulatorError, run_cli, running
 from voicegrow.opus import OpusDecoder, OpusEncoder, OpusError
 from voicegrow.protocol import xiaozhi as wire
 
@@ -38,10 +39,6 @@ __all__ = ["DEFAULT_DEVICE_ID", "EmulatorError", "ReceivedMessage", "XiaozhiEmul
 DEFAULT_DEVICE_ID = "a0:85:e3:00:00:01"
 DEFAULT_CLIENT_ID = "b7f0c1a2-3d4e-4f50-8a6b-7c8d9e0f1a2b"
 UPLINK_RATE = 16000  # AudioService: the encoder always runs at 16 kHz
-
-
-class EmulatorError(Exception):
-    """The board could not do what was asked (no connection, no server hello in time)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -418,24 +415,9 @@ class XiaozhiEmulator:
         }
 
 
-@asynccontextmanager
-async def run_xiaozhi_emulator(url: str, **options: Any) -> AsyncIterator[XiaozhiEmulator]:
+def run_xiaozhi_emulator(url: str, **options: Any) -> AbstractAsyncContextManager[XiaozhiEmulator]:
     """A board with an open audio channel for the body of the block (options as the constructor's)."""
-    emulator = XiaozhiEmulator(url, **options)
-    failure: EmulatorError | None = None
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(emulator.run)
-        except EmulatorError as exc:
-            failure = exc
-        else:
-            try:
-                yield emulator
-            finally:
-                await emulator.aclose()
-                nursery.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
+    return running(XiaozhiEmulator(url, **options))
 
 
 # -- command line -----------------------------------------------------------------------------------------
@@ -468,14 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=wire.LISTEN_MODES, default="auto")
     parser.add_argument("--device-id", default=DEFAULT_DEVICE_ID)
     parser.add_argument("--duration", type=float, help="seconds to stay connected (default: speech + 15 s)")
-    args = parser.parse_args(argv)
-    try:
-        summary = trio.run(_run_cli, args)
-    except EmulatorError as exc:
-        print(f"xiaozhi_emulator: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, ensure_ascii=False, indent=2))
-    return 0
+    return run_cli("xiaozhi_emulator", _run_cli, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

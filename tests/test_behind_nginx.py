@@ -201,6 +201,37 @@ async def test_speakers_stick_to_a_replica_the_api_round_robins_and_tls_works(tm
                 assert seen == {(by_replica[0],), (by_replica[1],)}
 
 
+class _Overloaded:
+    """A load monitor past its threshold (sessions/load.py's refusal, whatever the signal)."""
+
+    def refusal(self) -> str:
+        return "overloaded: test"
+
+
+async def test_an_overloaded_replica_sends_its_new_speakers_to_the_other_through_nginx(tmp_path) -> None:
+    """503 + Retry-After at the handshake and nginx's proxy_next_upstream http_503: the speaker whose
+    hash names the overloaded replica is served by the other, and its speakers stay where they are."""
+    addresses = [speaker_address(i) for i in range(8)]
+    async with replicas(tmp_path, 2, **TRUSTED) as handles:
+        with running_nginx(tmp_path / "nginx", as_replicas(handles)) as nginx:
+            async with holding(nginx.url("ws"), addresses) as (connected, refused):
+                assert len(connected) == len(addresses) and not refused
+                placed = {i: {s["remote_addr"] for s in await sessions(h.http_url)} for i, h in enumerate(handles)}
+            busy_addresses = sorted(placed[0])
+            assert busy_addresses and placed[1], placed  # the hash spreads them over both
+            with trio.fail_after(10):
+                while any([await sessions(h.http_url) for h in handles]):
+                    await trio.sleep(0.05)
+            handles[0].services.load = _Overloaded()
+            async with holding(nginx.url("ws"), busy_addresses) as (connected, refused):
+                assert len(connected) == len(busy_addresses) and not refused
+                assert {s["remote_addr"] for s in await sessions(handles[1].http_url)} == set(busy_addresses)
+                assert await sessions(handles[0].http_url) == []
+            # Each refusal counts; after max_fails (3) of them nginx stops trying replica 0 for fail_timeout.
+            hits = handles[0].services.metrics.limit_hits.labels("overloaded")._value.get()
+            assert 1 <= hits <= len(busy_addresses)
+
+
 # -- a replica stopped with SIGTERM: its speakers move to the other one ---------------------------------------
 
 @pytest.mark.slow

@@ -177,6 +177,19 @@ def test_latency_command_reports_every_stage(tmp_path: Path, audio_fixtures: Pat
 
 
 @pytest.mark.slow
+def test_load_command_with_the_asr_on_a_second_process(tmp_path: Path, audio_fixtures: Path) -> None:
+    """The edge replica measured apart from its ASR pool (``SERVER_ROLE=asr``), speakers streaming only."""
+    code, report = run_command(load, "load", tmp_path, audio_fixtures, "--sessions", "2", "--duration", "5",
+                               "--asr-process", "--talker-share", "0")
+    assert code == 0 and report["asr_process"] is True and report["talker_share"] == 0
+    (step,) = report["steps"]
+    assert step["sessions"] == step["connected"] == 2 and step["client"]["utterances"] == 0
+    edge, pool = step["process"], step["asr_pool_process"]
+    assert edge["cpu_cores"] >= 0 and pool["cpu_cores"] >= 0
+    assert pool["rss_mb"] > edge["rss_mb"]  # the model lives in the pool, not in the edge
+
+
+@pytest.mark.slow
 def test_load_command_with_two_sessions(tmp_path: Path, audio_fixtures: Path) -> None:
     code, report = run_command(load, "load", tmp_path, audio_fixtures, "--sessions", "2", "--duration", "8")
     assert code == 0

@@ -49,10 +49,13 @@ SCRIPT_NAMES = ("deploy.sh", "update.sh", "healthcheck.sh", "backup_mysql.sh", "
                 "restore_mysql.sh", "disaster_recovery.sh", "checklist.sh")
 SERVICES = ("server", "mysql", "redis", "minio")
 REPLICAS = ("server", "server-2", "server-3")
+#: The ASR pool of the scale file (SERVER_ROLE=asr), behind nginx's internal port 8090.
+ASR_POOL = ("asr", "asr-2")
 #: Settings whose value in the stack differs from the server's default, on purpose.
 STACK_OVERRIDES = {"DATA_DIR", "ASR_MODEL_SIZE", "MYSQL_HOST", "REDIS_HOST", "MINIO_ENDPOINT"}
-#: Settings whose Compose default differs from the server's on purpose (the scale file trusts nginx).
-COMPOSE_OVERRIDES = {"TRUSTED_PROXIES"}
+#: Settings whose Compose default differs from the server's on purpose (the scale file trusts nginx, its edges
+#: refuse speakers past a CPU share).
+COMPOSE_OVERRIDES = {"TRUSTED_PROXIES", "ADMIT_MAX_CPU"}
 PLACEHOLDER = "change-me"
 FIELDS = {f.name.upper(): f for f in dataclasses.fields(Settings)}
 SECRETS = {name for name, f in FIELDS.items() if f.metadata["spec"].secret}
@@ -185,7 +188,7 @@ def test_compose_has_the_four_services_with_health_checks_and_limits() -> None:
     assert (build["context"], build["dockerfile"]) == ("./server", "Dockerfile")
     for doc_name in ("docker-compose.yml", "docker-compose.scale.yml"):
         for name, service in compose(doc_name)["services"].items():
-            if doc_name.endswith("scale.yml") and name in REPLICAS:
+            if doc_name.endswith("scale.yml") and name in REPLICAS + ASR_POOL:
                 service = replica(compose(doc_name), name)
             check_service_basics(doc_name, name, service)
     for name in running_services(doc):
@@ -219,7 +222,7 @@ def test_compose_server_waits_for_healthy_dependencies() -> None:
     for name in REPLICAS[1:]:  # extends never copies depends_on
         assert scale[name]["depends_on"] == services["server"]["depends_on"], name
     nginx = scale["nginx"]["depends_on"]
-    assert {name: d["condition"] for name, d in nginx.items()} == dict.fromkeys(REPLICAS, "service_healthy")
+    assert {name: d["condition"] for name, d in nginx.items()} == dict.fromkeys(REPLICAS + ASR_POOL, "service_healthy")
 
 
 def layout_dirs() -> list[str]:
@@ -293,7 +296,7 @@ def test_scale_runs_three_replicas_behind_nginx() -> None:
     assert {"80", "443", "4399", "4443", "8000"} <= published
     assert "./config/nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
     upstream_hosts = set(re.findall(r"^\s*server ([\w-]+):\d+", nginx_conf(), re.M))
-    assert upstream_hosts == set(REPLICAS)
+    assert upstream_hosts == set(REPLICAS) | set(ASR_POOL)
     names = {name: replica(doc, name)["container_name"] for name in REPLICAS}
     assert names == {"server": "voicegrow-server", "server-2": "voicegrow-server-2", "server-3": "voicegrow-server-3"}
 
@@ -309,6 +312,34 @@ def dockerfile_healthcheck() -> list[str]:
     return json.loads(line[line.index("CMD") + 3:])
 
 
+def test_scale_edges_send_speech_to_an_asr_pool_behind_nginx() -> None:
+    doc = compose("docker-compose.scale.yml")
+    conf = nginx_conf()
+    pool = re.search(r"upstream voicegrow_asr \{(.*?)\}", conf, re.S)
+    assert pool and set(re.findall(r"server ([\w-]+):8000", pool.group(1))) == set(ASR_POOL)
+    internal = re.search(r"listen 8090;(.*?)\n    \}", conf, re.S)
+    assert internal and "proxy_pass http://voicegrow_asr;" in internal.group(1)
+    assert "http_503" in internal.group(1) and "non_idempotent" in internal.group(1)
+    published = {str(p).rsplit(":", 1)[1] for p in doc["services"]["nginx"]["ports"]}
+    assert "8090" not in published, "the pool is for the edges only"
+    # Speakers refused by a full or overloaded edge (503 + Retry-After) go to the next edge.
+    assert re.search(r"^    proxy_next_upstream error timeout http_503;", conf, re.M)
+    for name in REPLICAS:
+        env = replica(doc, name)["environment"]
+        assert env["ASR_BASE_URL"] == "http://nginx:8090/v1" and env.get("SERVER_ROLE", "all") == "all", name
+        assert float(env["ADMIT_MAX_CPU"].split(":-")[-1].rstrip("}")) > 0, name
+    asr_data = set()
+    for name in ASR_POOL:
+        service = replica(doc, name)
+        env = service["environment"]
+        assert env["SERVER_ROLE"] == "asr" and env["ASR_BASE_URL"] == "", name
+        assert env["MYSQL_HOST"] == env["REDIS_HOST"] == env["MINIO_ENDPOINT"] == "", name
+        assert service["ports"] == {"!reset": []} and service["container_name"] == f"voicegrow-{name}", name
+        asr_data.update(v.split(":")[0] for v in service["volumes"] if v.endswith(":/data"))
+        load_settings({k: str(v) for k, v in env.items() if "${" not in str(v)}, env_file=None)  # valid
+    assert len(asr_data) == len(ASR_POOL), "each ASR worker needs its own data volume"
+
+
 def test_dockerfile_builds_a_slim_non_root_image_with_offline_models() -> None:
     text = dockerfile()
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M)
@@ -320,6 +351,9 @@ def test_dockerfile_builds_a_slim_non_root_image_with_offline_models() -> None:
     assert re.search(r"^EXPOSE 4399 8000$", runtime, re.M)
     assert re.search(r'^CMD \["voicegrow", "serve"\]$', runtime, re.M)
     assert "HF_HUB_OFFLINE=1" in runtime
+    # Two malloc arenas: per-thread arenas kept every turn's freed buffers (docs/memory.md); Compose says so too.
+    assert re.search(r"^ENV [^\n]*\bMALLOC_ARENA_MAX=2\b", runtime, re.M)
+    assert compose("docker-compose.yml")["services"]["server"]["environment"]["MALLOC_ARENA_MAX"] == "2"
 
 
 def test_dockerfile_requirements_step_yields_valid_requirements(tmp_path: Path) -> None:
@@ -915,7 +949,7 @@ def test_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
                     "-keyout", str(tmp_path / "privkey.pem"), "-out", str(tmp_path / "fullchain.pem")],
                    check=True, capture_output=True, timeout=60)
     # nginx -t resolves upstream names: point the Compose service names at this host in a copy.
-    conf = re.sub(r"(\bserver )server(-\d+)?:", r"\g<1>127.0.0.1:", nginx_conf())
+    conf = re.sub(r"(\bserver )(?:server|asr)(-\d+)?:", r"\g<1>127.0.0.1:", nginx_conf())
     conf = conf.replace("/etc/nginx/certs", str(tmp_path))
     conf = re.sub(r"^pid .*;$", f"pid {tmp_path}/nginx.pid;", conf, flags=re.M)
     (tmp_path / "nginx.conf").write_text(conf, encoding="utf-8")

@@ -176,3 +176,23 @@ async def test_utterance_length_and_llm_input_are_capped(tmp_path, audio_fixture
     assert all(len(text) <= 10 for text in sent())
     assert _limit_hits(server, "utterance_length") >= 1
     assert _limit_hits(server, "llm_input_chars") >= 1
+
+
+async def test_open_xiaoai_audio_faster_than_real_time_is_cut_off(tmp_path) -> None:
+    """The open-xiaoai driver had no MAX_AUDIO_RATE check: a flood was fed to the VAD as fast as it came.
+    Its 90 ms cadence (and the start-up burst) pass; 60 s of audio at once closes that speaker only."""
+    from bench.xiaoai_emulator import run_emulator
+
+    async with running_server(make_settings(tmp_path, max_audio_rate=2)) as server:
+        async with run_emulator(server.ws_url, serial="calm") as calm, \
+                run_emulator(server.ws_url, serial="flood") as flood:
+            for emu in (calm, flood):
+                await emu.wait_for_request("start_recording", timeout=10)
+            await calm.stream_pcm(bytes(2 * 16000 * 2), realtime=True)  # 2 s, one frame per 90 ms
+            assert _limit_hits(server, "audio_rate") == 0
+            await flood.stream_pcm(bytes(2 * 16000 * 60), realtime=False)
+            await flood.wait_until(lambda e: not e.connected, timeout=10)
+            assert _limit_hits(server, "audio_rate") == 1
+            assert calm.connected and calm.recording
+            await calm.stream_pcm(bytes(2880 * 3), realtime=True)
+            assert _limit_hits(server, "audio_rate") == 1

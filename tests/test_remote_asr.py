@@ -75,11 +75,12 @@ async def _server_process(tmp_path: Path, **env_overrides: str) -> AsyncIterator
 
 async def test_speaker_on_a_is_transcribed_by_process_b_then_apologised_to_or_answered_locally(
         tmp_path: Path, audio_fixtures: Path, manifest: list[dict]) -> None:
-    """The issue's two processes: B is ``voicegrow serve`` (the pool), A this test's in-process edge."""
+    """The issue's two processes: B is ``voicegrow serve`` in the pool's ASR-only role, A this test's
+    in-process edge."""
     en = next(e for e in manifest if e["lang"] == "en")
     auth = {"Authorization": f"Bearer {ADMIN}"}
     async with run_fake_ai(FakeAiConfig(ttft_ms=0, tokens_per_s=400, tts_ms_per_char=5)) as ai, \
-            _server_process(tmp_path / "b", ADMIN_TOKEN=ADMIN, API_KEYS=KEY) as (b_url, b_process):
+            _server_process(tmp_path / "b", ADMIN_TOKEN=ADMIN, API_KEYS=KEY, SERVER_ROLE="asr") as (b_url, b_process):
         remote = dict(ASR_BASE_URL=f"{b_url}/v1", ASR_API_KEY=KEY, ASR_REMOTE_TIMEOUT_S=60, ASR_TIMEOUT=90,
                       ASR_LANGUAGE="en", LLM_BASE_URL=ai.url, TTS_BASE_URL=ai.url, ADMIN_TOKEN=ADMIN)
         async with running_server(make_settings(tmp_path / "a", **remote)) as a:
@@ -113,6 +114,15 @@ async def test_speaker_on_a_is_transcribed_by_process_b_then_apologised_to_or_an
             assert local.failure is None and local.reply.strip()
             assert not [e for e in local.events if e.event == "error_spoken"]
             assert char_error_rate(en["text"], local.transcript, "en") <= 0.15, local.transcript
+
+
+async def test_the_asr_role_serves_the_audio_api_and_takes_no_speakers(tmp_path: Path) -> None:
+    async with running_server(make_settings(tmp_path, server_role="asr", admin_token=ADMIN, api_keys=KEY)) as pool:
+        assert pool.ws_port == 0 and pool.services.ws_port == 0  # no speaker port is served
+        async with httpx.AsyncClient(base_url=pool.http_url, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            assert (await http.get("/api/v1/health")).status_code == 200
+            missing_file = await http.post("/v1/audio/transcriptions", data={"model": "whisper-1"})
+            assert missing_file.status_code == 400 and missing_file.json()["error"]["type"] == "invalid_request_error"
 
 
 class _Flaky:

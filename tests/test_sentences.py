@@ -31,7 +31,7 @@ def speakable(text: str) -> str:
      ["版本3.0已经发布。", "新功能包括：语音识别、语音合成等。"]),
     ("他说：“明天见。”然后就走了。", ["他说：“明天见。”", "然后就走了。"]),
     ("你说的是真的吗？！太好了……我们走吧。", ["你说的是真的吗？！", "太好了……我们走吧。"]),
-    ("你好!我是小爱.今天怎么样?", ["你好!我是小爱.", "今天怎么样?"]),
+    ("你好!我是小爱.今天怎么样?", ["你好!", "我是小爱.今天怎么样?"]),
 ])
 def test_chinese_boundaries(text: str, expected: list[str]) -> None:
     assert split(text) == expected
@@ -70,8 +70,24 @@ def test_first_chunk_comma_is_optional_and_only_first() -> None:
 
 
 def test_tiny_chunks_are_merged_forward() -> None:
-    assert split("Hi. How are you? Ok.") == ["Hi. How are you?", "Ok."]
-    assert split("嗯。好。我知道了。") == ["嗯。好。我知道了。"]
+    assert split("Hi. How are you? Ok.", first_sentence_min_chars=6) == ["Hi. How are you?", "Ok."]
+    assert split("嗯。好。我知道了。", first_sentence_min_chars=6) == ["嗯。好。我知道了。"]
+    assert split("I see. Ok. Fine. That is all.") == ["I see.", "Ok. Fine.", "That is all."]  # after the first
+    assert split("嗯。好。我知道了。") == ["嗯。", "好。我知道了。"]
+
+
+def test_a_short_opener_is_spoken_on_its_own() -> None:
+    """ "好的。" merged into the next clause made the first TTS request wait ~12 tokens more."""
+    assert split("好的。我来帮你查一下明天的天气。") == ["好的。", "我来帮你查一下明天的天气。"]
+    assert split("Sure. Let me look that up for you.") == ["Sure.", "Let me look that up for you."]
+    assert split("Hi. How are you? Ok.") == ["Hi.", "How are you?", "Ok."]
+
+
+def test_the_first_chunk_may_end_at_a_colon() -> None:
+    assert split("你说的是：今天天气怎么样。这是测试。") == ["你说的是：", "今天天气怎么样。", "这是测试。"]
+    assert split('You said: "Tell me a joke". Goodbye now.') == ["You said:", '"Tell me a joke".', "Goodbye now."]
+    assert split("他说：“明天见。”然后就走了。") == ["他说：“明天见。”", "然后就走了。"]  # too short to cut
+    assert split("It opens at 7:30 tomorrow morning. Bye.") == ["It opens at 7:30 tomorrow morning.", "Bye."]
     assert split("Milk\nEggs\nBread and butter\n") == ["Milk Eggs", "Bread and butter"]
 
 

@@ -25,9 +25,10 @@ import trio
 
 from voicegrow.client import ConnectionClosed, NativeClient, open_native_client
 from voicegrow.protocol.native import Ping, Pong
+from voicegrow.sessions.registry import SessionInfo, SessionRegistry
+from voicegrow.sessions.view import LocalWorker
 from voicegrow.storage.sqlite_state import SQLiteState
-from voicegrow.streaming.registry import SessionInfo, SessionRegistry
-from voicegrow.workers.control import Box, ControlServer, LocalWorker
+from voicegrow.workers.control import Box, ControlServer
 from voicegrow.workers.listeners import bind_shared, reuse_port_supported
 
 START_TIMEOUT_S = 90  # two interpreters importing the server on two shared cores

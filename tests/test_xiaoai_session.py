@@ -7,20 +7,21 @@ real VAD and Whisper with the fake LLM/TTS service of ``bench``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from bench.fake_ai import FakeAiConfig, run_fake_ai
+from bench.fake_ai import FakeAiConfig
 from bench.xiaoai_emulator import DEFAULT_MODEL, DEFAULT_SERIAL, SpeakerEmulator, recognize_result_line, run_emulator
-from tests.conftest import make_settings
+from tests.session_support import completed_turns as _completed_turns
+from tests.session_support import counter_value as _count
+from tests.session_support import plain_server as _server
+from tests.session_support import server_with_fake_ai as _server_with_fake_ai
+from tests.session_support import wait_for as _wait_for
 from tests.test_pipeline_e2e import _speech_onset_s  # the same onset rule as the native barge-in test
-from voicegrow.app import ServerHandle, running_server
 from voicegrow.audio import read_wav
 from voicegrow.client import open_native_client, stream_wav_and_collect
 from voicegrow.protocol import xiaoai as proto
@@ -38,7 +39,6 @@ from voicegrow.textmetrics import char_error_rate
 RECORD_CONFIG = AudioConfig(sample_rate=16000, period_size=360, buffer_size=1440)
 PLAY_CONFIG = AudioConfig(sample_rate=24000, period_size=360, buffer_size=1440)
 DEVICE_ID = "xiaoai-" + DEFAULT_SERIAL.replace("/", "_")
-SHORT_REPLIES = FakeAiConfig(ttft_ms=100, tokens_per_s=80, tts_ms_per_char=15)
 
 
 def _clip(audio_fixtures: Path, entry: dict) -> bytes:
@@ -47,41 +47,8 @@ def _clip(audio_fixtures: Path, entry: dict) -> bytes:
     return samples.astype("<i2").tobytes()
 
 
-def _count(counter) -> float:
-    return counter._value.get()
-
-
-def _completed_turns(server: ServerHandle) -> float:
-    return _count(server.services.metrics.turns.labels("completed"))
-
-
-async def _wait_for(predicate, *, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.02)
-
-
 def _chat_requests(ai) -> list[list[dict]]:
     return [r["body"]["messages"] for r in ai.requests if r["path"].endswith("/chat/completions")]
-
-
-@contextlib.asynccontextmanager
-async def _server(tmp_path: Path, **overrides: object) -> AsyncIterator[ServerHandle]:
-    """A server without the model or the AI service, for the driver's own behaviour."""
-    async with running_server(make_settings(tmp_path, **overrides)) as server:
-        yield server
-
-
-@contextlib.asynccontextmanager
-async def _server_with_fake_ai(tmp_path: Path, fake: FakeAiConfig = SHORT_REPLIES,
-                               **overrides: object) -> AsyncIterator[tuple[ServerHandle, object]]:
-    async with run_fake_ai(fake) as ai:
-        settings = make_settings(tmp_path, llm_base_url=ai.url, tts_base_url=ai.url, asr_preload="true",
-                                 **overrides)
-        async with running_server(settings) as server:
-            with trio.fail_after(120):
-                await server.services.asr.warm_up()
-            yield server, ai
 
 
 async def _armed(emu: SpeakerEmulator) -> None:

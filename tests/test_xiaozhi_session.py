@@ -7,10 +7,9 @@ conversation use real VAD and Whisper with the fake LLM/TTS service of ``bench``
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,15 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from bench.fake_ai import FakeAiConfig, run_fake_ai
+from bench.fake_ai import FakeAiConfig
 from bench.xiaoai_emulator import run_emulator
 from bench.xiaozhi_emulator import DEFAULT_DEVICE_ID, EmulatorError, XiaozhiEmulator, run_xiaozhi_emulator
-from tests.conftest import make_settings
-from voicegrow.app import ServerHandle, running_server
+from tests.session_support import SHORT_REPLIES, server_with_fake_ai
+from tests.session_support import completed_turns as _completed_turns
+from tests.session_support import counter_value as _count
+from tests.session_support import plain_server as _server
+from tests.session_support import wait_for as _wait_for
+from voicegrow.app import ServerHandle
 from voicegrow.audio import read_wav, rms_dbfs
 from voicegrow.client import open_native_client, stream_wav_and_collect
 from voicegrow.opus import OpusEncoder
@@ -30,7 +33,6 @@ from voicegrow.protocol import xiaozhi as wire
 from voicegrow.streaming.device_mcp import DeviceToolError
 from voicegrow.textmetrics import char_error_rate
 
-SHORT_REPLIES = FakeAiConfig(ttft_ms=100, tokens_per_s=80, tts_ms_per_char=15)
 HEADERS = [(b"Protocol-Version", b"1"), (b"Device-Id", DEFAULT_DEVICE_ID.encode()), (b"Client-Id", b"c-1")]
 HELLO = wire.encode_text(wire.Hello(features={"mcp": True}))
 
@@ -41,45 +43,19 @@ def _clip(audio_fixtures: Path, entry: dict, trailing_silence_s: float = 1.0) ->
     return samples.astype("<i2").tobytes() + bytes(int(32000 * trailing_silence_s))
 
 
-def _count(counter) -> float:
-    return counter._value.get()
-
-
-def _completed_turns(server: ServerHandle) -> float:
-    return _count(server.services.metrics.turns.labels("completed"))
-
-
 def _errors(server: ServerHandle) -> dict[str, float]:
     return {s.labels["code"]: s.value for metric in server.services.metrics.protocol_errors.collect()
             for s in metric.samples if s.name.endswith("_total")}
-
-
-async def _wait_for(predicate, *, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.02)
 
 
 def _board_url(server: ServerHandle) -> str:
     return server.ws_url + wire.DEFAULT_PATH
 
 
-@contextlib.asynccontextmanager
-async def _server(tmp_path: Path, **overrides: object) -> AsyncIterator[ServerHandle]:
-    async with running_server(make_settings(tmp_path, **overrides)) as server:
-        yield server
-
-
-@contextlib.asynccontextmanager
-async def _server_with_fake_ai(tmp_path: Path, fake: FakeAiConfig = SHORT_REPLIES,
-                               **overrides: object) -> AsyncIterator[tuple[ServerHandle, object]]:
-    async with run_fake_ai(fake) as ai:
-        settings = make_settings(tmp_path, llm_base_url=ai.url, tts_base_url=ai.url, asr_preload="true",
-                                 max_audio_rate=100, **overrides)
-        async with running_server(settings) as server:
-            with trio.fail_after(120):
-                await server.services.asr.warm_up()
-            yield server, ai
+def _server_with_fake_ai(tmp_path: Path, fake: FakeAiConfig = SHORT_REPLIES,
+                         **overrides: object) -> AbstractAsyncContextManager[tuple[ServerHandle, object]]:
+    """The shared conversation server, with ``MAX_AUDIO_RATE`` high: a board's audio may come in fast."""
+    return server_with_fake_ai(tmp_path, fake, **{"max_audio_rate": 100, **overrides})
 
 
 async def _closed_with(ws, timeout: float = 5.0) -> tuple[int | None, list[dict]]:

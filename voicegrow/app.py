@@ -57,19 +57,26 @@ async def running_server(settings: Settings, *, persistence_options: dict[str, A
     its own, and a control socket through which the other workers see its sessions."""
     async with open_services(settings, persistence_options=persistence_options, worker=worker) as services, \
             trio.open_nursery() as nursery:
+        speakers = settings.server_role == "all"  # asr: a pool's worker, no speaker of its own
         await nursery.start(services.persistence.run)
-        await nursery.start(services.timers.run)
-        if services.tools is not None:
+        if speakers:
+            await nursery.start(services.timers.run)
+        await nursery.start(services.live.run)
+        await nursery.start(services.load.run)
+        if services.tools is not None and speakers:
             await nursery.start(services.tools.run)
         if settings.asr_preload:  # the first user should not wait for a model load
             nursery.start_soon(services.asr.warm_up)
-            if hasattr(services.tts, "preload"):
+            if hasattr(services.tts, "preload") and speakers:  # a pool's worker loads a voice when asked
                 nursery.start_soon(services.tts.preload)
         if worker is not None:
-            await nursery.start(ControlServer(services.box.local, worker.control_socket(worker.index)).run)
+            await nursery.start(ControlServer(services.live.local, worker.control_socket(worker.index)).run)
             nursery.start_soon(_refresh_gauges, services)
-        voice = VoiceServer(services, None if worker is None else [adopt_listener(worker.ws_fd)])
-        ws_port = services.ws_port = await nursery.start(voice.run)
+        voice: VoiceServer | None = None
+        ws_port = 0
+        if speakers:
+            voice = VoiceServer(services, None if worker is None else [adopt_listener(worker.ws_fd)])
+            ws_port = services.ws_port = await nursery.start(voice.run)
         http_stopped = trio.Event()
         http_port = await nursery.start(lambda task_status: run_http_server(
             services, shutdown=http_stopped, fd=None if worker is None else worker.http_fd,
@@ -84,13 +91,16 @@ async def running_server(settings: Settings, *, persistence_options: dict[str, A
             nursery.start_soon(services.tls.watch)
         handle = ServerHandle(services, ws_port, http_port, host, tls=services.tls is not None,
                               wyoming_port=wyoming_port)
-        log.info("voicegrow %s listening: WebSocket %s, HTTP %s", __version__, handle.ws_url, handle.http_url,
+        log.info("voicegrow %s listening: WebSocket %s, HTTP %s", __version__,
+                 handle.ws_url if speakers else "off (SERVER_ROLE=asr)", handle.http_url,
                  extra={"ws_port": ws_port, "http_port": http_port})
         try:
             yield handle
         finally:
             with trio.CancelScope(shield=True):
-                await voice.shutdown(settings.shutdown_grace_s)
+                if voice is not None:
+                    await voice.shutdown(settings.shutdown_grace_s)
+                services.accepting = False
                 http_stopped.set()
                 with trio.move_on_after(3.0):
                     await trio.sleep(0)  # let hypercorn see the trigger before we cancel

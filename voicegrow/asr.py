@@ -616,11 +616,24 @@ class AsrService:
         self._load_error: BaseException | None = None
         self._waiting = 0
         self._waiting_lock = threading.Lock()
+        self._live_queued: dict[_QueueTicket, float] = {}  # live utterances waiting, oldest first
+        self._last_live_start = (-math.inf, 0.0)  # (when, after how long a wait) the last one was taken up
 
     @property
     def queue_depth(self) -> int:
         """Utterances accepted but not yet taken by a worker thread."""
         return self._waiting
+
+    def queue_wait_s(self) -> float:
+        """The wait a new speaker's utterance would meet now: how long the oldest live utterance still
+        queued has waited, or, if longer, the wait of the last one taken up within the past 5 s (so that
+        a queue drained by bursts does not read as empty between them). Batch requests do not count."""
+        now = time.monotonic()
+        with self._waiting_lock:
+            oldest = next(iter(self._live_queued.values()), None)
+            started_at, last_wait = self._last_live_start
+        waiting = now - oldest if oldest is not None else 0.0
+        return max(waiting, last_wait if now - started_at <= 5.0 else 0.0)
 
     @property
     def engine(self) -> Engine | None:
@@ -643,7 +656,7 @@ class AsrService:
         except Exception:
             self._count("error")
             raise
-        ticket = _QueueTicket(self._add_waiting)
+        ticket = _QueueTicket(self._queue_changed, live=priority == LIVE)
 
         def work() -> Transcript | None:
             if not ticket.begin():  # cancelled between the limiter and this thread's start
@@ -709,11 +722,19 @@ class AsrService:
                 self._load_error = None
         return self._engine
 
-    def _add_waiting(self, delta: int) -> None:
+    def _queue_changed(self, ticket: _QueueTicket, event: str) -> None:
         # Called from the trio thread and from the worker thread that picks the request up.
+        now = time.monotonic()
         with self._waiting_lock:
-            self._waiting += delta
+            self._waiting += 1 if event == "joined" else -1
             depth = self._waiting
+            if ticket.live:
+                if event == "joined":
+                    self._live_queued[ticket] = now
+                else:
+                    joined = self._live_queued.pop(ticket, now)
+                    if event == "started":
+                        self._last_live_start = (now, now - joined)
         if self._metrics is not None:
             self._metrics.asr_queue_depth.set(depth)
 
@@ -725,11 +746,12 @@ class AsrService:
 class _QueueTicket:
     """One request's place in the queue: left exactly once, by its worker thread or by giving up."""
 
-    def __init__(self, add_waiting: Callable[[int], None]) -> None:
-        self._add_waiting = add_waiting
+    def __init__(self, changed: Callable[[_QueueTicket, str], None], *, live: bool) -> None:
+        self._changed = changed
+        self.live = live
         self._lock = threading.Lock()
         self._state = "waiting"
-        add_waiting(1)
+        changed(self, "joined")
 
     def begin(self) -> bool:
         """Called by the worker thread: True if the request is still wanted."""
@@ -737,7 +759,7 @@ class _QueueTicket:
             if self._state != "waiting":
                 return False
             self._state = "running"
-        self._add_waiting(-1)
+        self._changed(self, "started")
         return True
 
     def withdraw(self) -> None:
@@ -746,7 +768,7 @@ class _QueueTicket:
             if self._state != "waiting":
                 return
             self._state = "withdrawn"
-        self._add_waiting(-1)
+        self._changed(self, "withdrawn")
 
 
 #: What ``ASR_LANGUAGE=auto`` may detect with the fast engine.
@@ -757,11 +779,11 @@ def build_asr_service(settings: Settings, metrics: Metrics | None = None, *,
                       allow_download: bool | None = None) -> AsrService:
     """The service the server runs, from ``ASR_*`` settings; nothing is loaded until first use.
 
-    ``allow_download`` defaults to a setting ``asr_allow_download`` if the settings have one, else
-    False: the embedded default (``small``) then falls back to the packaged ``base`` model offline.
+    ``allow_download`` defaults to ``ASR_ALLOW_DOWNLOAD`` (off: the embedded default ``small`` then
+    falls back to the packaged ``base`` model offline).
     """
     if allow_download is None:
-        allow_download = bool(getattr(settings, "asr_allow_download", False))
+        allow_download = settings.asr_allow_download
     workers = settings.asr_workers
     threads = settings.asr_cpu_threads or _default_cpu_threads(workers)
     engine_kind = settings.asr_engine

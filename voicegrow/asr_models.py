@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import hashlib
 import importlib.util
@@ -27,6 +26,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
+
+from voicegrow.atomicfile import atomic_write, fsync_dir
 
 __all__ = [
     "ModelError",
@@ -300,7 +301,7 @@ def _copy_side_files(source: Path, target: Path) -> None:
         data = src.read_bytes()
         if dst.is_file() and dst.read_bytes() == data:
             continue
-        _atomic_write(dst, data)
+        atomic_write(dst, data, mode=_FILE_MODE)
 
 
 def _stat_key(path: Path) -> dict[str, int] | None:
@@ -335,7 +336,7 @@ def _write_file_stamp(path: Path, stamp_path: Path, sha256: str, name: str) -> N
     key = _stat_key(path)
     assert key is not None
     stamp = dict(key, sha256=sha256, name=name)
-    _atomic_write(stamp_path, json.dumps(stamp, indent=1).encode())
+    atomic_write(stamp_path, json.dumps(stamp, indent=1).encode(), mode=_FILE_MODE)
 
 
 def _existing_bin_is_good(bin_path: Path, target: Path, model: PackagedModel) -> bool:
@@ -392,7 +393,7 @@ def _join_pieces(pieces: Sequence[Path], dest: Path, stamp_path: Path, size: int
                 f"the installed parts of {what} join to {joined} bytes with sha256 "
                 f"{digest.hexdigest()}, expected {size} bytes with {sha256}: reinstall {reinstall}")
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -420,36 +421,6 @@ def ensure_joined_file(pieces: Sequence[Path], dest: Path, *, size: int, sha256:
             log.info("assembling %s into %s", what, dest)
             _join_pieces(pieces, dest, stamp_path, size, sha256, what, reinstall, dest.name)
     return dest
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some filesystems refuse fsync on a directory
-        if exc.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -26,19 +26,18 @@ from voicegrow.protocol import (
     HEADER_SIZE,
     Audio,
     AudioFormat,
-    ClientConnectionState,
     Close,
     Control,
     Error,
     ErrorCode,
     Frame,
-    FrameDecoder,
     Hello,
     HelloAck,
+    NativeConnection,
     Ping,
     Pong,
     ProtocolError,
-    encode,
+    Role,
 )
 from voicegrow.protocol.native import wire_ms
 
@@ -108,9 +107,8 @@ class NativeClient:
     def __init__(self, ws: trio_websocket.WebSocketConnection, *,
                  max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self._ws = ws
-        self._decoder = FrameDecoder(max_payload)
-        self._max_payload = max_payload
-        self.state = ClientConnectionState()
+        #: The protocol state machine, the same one the server's driver runs (``Role.CLIENT`` here).
+        self.conn = NativeConnection(Role.CLIENT, max_payload=max_payload, max_send_payload=max_payload)
         self.hello_ack: HelloAck | None = None
         self._audio_seq = 0
         self._control_seq = 0
@@ -168,8 +166,7 @@ class NativeClient:
         """Check the frame is allowed now, encode it and send it as one binary message."""
         if self._closed is not None:
             raise self._closed
-        self.state.send(frame)
-        message = encode(frame, max_payload=self._max_payload)
+        message = self.conn.send(frame)
         try:
             await self._ws.send_message(message)
         except trio_websocket.ConnectionClosed as exc:
@@ -200,8 +197,9 @@ class NativeClient:
             message = await self._ws.get_message()
         except trio_websocket.ConnectionClosed as exc:
             raise self._closed_by_websocket(exc) from None
-        frame = self._decoder.decode_message(message)  # type: ignore[arg-type]
-        self.state.receive(frame)
+        self.conn.receive_data(message)
+        frame = self.conn.next_event()
+        assert frame is not None  # one WebSocket message is one frame
         if isinstance(frame, Ping):
             with contextlib.suppress(ConnectionClosed):
                 await self.send(Pong(frame.nonce, timestamp_ms=self._now_ms()))
@@ -223,7 +221,7 @@ class NativeClient:
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Send CLOSE (unless the session is already over) and close the WebSocket; never raises."""
         with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_GRACE_S):
-            if self._closed is None and self.state.our_role not in self.state.closed_by:
+            if self._closed is None and not self.conn.we_closed:
                 with contextlib.suppress(NativeClientError):
                     await self.send(Close(code, reason, timestamp_ms=self._now_ms()))
             await self._ws.aclose(code, reason or None)
@@ -371,7 +369,8 @@ class TalkResult:
     timings_ms: dict[str, float | None] = dataclasses.field(default_factory=dict)
     reply_audio: bytes = b""
     reply_sample_rate: int = 24000
-    #: seconds from sending the clip's last sample to receiving the first reply audio
+    #: seconds from sending the clip's last sample to receiving the first reply audio (negative when the
+    #: reply began during the clip's own trailing silence)
     client_first_audio_s: float | None = None
     events: list[TalkEvent] = dataclasses.field(default_factory=list)
     lang: str = ""
@@ -411,6 +410,14 @@ class _ReplyCollector:
         self._ignored_turns: set[int] = set()
         self.linger_until = math.inf
         self.clip_sent_at: float | None = None
+        self.first_audio_at: float | None = None
+
+    def clip_sent(self, now: float) -> None:
+        """The clip's last sample went out; a reply already playing (the trailing silence of a clip
+        outlasted the hangover) started that long before it, a negative ``client_first_audio_s``."""
+        self.clip_sent_at = now
+        if self.first_audio_at is not None:
+            self.result.client_first_audio_s = self.first_audio_at - now
 
     @property
     def heard_only_noise(self) -> bool:
@@ -423,8 +430,10 @@ class _ReplyCollector:
     def add(self, frame: Frame, now: float) -> None:
         if isinstance(frame, Audio):
             if self._ours(frame.turn_id) and frame.pcm:
-                if self.result.client_first_audio_s is None and self.clip_sent_at is not None:
-                    self.result.client_first_audio_s = now - self.clip_sent_at
+                if self.first_audio_at is None:
+                    self.first_audio_at = now
+                    if self.clip_sent_at is not None:
+                        self.result.client_first_audio_s = now - self.clip_sent_at
                 self.result.reply_audio += frame.pcm
         elif isinstance(frame, Control):
             self._add_event(frame, now)
@@ -511,10 +520,10 @@ async def stream_wav_and_collect(
                 await trio.sleep_until(started_at + index * frame_interval)
                 await client.send_audio(chunk)
                 if index == len(clip_frames) - 1:
-                    collector.clip_sent_at = trio.current_time()
-                    result.clip_sent_s = collector.clip_sent_at - started_at
+                    collector.clip_sent(trio.current_time())
+                    result.clip_sent_s = (collector.clip_sent_at or started_at) - started_at
             if not clip_frames:
-                collector.clip_sent_at = trio.current_time()
+                collector.clip_sent(trio.current_time())
 
     async def receive_reply() -> None:
         with trio.move_on_at(started_at + len(clip_frames) * frame_interval + timeout_s) as overall:

@@ -215,7 +215,7 @@ def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
     @app.get("/api/v1/health/detail")
     async def health_detail() -> Response:
         components = await services.component_health()
-        workers = await services.box.workers()
+        workers = await services.live.workers()
         status = overall_status(services.accepting, components)
         if status == "ok" and any(w["status"] != "ok" for w in workers):
             status = "degraded"  # a worker is restarting: its share of new speakers waits for it
@@ -230,7 +230,7 @@ def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
 
     @app.get("/api/v1/sessions")
     async def sessions() -> Response:
-        items, missing = await services.box.sessions()
+        items, missing = await services.live.sessions()
         items.sort(key=lambda s: s["since"])
         return jsonify({"sessions": items, "count": len(items), "workers_missing": missing})
 
@@ -238,7 +238,7 @@ def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
     async def close_session(session_id: str) -> Response:
         if len(session_id) > 64 or not session_id.isprintable():
             return _error(400, "invalid_session_id", "session_id: expected up to 64 printable characters")
-        if not await services.box.close_session(session_id):
+        if not await services.live.close_session(session_id):
             return _error(404, "not_found", f"no live session {session_id!r}")
         response = jsonify({"session_id": session_id, "closing": True})
         response.status_code = 202

@@ -59,6 +59,10 @@ class Metrics:
             ["endpoint", "outcome"], registry=r)
         self.llm_requests = Counter(
             "voicegrow_llm_requests_total", "LLM requests by outcome", ["outcome"], registry=r)
+        self.llm_preemptive = Counter(
+            "voicegrow_llm_preemptive_total", "Replies started on the speculative transcript before the end of"
+            " the turn (LLM_PREEMPTIVE), by outcome: used, or wasted (the user went on talking after the LLM"
+            " had been asked: a paid call for nothing)", ["outcome"], registry=r)
         self.tool_calls = Counter(
             "voicegrow_tool_calls_total", "Tool calls the LLM made, by where the tool lives (builtin, mcp, device)"
             " and outcome (ok, error)", ["source", "outcome"], registry=r)
@@ -84,9 +88,19 @@ class Metrics:
         self.spool_depth = Gauge(
             "voicegrow_spool_depth", "Records waiting in the local spool, by component", ["component"],
             registry=r, multiprocess_mode="livesum")
+        self.echo_rejected = Counter(
+            "voicegrow_echo_rejected_total", "Utterances heard over a reply and dropped as its echo", ["reason"],
+            registry=r)
         self.limit_hits = Counter(
             "voicegrow_limit_hits_total", "Times a configured limit refused or throttled a client", ["limit"],
             registry=r)
+        self.admission_threshold = Gauge(
+            "voicegrow_admission_threshold", "Load above which new sessions are refused (0: check off), by check",
+            ["check"], registry=r, multiprocess_mode="livemax")
+        self.admission_load = Gauge(
+            "voicegrow_admission_load", "The load admission compares with its threshold (ASR queue wait in"
+            " seconds; CPU as a share of the usable cores), by check", ["check"], registry=r,
+            multiprocess_mode="livemax")
         self.auth_refusals = Counter(
             "voicegrow_auth_refusals_total", "Refused authentications, by protocol and reason",
             ["protocol", "reason"], registry=r)

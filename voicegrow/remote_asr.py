@@ -71,6 +71,11 @@ class RemoteAsr:
     def queue_depth(self) -> int:
         return self._in_flight
 
+    def queue_wait_s(self) -> float:
+        """The local fallback's queue wait; the pool's own queue is the pool's to refuse at (its
+        replicas run load-aware admission of their own, and a slow pool shows as remote latency)."""
+        return self.fallback.queue_wait_s() if self.fallback is not None else 0.0
+
     @property
     def engine(self) -> Any:
         return self

@@ -18,10 +18,12 @@ import trio
 from voicegrow.auth_throttle import AuthThrottle
 from voicegrow.forwarded import TrustedProxies
 from voicegrow.metrics import Metrics
+from voicegrow.sessions.load import LoadMonitor
+from voicegrow.sessions.registry import SessionRegistry
+from voicegrow.sessions.view import LocalWorker, SessionView, rss_bytes
 from voicegrow.settings import Settings, parse_networks
-from voicegrow.streaming.registry import SessionRegistry
 from voicegrow.workers.context import WorkerContext
-from voicegrow.workers.control import Box, LocalWorker, rss_bytes
+from voicegrow.workers.control import Box
 
 __all__ = ["Services", "open_services"]
 
@@ -43,12 +45,14 @@ class Services:
     auth_throttle: AuthThrottle = dataclasses.field(default_factory=AuthThrottle)  # every credential's guesses
     admin_auth: Any = None  # voicegrow.admin_auth.AdminAuth: the admin token and ADMIN_ALLOW_FROM
     tls: Any = None  # voicegrow.tls.CertificateStore when TLS_CERT_FILE is set
+    load: Any = None  # voicegrow.sessions.load.LoadMonitor: ADMIT_MAX_* checks at the handshake
     #: TRUSTED_PROXIES: whose X-Forwarded-For is believed (set from the settings after construction).
     proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
     #: This process's place among WORKERS (None: the single-process server).
     worker: WorkerContext | None = None
-    #: Every worker's sessions and state (just this process with WORKERS=1); set by open_services.
-    box: Box = dataclasses.field(init=False)
+    #: Every live session this process can answer for: itself, its box (WORKERS), every replica sharing
+    #: REDIS_HOST (voicegrow.sessions.view); set from the settings after construction.
+    live: SessionView = dataclasses.field(init=False)
     started_monotonic: float = dataclasses.field(default_factory=time.monotonic)
     accepting: bool = True
     ws_port: int = 0  # the speaker port as bound (WS_PORT may be 0); the xiaozhi OTA answer hands it out
@@ -56,8 +60,14 @@ class Services:
     def __post_init__(self) -> None:
         self.proxies = TrustedProxies(parse_networks(self.settings.trusted_proxies, "TRUSTED_PROXIES"))
         index, restarts = (self.worker.index, self.worker.restarts) if self.worker else (0, 0)
-        peers = {k: self.worker.control_socket(k) for k in self.worker.peers()} if self.worker else {}
-        self.box = Box(LocalWorker(self, index, restarts), peers)
+        local = LocalWorker(self, index, restarts)
+        box = Box(local, {k: self.worker.control_socket(k) for k in self.worker.peers()}) if self.worker else \
+            SessionView(local)
+        self.live = box
+        if self.settings.redis_host:
+            from voicegrow.sessions.cluster import ClusterView
+
+            self.live = ClusterView.from_settings(self.settings, local, box, replica_id=self.persistence.replica_id)
 
     @property
     def uptime_s(self) -> float:
@@ -66,7 +76,7 @@ class Services:
     def refresh_gauges(self) -> None:
         """The gauges that describe this process now (a scrape, and every second under WORKERS>1,
         since any worker may render the others' values)."""
-        m, local = self.metrics, self.box.local
+        m, local = self.metrics, self.live.local
         m.uptime.set(self.uptime_s)
         m.up.set(1 if self.accepting else 0)
         counts = self.registry.count_by_protocol()
@@ -150,12 +160,14 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
                                                 worker=None if worker is None else worker.index,
                                                 **(persistence_options or {}))
         tools, timers = build_tools(settings, persistence, registry, metrics)
+        asr = build_asr(settings, http, metrics)
         yield Services(
             settings=settings,
             metrics=metrics,
             registry=registry,
             http=http,
-            asr=build_asr(settings, http, metrics),
+            asr=asr,
+            load=LoadMonitor(settings, asr, metrics),
             llm=build_llm(settings, http_client=http),
             tts=build_tts(settings, http_client=http),
             persistence=persistence,

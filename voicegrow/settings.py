@@ -54,6 +54,9 @@ class Settings:
 
     # -- server
     server_host: str = _field("0.0.0.0", str)
+    # all: speakers and the HTTP API; asr: an ASR worker of a pool (no speaker port, no timers: the OpenAI
+    # audio API, Wyoming, health and metrics only), for edge replicas whose ASR_BASE_URL points at the pool.
+    server_role: str = _field("all", str, choices=("all", "asr"))
     ws_port: int = _port(4399)
     http_port: int = _port(8000)
     wyoming_port: int = _port(0)  # Home Assistant's Wyoming protocol (ASR and TTS); 0: off
@@ -86,6 +89,12 @@ class Settings:
     max_sessions: int = _field(500, int, low=1, high=100_000)
     max_sessions_per_ip: int = _field(50, int, low=1, high=100_000)
     max_connects_per_ip_per_min: int = _field(120, int, low=1, high=1_000_000)
+    # Load-aware admission (HTTP 503 + Retry-After at the handshake, so a balancer tries another
+    # replica): the oldest live utterance's wait for an ASR worker, in seconds, and this process's CPU
+    # as a share of the cores it may use (0 to 1); 0 turns a check off.
+    admit_max_asr_wait_s: float = _field(0.0, float, low=0, high=600)
+    admit_max_cpu: float = _field(0.0, float, low=0, high=1)
+    admit_retry_after_s: int = _field(5, int, low=1, high=3600)
     max_audio_rate: float = _field(3.0, float, low=1.0, high=100.0)  # × real time
     max_llm_input_chars: int = _field(2000, int, low=10, high=1_000_000)
 
@@ -106,6 +115,11 @@ class Settings:
     asr_beam_size: int = _field(1, int, low=1, high=10)
     asr_engine: str = _field("fast", str, choices=("fast", "stock"))
     asr_speculative: bool = _field(True, bool)
+    # start the LLM (and TTS) on the speculative transcript during the hangover; audio waits for the end
+    # of the turn; a user who goes on talking costs one wasted LLM call (voicegrow_llm_preemptive_total)
+    llm_preemptive: bool = _field(True, bool)
+    # ... once the pause has lasted this long (a word gap shorter than it costs no LLM call)
+    llm_preemptive_after_ms: int = _field(200, int, low=0, high=10_000)
     asr_preload: bool = _field(True, bool)  # load the model at start-up, not on the first utterance
     asr_allow_download: bool = _field(False, bool)  # fetch a standard model from the hub if not installed
     # remote ASR: any OpenAI-compatible /v1/audio/transcriptions instead of the local model (docs/audio-api.md)
@@ -124,6 +138,9 @@ class Settings:
     vad_min_speech_ms: int = _field(250, int, low=0, high=10_000)
     vad_max_utterance_s: float = _field(15.0, float, low=1, high=120)
     barge_in_min_ms: int = _field(300, int, low=0, high=10_000)
+    # auto: echo-safe barge-in (server-side echo cancellation) unless the device cancels its own echo
+    barge_in: str = _field("auto", str, choices=("auto", "vad", "wake_word", "off"))
+    barge_in_echo_kept_db: float = _field(-10.0, float, low=-40, high=0)  # speech over a reply must keep this
 
     # -- TTS
     tts_base_url: str = _field("", str)
@@ -182,6 +199,9 @@ class Settings:
     minio_secure: bool = _field(False, bool)
     presigned_url_ttl_s: int = _field(900, int, low=1, high=7 * 86400)
     replica_id: str = _field("", str)
+    # With REDIS_HOST: how often each replica rewrites its entry in the shared session listing; an
+    # entry lives three heartbeats, so a replica that died leaves the listing within 3 × this.
+    cluster_heartbeat_s: float = _field(2.0, float, low=0.1, high=60)
 
     # -- open-xiaoai speakers
     xiaoai_token: str = _field("", str, secret=True)
@@ -224,14 +244,6 @@ class Settings:
     @property
     def api_key_list(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
-
-    @property
-    def llm_configured(self) -> bool:
-        return bool(self.llm_base_url)
-
-    @property
-    def tts_configured(self) -> bool:
-        return bool(self.tts_base_url)
 
 
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:

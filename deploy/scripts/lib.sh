@@ -417,7 +417,7 @@ VG_SOURCE_FILES=(Dockerfile .dockerignore setup.cfg pyproject.toml README.md LIC
 # The directories of section 2.3 (and data/server, the server's DATA_DIR); the container users that
 # must own some of them: the server runs as uid 10001, MySQL as 999.
 VG_LAYOUT_DIRS=(config/mysql config/redis config/nginx data/mysql data/redis data/minio data/models
-    data/server data/server-2 data/server-3 logs/server logs/mysql logs/nginx scripts backup/mysql
+    data/server data/server-2 data/server-3 data/asr data/asr-2 logs/server logs/mysql logs/nginx scripts backup/mysql
     backup/minio)
 
 # Copy SRC (a file or a directory) over DEST. An existing file that differs is kept as FILE.bak-<time>

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["JSON_TOKENS", "run_target"]
+__all__ = ["JSON_TOKENS", "all_checks", "outcome", "run_target"]
 
 
 def _corpus_dirs(argv: Sequence[str]) -> list[Path]:
@@ -28,6 +29,26 @@ JSON_TOKENS = ("{", "}", "[", "]", ",", ":", '"', "\\", "\\u", "\\ud800", "true"
 def _dictionary_line(token: str | bytes) -> str:
     raw = token.encode("utf-8") if isinstance(token, str) else token
     return '"' + "".join(chr(b) if 0x20 <= b < 0x7F and b not in b'"\\' else f"\\x{b:02x}" for b in raw) + '"'
+
+
+def outcome(decode: Callable[[Any], Any], raw: Any) -> Any:
+    """The decoded value, or the codec error's code: what two equivalent inputs must agree on."""
+    from voicegrow.protocol.errors import CodecError  # here: a target imports the codecs instrumented first
+
+    try:
+        return decode(raw)
+    except CodecError as exc:
+        return exc.code
+
+
+def all_checks(*checks: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """One fuzz input function running every check on the same bytes."""
+
+    def fuzz_one_input(data: bytes) -> None:
+        for check in checks:
+            check(data)
+
+    return fuzz_one_input
 
 
 def run_target(argv: list[str], fuzz_one_input: Callable[[bytes], None], seeds: Sequence[bytes],

@@ -117,9 +117,5 @@ def fuzz_one_input(data: bytes) -> None:
                 raise AssertionError(f"one-frame message: decode_message gave {single!r}, the stream {stream!r}")
 
 
-def main() -> None:
-    run_target(sys.argv, fuzz_one_input, seeds(), TOKENS)
-
-
 if __name__ == "__main__":
-    main()
+    run_target(sys.argv, fuzz_one_input, seeds(), TOKENS)

@@ -9,15 +9,13 @@ path does not take) through ``json.loads``.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import atheris
 
 with atheris.instrument_imports(include=["voicegrow.protocol"]):
     from voicegrow.protocol import xiaoai as proto
-    from voicegrow.protocol.xiaoai import XiaoaiError
 
-from tests.fuzz import JSON_TOKENS, run_target
+from tests.fuzz import JSON_TOKENS, all_checks, outcome, run_target
 
 
 #: Inputs that once were findings; they stay in every run's corpus, so a regression crashes at once.
@@ -55,19 +53,11 @@ TOKENS = (*JSON_TOKENS, '"Request"', '"Response"', '"Event"', '"Stream"', '"id"'
           '"code"', '"msg"', '"data"', '"event"', '"tag"', '"bytes"', '"record"', '"play"', "255", "256")
 
 
-def _outcome(decode: Any, raw: Any) -> Any:
-    """The decoded message, or the error code: what two equivalent inputs must agree on."""
-    try:
-        return decode(raw)
-    except XiaoaiError as exc:
-        return exc.code
-
-
 def _check_text(data: bytes) -> None:
-    as_bytes = _outcome(proto.decode_text, data)
+    as_bytes = outcome(proto.decode_text, data)
     # Invalid UTF-8 becomes lone surrogates here: the str path must refuse those, not crash on them.
     text = data.decode("utf-8", errors="surrogateescape")
-    as_str = _outcome(proto.decode_text, text)
+    as_str = outcome(proto.decode_text, text)
     if not isinstance(as_bytes, proto.XiaoaiErrorCode) and as_str != as_bytes:
         raise AssertionError(f"decode_text disagrees on bytes and str: {as_bytes!r} vs {as_str!r}")
     if isinstance(as_bytes, (proto.Request, proto.Response, proto.Event)):
@@ -77,8 +67,8 @@ def _check_text(data: bytes) -> None:
 
 
 def _check_binary(data: bytes) -> None:
-    direct = _outcome(proto.decode_binary, data)
-    general = _outcome(proto.decode_binary, b" " + data)
+    direct = outcome(proto.decode_binary, data)
+    general = outcome(proto.decode_binary, b" " + data)
     if direct != general and len(data) < proto.MAX_MESSAGE_BYTES:
         raise AssertionError(f"fast and general Stream paths disagree: {direct!r} vs {general!r}")
     if isinstance(direct, proto.Stream):
@@ -87,14 +77,7 @@ def _check_binary(data: bytes) -> None:
             raise AssertionError(f"stream round trip changed the frame: {direct!r} -> {again!r}")
 
 
-def fuzz_one_input(data: bytes) -> None:
-    _check_text(data)
-    _check_binary(data)
-
-
-def main() -> None:
-    run_target(sys.argv, fuzz_one_input, seeds(), TOKENS)
-
+fuzz_one_input = all_checks(_check_text, _check_binary)
 
 if __name__ == "__main__":
-    main()
+    run_target(sys.argv, fuzz_one_input, seeds(), TOKENS)

@@ -8,15 +8,13 @@ re-encode to the very same bytes but its reserved fields (the header is the firm
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import atheris
 
 with atheris.instrument_imports(include=["voicegrow.protocol"]):
     from voicegrow.protocol import xiaozhi as wire
-    from voicegrow.protocol.xiaozhi import XiaozhiError
 
-from tests.fuzz import JSON_TOKENS, run_target
+from tests.fuzz import JSON_TOKENS, all_checks, outcome, run_target
 
 SMALL_MAX_BYTES = 96
 
@@ -51,28 +49,21 @@ TOKENS = (*JSON_TOKENS, '"type"', '"hello"', '"listen"', '"abort"', '"mcp"', '"s
           b"\x00\x02", b"\x00\x00\x00\x00", b"\x00\x01")
 
 
-def _outcome(decode: Any, raw: Any) -> Any:
-    try:
-        return decode(raw)
-    except XiaozhiError as exc:
-        return exc.code
-
-
 def _check_text(data: bytes) -> None:
     text = data.decode("utf-8", errors="surrogateescape")
     for decode in (wire.decode_device_text, wire.decode_server_text):
-        as_bytes = _outcome(decode, data)
-        as_str = _outcome(decode, text)
+        as_bytes = outcome(decode, data)
+        as_str = outcome(decode, text)
         if not isinstance(as_bytes, wire.XiaozhiErrorCode) and as_str != as_bytes:
             raise AssertionError(f"{decode.__name__} disagrees on bytes and str: {as_bytes!r} vs {as_str!r}")
         if not isinstance(as_bytes, wire.XiaozhiErrorCode):
             again = decode(wire.encode_text(as_bytes))
             if again != as_bytes:
                 raise AssertionError(f"text round trip changed the message: {as_bytes!r} -> {again!r}")
-        _outcome(lambda raw: decode(raw, max_bytes=SMALL_MAX_BYTES), data)
-    device = _outcome(wire.decode_device_text, data)
+        outcome(lambda raw: decode(raw, max_bytes=SMALL_MAX_BYTES), data)
+    device = outcome(wire.decode_device_text, data)
     if isinstance(device, wire.Mcp):
-        _outcome(wire.parse_mcp_result, device.payload)
+        outcome(wire.parse_mcp_result, device.payload)
 
 
 def _reserved_zeroed(data: bytes, version: int) -> bytes:
@@ -86,23 +77,16 @@ def _reserved_zeroed(data: bytes, version: int) -> bytes:
 
 def _check_binary(data: bytes) -> None:
     for version in (*wire.PROTOCOL_VERSIONS, 0):
-        frame = _outcome(lambda raw: wire.decode_binary(raw, version), data)
+        frame = outcome(lambda raw: wire.decode_binary(raw, version), data)
         if isinstance(frame, wire.BinaryFrame):
             again = wire.encode_binary(frame.payload, version, timestamp=frame.timestamp, type=frame.type)
             if again != _reserved_zeroed(data, version):
                 raise AssertionError(f"v{version} frame does not re-encode to its bytes: {data!r} -> {again!r}")
             if frame.type == wire.BINARY_TYPE_JSON:
-                _outcome(wire.decode_device_text, frame.payload)
+                outcome(wire.decode_device_text, frame.payload)
 
 
-def fuzz_one_input(data: bytes) -> None:
-    _check_text(data)
-    _check_binary(data)
-
-
-def main() -> None:
-    run_target(sys.argv, fuzz_one_input, seeds(), TOKENS)
-
+fuzz_one_input = all_checks(_check_text, _check_binary)
 
 if __name__ == "__main__":
-    main()
+    run_target(sys.argv, fuzz_one_input, seeds(), TOKENS)

@@ -1,4 +1,4 @@
-"""Error codes of the native protocol and the one exception its codec raises.
+"""Error codes of the native protocol, the one exception its codec raises, and the codecs' common base.
 
 The codes travel in ERROR frames, so a device can act on them (re-negotiate the audio format, fetch a
 new token, back off); each also maps to the WebSocket close code the server closes with afterwards, so
@@ -8,8 +8,9 @@ that a client which never parsed the ERROR frame still learns what class of fail
 from __future__ import annotations
 
 import enum
+from typing import Any
 
-__all__ = ["ErrorCode", "ProtocolError"]
+__all__ = ["CodecError", "ErrorCode", "ProtocolError"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -61,18 +62,39 @@ _WS_CLOSE_CODES: dict[ErrorCode, int] = {
 }
 
 
-class ProtocolError(Exception):
-    """A frame (or the order of frames) breaks the native protocol.
+class CodecError(Exception):
+    """What each device codec raises for input it refuses: a ``code`` the peer can act on, and why.
 
-    The codec raises nothing else for bad input, so a connection handler needs exactly one ``except``
-    to answer with an ERROR frame carrying ``code`` and close with ``ws_close_code``.
+    Each codec has one subclass and raises nothing else for any input, so a driver needs exactly one
+    ``except``; ``code`` is that protocol's enum and knows its WebSocket close code.
     """
 
-    def __init__(self, code: ErrorCode, reason: str) -> None:
-        super().__init__(f"{code.name}: {reason}")
+    code: Any
+
+    def __init__(self, code: Any, reason: str) -> None:
+        super().__init__(f"{self._code_text(code)}: {reason}")
         self.code = code
         self.reason = reason
 
+    @staticmethod
+    def _code_text(code: Any) -> str:
+        return str(code.value)
+
     @property
     def ws_close_code(self) -> int:
-        return self.code.ws_close_code
+        """The WebSocket close code for a server that hangs up over this error."""
+        return int(self.code.ws_close_code)
+
+
+class ProtocolError(CodecError):
+    """A frame (or the order of frames) breaks the native protocol.
+
+    A connection handler answers it with an ERROR frame carrying ``code`` and closes with
+    ``ws_close_code``.
+    """
+
+    code: ErrorCode
+
+    @staticmethod
+    def _code_text(code: Any) -> str:
+        return str(code.name)

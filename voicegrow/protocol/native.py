@@ -2,9 +2,11 @@
 
 Every frame is a 24-byte big-endian header followed by a payload (``docs/protocol.md`` has the byte
 tables). This module turns frames into bytes (:func:`encode`) and bytes into frames
-(:class:`FrameDecoder`, :func:`decode_message`), and checks the order of frames on a connection
-(:class:`ConnectionState`), in the manner of h11 and wsproto: the caller owns the socket, so the same
-code serves the server, the ``talk`` client, benchmarks and tests that never open a port.
+(:class:`FrameDecoder`, :func:`decode_message`), checks the order of frames on a connection
+(:class:`ConnectionState`), and joins the two into one side of a connection (:class:`NativeConnection`:
+``receive_data`` / ``next_event`` / ``send``), in the manner of h11 and wsproto: the caller owns the
+socket, so the same code serves the server, the ``talk`` client, benchmarks and tests that never open a
+port.
 
 Anything a peer sends either decodes into one of the frame dataclasses or raises
 :class:`~voicegrow.protocol.errors.ProtocolError`; no other exception may escape, because the
@@ -15,6 +17,7 @@ with bad field values raises the same error, so a frame object that exists is al
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import json
@@ -59,6 +62,7 @@ __all__ = [
     "ConnectionState",
     "ServerConnectionState",
     "ClientConnectionState",
+    "NativeConnection",
     "wire_ms",
 ]
 
@@ -823,3 +827,110 @@ class ClientConnectionState(ConnectionState):
 
     def __init__(self) -> None:
         super().__init__(Role.CLIENT)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One side of a connection
+
+class NativeConnection:
+    """One side of a native-protocol connection, bytes in and frames out, in the manner of h11.
+
+    The caller owns the transport: it hands over what arrived with :meth:`receive_data`, takes the
+    frames with :meth:`next_event` (``None``: nothing complete yet), and turns each frame it wants to
+    send into bytes with :meth:`send`. Decoding and the order of frames (:class:`ConnectionState`) are
+    checked in one place, for either role, so the server's driver and the ``talk`` client cannot
+    drift apart.
+
+    ``framing`` ``"message"`` (the protocol over WebSocket): each :meth:`receive_data` is one whole
+    binary message holding exactly one frame, as :func:`decode_message` demands; a text message is
+    BAD_PAYLOAD. ``"stream"``: bytes back to back, split anywhere (:class:`FrameDecoder`).
+
+    A :class:`ProtocolError` from :meth:`next_event` breaks the connection (frame boundaries or the
+    order are lost): every later :meth:`next_event` raises it again. :meth:`send` raises
+    ``ProtocolError(UNEXPECTED_FRAME)`` for a frame this side may not send now, and leaves the
+    connection usable.
+    """
+
+    def __init__(self, our_role: Role, *, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 max_send_payload: int = DEFAULT_MAX_PAYLOAD, framing: str = "message") -> None:
+        if framing not in ("message", "stream"):
+            raise ValueError(f"framing must be 'message' or 'stream', got {framing!r}")
+        self._decoder = FrameDecoder(max_payload)
+        self._state = ConnectionState(our_role)
+        self._framing = framing
+        self._messages: collections.deque[bytes | bytearray | memoryview | str] = collections.deque()
+        self._error: ProtocolError | None = None
+        self.max_payload = max_payload
+        self.max_send_payload = max_send_payload
+
+    @property
+    def our_role(self) -> Role:
+        return self._state.our_role
+
+    @property
+    def peer_role(self) -> Role:
+        return self._state.peer_role
+
+    @property
+    def hello(self) -> Hello | None:
+        """The client's HELLO once it travelled (received by a server, sent by a client)."""
+        return self._state.hello
+
+    @property
+    def hello_ack(self) -> HelloAck | None:
+        return self._state.hello_ack
+
+    @property
+    def is_open(self) -> bool:
+        """Handshake done and neither side has closed."""
+        return self._state.is_open
+
+    @property
+    def we_closed(self) -> bool:
+        """This side sent CLOSE: it may send nothing more."""
+        return self.our_role in self._state.closed_by
+
+    @property
+    def peer_closed(self) -> bool:
+        return self.peer_role in self._state.closed_by
+
+    def receive_data(self, data: bytes | bytearray | memoryview | str) -> None:
+        """What the transport delivered: one WebSocket message, or stream bytes (see ``framing``)."""
+        if self._framing == "message":
+            self._messages.append(data)
+        elif isinstance(data, str):
+            raise TypeError("a byte stream carries bytes, not str")
+        else:
+            self._guard(self._decoder.receive_data, data)
+
+    def receive_eof(self) -> None:
+        """The peer's stream ended (``stream`` framing); a partial frame then raises TRUNCATED."""
+        self._decoder.receive_eof()
+
+    def next_event(self) -> Frame | None:
+        """The next frame from the peer, checked against the order rules; ``None`` until one is whole."""
+        if self._error is not None:
+            raise ProtocolError(self._error.code, self._error.reason)
+        if self._framing == "message":
+            if not self._messages:
+                return None
+            message = self._messages.popleft()
+            frame = self._guard(decode_message, message, max_payload=self.max_payload)
+        else:
+            frame = self._guard(self._decoder.next_frame)
+            if frame is None:
+                return None
+        self._guard(self._state.receive, frame)
+        return frame
+
+    def send(self, frame: Frame) -> bytes:
+        """The bytes of ``frame``, after checking that this side may send it now."""
+        self._state.send(frame)
+        return encode(frame, max_payload=self.max_send_payload)
+
+    def _guard(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ProtocolError as exc:
+            self._error = exc
+            raise

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
+import orjson
 
 from voicegrow.protocol import strictjson
+from voicegrow.protocol.errors import CodecError
 
 __all__ = [
     "ABORT_XIAOAI_COMMAND",
@@ -138,17 +140,13 @@ class XiaoaiErrorCode(enum.Enum):
         return 1007
 
 
-class XiaoaiError(Exception):
+class XiaoaiError(CodecError):
     """Input the open-xiaoai codec refuses (or a message it cannot produce).
 
-    The decoders raise nothing else for any input, so a driver needs exactly one ``except``; the real
-    client silently drops what it cannot parse, and a server usually logs and does the same.
+    The real client silently drops what it cannot parse, and a server usually logs and does the same.
     """
 
-    def __init__(self, code: XiaoaiErrorCode, reason: str) -> None:
-        super().__init__(f"{code.value}: {reason}")
-        self.code = code
-        self.reason = reason
+    code: XiaoaiErrorCode
 
 
 # -- messages ---------------------------------------------------------------------------------------
@@ -275,7 +273,6 @@ for _v in range(256):
     _digits = f"{_v},".encode()
     _BYTE_TEXT[_v, : len(_digits)] = np.frombuffer(_digits, np.uint8)
 _BYTE_TEXT_WORDS = _BYTE_TEXT.view(np.uint32).ravel()
-_BYTE_DIGITS = np.array([len(str(v)) for v in range(256)], np.int64)
 del _v, _digits
 
 
@@ -412,18 +409,14 @@ def _fast_stream(data: bytes) -> Stream | None:
         return Stream(raw_id.decode("ascii"), raw_tag.decode("ascii"), b"")
     if body.translate(None, _ARRAY_TEXT_CHARS):
         return None
+    # Digits and commas only: orjson (strict JSON: no empty element, no leading zero) makes the ints,
+    # bytes() refuses any beyond 255. About 3x quicker than numpy's text parser and its checks, and
+    # this runs for every 90 ms frame of every speaker.
     try:
-        values = np.fromstring(body, dtype=np.int64, sep=",")
-    except ValueError:  # an empty element, e.g. "1,,2"
+        pcm = bytes(orjson.loads(data[array_start - 1:-1]))
+    except (orjson.JSONDecodeError, ValueError, TypeError):
         return None
-    count = body.count(b",") + 1
-    if values.size != count or values.min() < 0 or values.max() > 255:
-        return None
-    # Each element's text is at least as long as its value's canonical digits; equal totals mean
-    # every element is canonical (no leading zeros, no overflowed giant numbers), as JSON requires.
-    if int(_BYTE_DIGITS[values].sum()) + count - 1 != len(body):
-        return None
-    return Stream(raw_id.decode("ascii"), raw_tag.decode("ascii"), values.astype(np.uint8).tobytes())
+    return Stream(raw_id.decode("ascii"), raw_tag.decode("ascii"), pcm)
 
 
 def decode_binary(data: bytes | bytearray | memoryview | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Stream:

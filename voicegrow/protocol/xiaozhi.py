@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from voicegrow.protocol import strictjson
+from voicegrow.protocol.errors import CodecError
 
 __all__ = [
     "ABORT_REASONS",
@@ -120,13 +121,10 @@ class XiaozhiErrorCode(enum.Enum):
         return 1007 if self in (XiaozhiErrorCode.INVALID_UTF8, XiaozhiErrorCode.INVALID_JSON) else 1002
 
 
-class XiaozhiError(Exception):
-    """Input the xiaozhi codec refuses. The decoders raise nothing else, for any input."""
+class XiaozhiError(CodecError):
+    """Input the xiaozhi codec refuses."""
 
-    def __init__(self, code: XiaozhiErrorCode, reason: str) -> None:
-        super().__init__(f"{code.value}: {reason}")
-        self.code = code
-        self.reason = reason
+    code: XiaozhiErrorCode
 
 
 # -- messages ---------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
+from voicegrow.atomicfile import atomic_write
 from voicegrow.storage.errors import BackendUnavailable, InvalidKey, RecordRejected
-from voicegrow.storage.spool import atomic_write
 
 __all__ = ["BlobStore", "S3Blobs", "LocalBlobs", "check_key", "LOCAL_AUDIO_URL_PREFIX"]
 

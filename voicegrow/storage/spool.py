@@ -2,8 +2,8 @@
 
 Why a spool: a turn's recording must survive a database or object-store outage, and a crash during it,
 without the turn ever waiting on the network. A caller's ``append`` returns once the record is on disk
-(:func:`atomic_write`: a temporary file, fsynced, renamed into place, directory fsynced), which takes a
-millisecond or two on a local disk; the backend is written later by a :class:`SpoolWriter`.
+(:func:`~voicegrow.atomicfile.atomic_write`: a temporary file, fsynced, renamed into place, directory
+fsynced), which takes a millisecond or two on a local disk; the backend is written later by a :class:`SpoolWriter`.
 
 Layout: one directory per backend (so an object store outage never holds up database writes), one file
 per record named by its sequence number, ``000000000042.rec``. A file is
@@ -27,7 +27,6 @@ import fcntl
 import json
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -35,9 +34,10 @@ from typing import Any, BinaryIO
 
 import trio
 
+from voicegrow.atomicfile import atomic_write
 from voicegrow.storage.errors import CorruptSpoolRecord, SpoolError, SpoolLockedError
 
-__all__ = ["Spool", "lock_directory", "atomic_write"]
+__all__ = ["Spool", "lock_directory"]
 
 _MAGIC = b"VGSPOOL1"
 _FIXED = struct.Struct(">II")
@@ -54,34 +54,6 @@ def lock_directory(path: Path) -> BinaryIO:
         handle.close()
         raise SpoolLockedError(f"spool directory {path} is in use by another process") from None
     return handle
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """``path`` holds either its old content or all of ``data``, also after a crash (blocking).
-
-    The temporary file is ``.<name>.<random>.tmp`` beside the target; :meth:`Spool.open` sweeps
-    leftovers of those away."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if fsync:
-        _fsync_dir(path.parent)
 
 
 def encode_record(header: dict[str, Any], payload: bytes) -> bytes:

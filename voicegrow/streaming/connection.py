@@ -17,7 +17,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from voicegrow.services import Services
 from voicegrow.streaming.outbox import Outbox
-from voicegrow.streaming.registry import SessionInfo
+from voicegrow.sessions.registry import SessionInfo
 
 __all__ = ["DeviceConnection"]
 

@@ -1,7 +1,8 @@
 """The native-protocol session driver: one reader, one writer, one voice session per connection.
 
-Wire details (framing, error codes) live in :mod:`voicegrow.protocol`; this module only moves decoded
-frames between the socket and the :class:`~voicegrow.streaming.voice.VoiceSession`.
+Wire details (framing, frame order, error codes) live in :class:`voicegrow.protocol.native.NativeConnection`,
+the same state machine the ``talk`` client drives; this module only moves its frames between the
+socket and the :class:`~voicegrow.streaming.voice.VoiceSession`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from voicegrow import __version__
 from voicegrow.auth_throttle import address_key
@@ -21,7 +22,7 @@ from voicegrow.services import Services
 from voicegrow.streaming.ingest import IngestLagMeter
 from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.outbox import Outbox
-from voicegrow.streaming.registry import SessionInfo
+from voicegrow.sessions.registry import SessionInfo
 from voicegrow.streaming.voice import VoiceSession, begin_device_session
 
 __all__ = ["NativeSession", "NativeLink"]
@@ -35,8 +36,9 @@ class NativeLink:
     protocol = "native"
     chunk_ms = 40
 
-    def __init__(self, outbox: Outbox, output_rate: int) -> None:
+    def __init__(self, outbox: Outbox, conn: wire.NativeConnection, output_rate: int) -> None:
         self._outbox = outbox
+        self._conn = conn
         self.output_rate = output_rate
         self._seq = 0
 
@@ -45,12 +47,16 @@ class NativeLink:
         return self._seq
 
     async def send_event(self, event: str, data: dict[str, Any], turn_id: int) -> None:
-        await self._outbox.put(wire.encode(wire.Control(event=event, data=data, turn_id=turn_id,
-                                                        seq=self._next_seq())))
+        if self._conn.we_closed:  # the session said goodbye; a turn still unwinding has nothing to add
+            return
+        await self._outbox.put(self._conn.send(wire.Control(event=event, data=data, turn_id=turn_id,
+                                                            seq=self._next_seq())))
 
     async def send_audio(self, pcm: bytes, turn_id: int) -> None:
+        if self._conn.we_closed:
+            return
         frame = wire.Audio(pcm=pcm, turn_id=turn_id, seq=self._next_seq(), timestamp_ms=wire.wire_ms(trio.current_time()))
-        await self._outbox.put_audio(wire.encode(frame), turn_id)
+        await self._outbox.put_audio(self._conn.send(frame), turn_id)
 
     async def interrupt(self, turn_id: int) -> None:
         self._outbox.drop_audio_through(turn_id)
@@ -82,8 +88,8 @@ class NativeSession:
         self._handshake_deadline = handshake_deadline
         self.connection = DeviceConnection(services, ws, goodbye=_close_frame)
         self.outbox = self.connection.outbox
-        self.decoder = wire.FrameDecoder(max_payload=services.settings.max_frame_bytes)
-        self.state = wire.ServerConnectionState()
+        self.conn = wire.NativeConnection(wire.Role.SERVER, max_payload=services.settings.max_frame_bytes)
+        self._declared: dict[str, Any] = {}
 
     async def run(self) -> None:
         async with self.connection.running(self.info) as nursery:
@@ -96,10 +102,9 @@ class NativeSession:
             message, self._first = self._first, None
         else:
             message = await self.ws.get_message()
-        if isinstance(message, str):
-            raise ProtocolError(ErrorCode.BAD_PAYLOAD, "text messages are not part of the native protocol")
-        frame = self.decoder.decode_message(message)
-        self.state.receive(frame)
+        self.conn.receive_data(message)
+        frame = self.conn.next_event()
+        assert frame is not None  # one WebSocket message is one frame
         return frame
 
     async def _handshake(self) -> wire.Hello | None:
@@ -113,6 +118,7 @@ class NativeSession:
                         return None
                     log.info("device error before HELLO: %s", hello)
                     hello = await self._next_frame()
+                self._declared = _barge_in_declared(hello.capabilities)  # a bad one: refused before HELLO_ACK
                 await self._authenticate(hello)
         except trio.TooSlowError:
             log.info("handshake not finished before its deadline; closing")
@@ -143,7 +149,7 @@ class NativeSession:
             if not credentials.check_token(hello.device_id, hello.token):
                 self._refuse("bad_token", guess=f"{hello.device_id}\n{hello.token}")
                 raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown device or wrong token")
-        await self.outbox.put(wire.encode(wire.HelloAck(
+        await self.outbox.put(self.conn.send(wire.HelloAck(
             session_id=info.session_id, audio_in=hello.audio_in, audio_out=hello.audio_out,
             server=f"voicegrow/{__version__}", nonce=nonce,
             capabilities={"max_payload": self.services.settings.max_frame_bytes, "auth": mode})))
@@ -158,7 +164,7 @@ class NativeSession:
         if not isinstance(proof, str) or not credentials.check_proof(hello.device_id, nonce, info.session_id, proof):
             self._refuse("bad_proof", guess=proof if isinstance(proof, str) and proof else None)
             raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown device or wrong HMAC")
-        await self.outbox.put(wire.encode(wire.Control(event="auth_ok", data={})))
+        await self.outbox.put(self.conn.send(wire.Control(event="auth_ok", data={})))
 
     def _check_not_locked_out(self) -> None:
         """An address that guessed too many credentials is refused before its credential is looked at."""
@@ -185,8 +191,9 @@ class NativeSession:
 
         device_id_var.set(info.device_id)
         history = await begin_device_session(services, info)
-        link = NativeLink(self.outbox, output_rate=hello.audio_out.sample_rate)
-        voice = VoiceSession(services, link, info, input_rate=hello.audio_in.sample_rate, history=history)
+        link = NativeLink(self.outbox, self.conn, output_rate=hello.audio_out.sample_rate)
+        voice = VoiceSession(services, link, info, input_rate=hello.audio_in.sample_rate, history=history,
+                             **self._declared)
         await nursery.start(voice.run)
         log.info("native session established", extra={"remote": info.remote_addr})
         frames_received = services.metrics.audio_frames_received.labels("native")
@@ -227,7 +234,7 @@ class NativeSession:
                     await self._fail(exc)
                     return
             elif isinstance(frame, wire.Ping):
-                await self.outbox.put(wire.encode(wire.Pong(nonce=frame.nonce)))
+                await self.outbox.put(self.conn.send(wire.Pong(nonce=frame.nonce)))
             elif isinstance(frame, wire.Close):
                 await self._answer_close()
                 return
@@ -237,7 +244,7 @@ class NativeSession:
             await voice.abort("device_abort")
         elif frame.event == "listen_stop":
             await voice.end_of_speech()
-        elif frame.event == "listen_start":
+        elif frame.event in ("listen_start", "wake"):  # a button, or the device's own wake word
             await voice.wake()
         elif frame.event == "text":
             text = frame.data.get("text")
@@ -249,7 +256,7 @@ class NativeSession:
 
     async def _answer_close(self) -> None:
         """The device said goodbye: answer with our CLOSE, then close the WebSocket normally."""
-        self.connection.outbox.put_nowait(_close_frame(1000, ""))
+        self.connection.outbox.put_nowait(self.conn.send(wire.Close(code=1000, reason="")))
         await self.connection.close(1000, "bye")
 
     async def _fail(self, exc: ProtocolError) -> None:
@@ -258,11 +265,25 @@ class NativeSession:
         self.services.metrics.protocol_errors.labels(exc.code.name.lower()).inc()
         with trio.move_on_after(2.0):
             try:
-                await self.outbox.put(wire.encode(wire.Error(code=int(exc.code), reason=exc.reason)))
+                if not self.conn.we_closed:
+                    await self.outbox.put(self.conn.send(wire.Error(code=int(exc.code), reason=exc.reason)))
                 await self.outbox.drain()
             except ConnectionClosed:
                 pass
         await self.connection.close(exc.ws_close_code, exc.reason)
+
+
+def _barge_in_declared(capabilities: dict[str, Any]) -> dict[str, Any]:
+    """What HELLO says about barge-in: ``echo_cancellation: true`` (the device cancels its own echo,
+    so ``BARGE_IN=auto`` trusts its microphone) and optionally the ``barge_in`` policy it wants."""
+    declared: dict[str, Any] = {"device_cancels_echo": capabilities.get("echo_cancellation") is True}
+    wanted = capabilities.get("barge_in")
+    if wanted is not None:
+        if wanted not in ("auto", "vad", "wake_word", "off"):
+            raise ProtocolError(ErrorCode.BAD_PAYLOAD,
+                                "capabilities.barge_in must be one of auto, vad, wake_word, off")
+        declared["barge_in"] = wanted
+    return declared
 
 
 def _close_frame(code: int, reason: str) -> bytes:

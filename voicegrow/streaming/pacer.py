@@ -34,6 +34,9 @@ class AudioPacer:
         self.sent_s = 0.0  # seconds of audio sent in total
         self.first_sent_at: float | None = None
         self.last_sent_at: float | None = None
+        #: While ``send`` runs: when the device should start playing the chunk being sent (the echo
+        #: canceller's reference is placed there).
+        self.plays_at = 0.0
 
     def _playhead(self, now: float) -> float:
         return 0.0 if self._clock_start is None else now - self._clock_start
@@ -59,6 +62,7 @@ class AudioPacer:
         ahead = self._queued_s - self._playhead(now)
         if ahead > self.lead_s:
             await trio.sleep(ahead - self.lead_s)
+        self.plays_at = self._clock_start + self._queued_s
         await self._send(chunk)
         duration = len(chunk) / 2 / self.sample_rate
         self._queued_s += duration

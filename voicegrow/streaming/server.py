@@ -14,7 +14,7 @@ starts that conversation itself.
 from __future__ import annotations
 
 import collections
-import importlib.util
+import json
 import logging
 import time
 import uuid
@@ -28,7 +28,7 @@ from voicegrow.forwarded import header_map
 from voicegrow.logsetup import session_id_var
 from voicegrow.protocol.detect import detect_from_handshake, detect_protocol
 from voicegrow.services import Services
-from voicegrow.streaming.registry import SessionInfo
+from voicegrow.sessions.registry import SessionInfo
 
 __all__ = ["VoiceServer", "detect_protocol"]
 
@@ -149,6 +149,9 @@ class VoiceServer:
             return 429, "connect_rate", "too many connection attempts from this address"
         if len(registry) >= s.max_sessions:
             return 503, "max_sessions", "server is full"
+        overloaded = self.services.load.refusal()
+        if overloaded is not None:
+            return 503, "overloaded", overloaded
         if registry.count_from(host) >= s.max_sessions_per_ip:
             return 429, "max_sessions_per_ip", "too many sessions from this address"
         return None
@@ -166,8 +169,11 @@ class VoiceServer:
         if refusal is not None:
             status, limit, reason = refusal
             log.info("refused connection from %s: %s", remote_addr, reason)
-            await request.reject(status, extra_headers=[(b"content-type", b"application/json")],
-                                 body=f'{{"error":"{limit}","reason":"{reason}"}}'.encode())
+            headers = [(b"content-type", b"application/json")]
+            if status == 503:  # full, overloaded or stopping: a balancer tries another replica, a device later
+                headers.append((b"retry-after", str(self.services.settings.admit_retry_after_s).encode()))
+            body = json.dumps({"error": limit, "reason": reason}).encode()
+            await request.reject(status, extra_headers=headers, body=body)
             return
         connected_at = trio.current_time()
         ws = await request.accept()
@@ -255,11 +261,11 @@ class VoiceServer:
                 return
         protocol = detect_protocol(first)
         if protocol == "xiaoai":
-            xiaoai = _xiaoai_driver()
-            if xiaoai is not None:
-                info.protocol = "xiaoai"
-                await xiaoai(self.services, ws, info, first, handshake_deadline, request).run()
-                return
+            from voicegrow.streaming.xiaoai import XiaoaiSession
+
+            info.protocol = "xiaoai"
+            await XiaoaiSession(self.services, ws, info, first, handshake_deadline, request).run()
+            return
         from voicegrow.streaming.native import NativeSession
 
         info.protocol = "native"
@@ -291,10 +297,3 @@ class VoiceServer:
         except Exception:
             log.exception("could not record the session end")
 
-
-def _xiaoai_driver() -> Any:
-    if importlib.util.find_spec("voicegrow.streaming.xiaoai") is None:
-        return None
-    from voicegrow.streaming.xiaoai import XiaoaiSession
-
-    return XiaoaiSession

@@ -25,19 +25,20 @@ import trio
 from voicegrow.audio import StreamResampler
 from voicegrow.language import detect_language
 from voicegrow.llm import DEFAULT_SYSTEM_PROMPT, ConversationHistory, LlmError, apology
+from voicegrow.protocol.native import TIMING_KEYS
 from voicegrow.sentences import SentenceSplitter
 from voicegrow.services import Services
 from voicegrow.streaming.pacer import AudioPacer
 from voicegrow.tools import ToolContext, ToolOutcome
 from voicegrow.tools.runner import converse
 
-__all__ = ["Announcement", "DeviceLink", "Utterance", "Turn", "TIMING_ORDER"]
+__all__ = ["Announcement", "DeviceLink", "HeldLink", "Utterance", "Turn", "TIMING_ORDER"]
 
 log = logging.getLogger(__name__)
 
-#: Timing marks in the order they happen; ``turn_timings`` reports them in ms since speech start.
-TIMING_ORDER = ("speech_start", "speech_end", "asr_done", "llm_first_token", "first_sentence",
-                "tts_first_audio", "first_audio_sent", "last_audio_sent")
+#: Timing marks in the order they happen (ms since speech start in the record and on the wire): one
+#: list with the keys the native protocol documents for ``turn_timings``.
+TIMING_ORDER = TIMING_KEYS
 
 
 class DeviceLink(Protocol):
@@ -74,12 +75,69 @@ class Announcement:
 TranscriptSource = Callable[[], Awaitable[Any]]
 
 
+class HeldLink:
+    """The link of a preemptive turn, one started before the end of the utterance was confirmed.
+
+    Its events wait here, in order, and its audio waits too, until :meth:`release` (the VAD confirmed
+    the end of the turn); a turn cancelled before that (the user went on talking) has told the device
+    nothing at all. After the release everything passes straight through.
+    """
+
+    def __init__(self, link: DeviceLink) -> None:
+        self._link = link
+        self.inner = link  # what tools act on (a call waits for the release anyway)
+        self.protocol = link.protocol
+        self.output_rate = link.output_rate
+        self.chunk_ms = link.chunk_ms
+        self._held: list[tuple[str, dict[str, Any], int]] = []
+        self.released = trio.Event()
+
+    async def release(self) -> None:
+        """Send what was held, in order (events held meanwhile too), then let everything through."""
+        while self._held:
+            await self._link.send_event(*self._held.pop(0))
+        self.released.set()
+
+    async def send_event(self, event: str, data: dict[str, Any], turn_id: int) -> None:
+        if not self.released.is_set():
+            self._held.append((event, data, turn_id))
+            return
+        await self._link.send_event(event, data, turn_id)
+
+    async def send_audio(self, pcm: bytes, turn_id: int) -> None:
+        if not self.released.is_set():  # (no checkpoint once released: the first frame's stamp is its send)
+            await self.released.wait()
+        await self._link.send_audio(pcm, turn_id)
+
+    async def interrupt(self, turn_id: int) -> None:
+        if self.released.is_set():
+            await self._link.interrupt(turn_id)
+
+
+class _GatedTools:
+    """A preemptive turn's tools: a call waits for the end of the turn, since it acts on the world
+    (a timer set, the volume changed) and the user may not have finished asking."""
+
+    def __init__(self, registry: Any, confirmed: trio.Event) -> None:
+        self._registry = registry
+        self._confirmed = confirmed
+
+    def openai_tools(self) -> Any:
+        return self._registry.openai_tools()
+
+    async def call(self, call: Any, context: Any) -> Any:
+        await self._confirmed.wait()
+        return await self._registry.call(call, context)
+
+
 class Turn:
     """Runs one utterance to its reply. Create, then ``await run()`` inside the turn's cancel scope."""
 
     def __init__(self, *, services: Services, link: DeviceLink, turn_id: int, utterance: Utterance,
                  history: ConversationHistory, session_id: str, device_id: str,
-                 transcribe: TranscriptSource, announcement: Announcement | None = None) -> None:
+                 transcribe: TranscriptSource, announcement: Announcement | None = None,
+                 confirmed: trio.Event | None = None,
+                 playout: Any = None) -> None:
         self.services = services
         self.link = link
         self.turn_id = turn_id
@@ -89,6 +147,14 @@ class Turn:
         self.device_id = device_id
         self._transcribe = transcribe
         self.announcement = announcement
+        #: Told of every chunk sent with when it plays (``played(pcm, rate, at)``): the echo reference.
+        self.playout = playout
+        #: Set once the utterance has surely ended. A preemptive turn (LLM_PREEMPTIVE) starts before
+        #: that: it plays nothing, calls no tool and keeps no record until it is set.
+        self.confirmed = confirmed if confirmed is not None else trio.Event()
+        if confirmed is None:
+            self.confirmed.set()
+        self.llm_asked = False  # for a preemptive turn cancelled unconfirmed: was an LLM call wasted?
         self.tool_outcomes: list[ToolOutcome] = []
         self.silenced = False  # the model called "stop": nothing is said, nothing kept in the history
         self.record_id = uuid.uuid4().hex
@@ -111,6 +177,7 @@ class Turn:
     async def run(self) -> None:
         try:
             await self._run_stages()
+            await self.confirmed.wait()  # a preemptive turn with nothing to say still waits to be kept
         finally:
             with trio.CancelScope(shield=True):
                 await self._finish()
@@ -131,6 +198,9 @@ class Turn:
             await self._apologise_for_asr(getattr(exc, "code", "asr_error"))
             return
         self._mark("asr_done")
+        if getattr(transcript, "echo_of_reply", False):  # the speaker heard its own reply (bargein.py)
+            self.outcome = "echo"
+            return
         self.transcript = transcript.text.strip()
         language = transcript.language
         self.language = language if language in ("zh", "en") else detect_language(self.transcript)
@@ -187,9 +257,11 @@ class Turn:
         splitter = self._splitter()
         services = self.services
         metrics = services.metrics
-        context = ToolContext(self.device_id, self.language, ZoneInfo(services.settings.tz), device=self.link)
+        device = self.link.inner if isinstance(self.link, HeldLink) else self.link
+        context = ToolContext(self.device_id, self.language, ZoneInfo(services.settings.tz), device=device)
         async with sentences:
             try:
+                self.llm_asked = True
                 answer = converse(services.llm, messages, self._tools(), context,
                                   max_rounds=services.settings.llm_tool_rounds, outcomes=self.tool_outcomes)
                 # aclosing: a cancelled turn closes its HTTP stream now, not when the GC gets to it.
@@ -226,11 +298,13 @@ class Turn:
         """The server's tools, plus the device's own (a xiaozhi board's MCP tools) if it has any."""
         registry = self.services.tools
         info = self.services.registry.get(self.session_id)
-        if registry is None or info is None or info.device_tools is None:
-            return registry
-        from voicegrow.tools.device import DeviceTools
+        if registry is not None and info is not None and info.device_tools is not None:
+            from voicegrow.tools.device import DeviceTools
 
-        return registry.with_providers([DeviceTools(info.device_tools)])
+            registry = registry.with_providers([DeviceTools(info.device_tools)])
+        if registry is None or self.confirmed.is_set():
+            return registry
+        return _GatedTools(registry, self.confirmed)
 
     async def _emit_sentence(self, sentence: str, sentences: trio.MemorySendChannel[str]) -> None:
         if "first_sentence" not in self.marks:
@@ -275,7 +349,13 @@ class Turn:
         async def send(chunk: bytes) -> None:
             if "first_audio_sent" not in self.marks:
                 self._mark("first_audio_sent")
+            plays_at = pacer.plays_at
             await link.send_audio(chunk, self.turn_id)
+            if self.playout is not None:
+                # A send that waited long (a player restarting) plays later; a few milliseconds of
+                # encoding and queueing do not move the device's continuous playout.
+                now = trio.current_time()
+                self.playout.played(chunk, link.output_rate, now if now - plays_at > 0.1 else plays_at)
             self.reply_audio += chunk
 
         pacer = AudioPacer(send, sample_rate=link.output_rate,
@@ -285,6 +365,7 @@ class Turn:
         async with audio:
             async for index, sentence, chunk in audio:
                 if not started:
+                    await self.confirmed.wait()  # a preemptive turn plays only once the user has finished
                     self.playing = started = True
                     await link.send_event("tts_start", {"sample_rate": link.output_rate}, self.turn_id)
                 if index != announced:
@@ -321,6 +402,10 @@ class Turn:
         """Runs shielded: record the turn, keep the history honest, tell the device the timings."""
         services = self.services
         metrics = services.metrics
+        if not self.confirmed.is_set():  # a preemptive turn the user talked past: it never happened
+            if self.llm_asked:
+                metrics.llm_preemptive.labels("wasted").inc()
+            return
         metrics.turns.labels(self.outcome).inc()
         for call in self.tool_outcomes:
             source = "device" if call.name.startswith("device__") else "mcp" if "__" in call.name else "builtin"

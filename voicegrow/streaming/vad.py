@@ -174,6 +174,7 @@ class VadSegmenter:
         # Idle history: (frame index, frame bytes, voiced), enough for the pre-roll and the window.
         self._history: collections.deque[tuple[int, bytes, bool]] = collections.deque(
             maxlen=self._preroll_frames + self._window_frames)
+        self._window_voiced = 0  # voiced frames among the last window_frames of the history
         self._utterance: _Utterance | None = None
         #: Push-to-talk: silence never ends an utterance, only :meth:`flush` (or the length cap) does.
         self.hold_until_flush = False
@@ -228,6 +229,7 @@ class VadSegmenter:
         if self._utterance is not None:
             self._finish(events, forced=self._utterance.silence_run == 0)
         self._history.clear()
+        self._window_voiced = 0
         return events
 
     # -- the state machine
@@ -245,14 +247,21 @@ class VadSegmenter:
             self._speech_step(index, frame, voiced, events)
 
     def _idle_step(self, index: int, frame: bytes, voiced: bool, events: list[VadEvent]) -> None:
-        self._history.append((index, frame, voiced))
-        window = list(self._history)[-self._window_frames:]
-        if sum(v for _, _, v in window) < self._onset_frames:
+        # A running count, not a sum over a copy of the window: this runs for every frame of every
+        # idle speaker (a few hundred streaming at once).
+        history = self._history
+        if len(history) >= self._window_frames:
+            self._window_voiced -= history[-self._window_frames][2]  # leaves the window now
+        history.append((index, frame, voiced))
+        self._window_voiced += voiced
+        if self._window_voiced < self._onset_frames:
             return
+        window = list(history)[-self._window_frames:]
         onset_frame = next(i for i, _, v in window if v)
         first_frame = max(onset_frame - self._preroll_frames, self._history[0][0])
         held = [(i, f, v) for i, f, v in self._history if i >= first_frame]
         self._history.clear()
+        self._window_voiced = 0
         self._utterance = _Utterance(
             audio_start=first_frame * self._frame_samples,
             onset=onset_frame * self._frame_samples,
@@ -295,6 +304,7 @@ class VadSegmenter:
         assert utterance is not None
         self._utterance = None
         self._history.clear()
+        self._window_voiced = 0
         position = self._frames_done * self._frame_samples
         end = utterance.speech_end if utterance.silence_run else position
         start_s, end_s = self._seconds(utterance.onset), self._seconds(end)

@@ -17,9 +17,17 @@ import trio
 from voicegrow.audio import StreamResampler
 from voicegrow.llm import ConversationHistory
 from voicegrow.services import Services
-from voicegrow.streaming.registry import SessionInfo
-from voicegrow.streaming.turn import Announcement, DeviceLink, Turn, Utterance
-from voicegrow.streaming.vad import SpeechPaused, SpeechResumed, UtteranceDropped, UtteranceEnded, VadSegmenter
+from voicegrow.sessions.registry import SessionInfo
+from voicegrow.streaming.bargein import EchoGuard, resolve_mode
+from voicegrow.streaming.turn import Announcement, DeviceLink, HeldLink, Turn, Utterance
+from voicegrow.streaming.vad import (
+    SpeechPaused,
+    SpeechResumed,
+    SpeechStarted,
+    UtteranceDropped,
+    UtteranceEnded,
+    VadSegmenter,
+)
 
 __all__ = ["VoiceSession", "begin_device_session"]
 
@@ -68,6 +76,20 @@ class _Speculation:
         return self.result
 
 
+class _Preemption:
+    """A turn started on a speculation's transcript before the hangover ended (``LLM_PREEMPTIVE``).
+
+    It runs ASR → LLM → first sentence → TTS while the VAD still waits for the silence to last, holding
+    everything it would send (:class:`HeldLink`). The end of the utterance with no more speech releases
+    it: the reply is ready when the hangover ends. More speech cancels it, before anything was said.
+    """
+
+    def __init__(self, turn: Turn, scope: trio.CancelScope, link: HeldLink) -> None:
+        self.turn = turn
+        self.scope = scope
+        self.link = link
+
+
 class _TypedTranscript:
     """A typed utterance (the native ``text`` event) in the shape of an ASR result."""
 
@@ -77,9 +99,21 @@ class _TypedTranscript:
         self.dropped = 0
 
 
+class _EchoCheckedTranscript:
+    """A transcript that repeats the reply it was heard over: the turn drops it (no LLM request)."""
+
+    echo_of_reply = True
+
+    def __init__(self, transcript: Any) -> None:
+        self.text = transcript.text
+        self.language = transcript.language
+        self.dropped = getattr(transcript, "dropped", 0)
+
+
 class VoiceSession:
     def __init__(self, services: Services, link: DeviceLink, info: SessionInfo, *, input_rate: int,
-                 history: ConversationHistory | None = None) -> None:
+                 history: ConversationHistory | None = None, device_cancels_echo: bool = False,
+                 barge_in: str | None = None) -> None:
         s = services.settings
         self.services = services
         self.link = link
@@ -95,8 +129,17 @@ class VoiceSession:
         self._turn_scope: trio.CancelScope | None = None
         self._turn_ids = 0
         self._speculation: _Speculation | None = None
+        self._preemption: _Preemption | None = None
+        #: a pause long enough to preempt on yet? (speculation, its utterance, the pause's VAD position)
+        self._preempt_pending: tuple[_Speculation, Utterance, float] | None = None
+        self._speech_start_s = 0.0  # VAD position of the open utterance's onset
         self._flushing = False  # the device ended the utterance (push-to-talk), not the VAD
         self.language = None if s.asr_language == "auto" else s.asr_language
+        self.echo = _echo_guard(services, barge_in or s.barge_in, device_cancels_echo)
+        info.barge_in = self.echo.mode.name
+        self._onset_s = 0.0  # the open utterance's onset (VAD stream position)
+        self._onset_over_reply = False  # the reply could be heard when it began
+        self._barged = False  # it interrupted the reply
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the session's nursery for turns and speculative ASR until cancelled."""
@@ -130,8 +173,14 @@ class VoiceSession:
             samples = self._resampler.process(np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2"))
             pcm = np.asarray(samples, dtype="<i2").tobytes()
         self._stream_pos_s += len(pcm) / 2 / VAD_RATE
+        pcm = self.echo.front_end(pcm, now, self._stream_pos_s)
         for event in self.vad.feed(pcm):
             await self._on_vad_event(event, now)
+        pending = self._preempt_pending
+        if pending is not None and self.vad.position_s - pending[2] >= self.services.settings.llm_preemptive_after_ms / 1000:
+            self._preempt_pending = None
+            if not (self._onset_over_reply and not self._barged):  # no LLM call for the reply's echo
+                self._preempt(pending[0], pending[1])
         self._check_barge_in()
 
     async def end_of_speech(self) -> None:
@@ -173,8 +222,9 @@ class VoiceSession:
         await self._interrupt(reason)
 
     async def wake(self) -> None:
-        """A wake word: stop talking and listen."""
-        await self._interrupt("wake")
+        """A wake word: stop talking and listen (unless ``BARGE_IN=off``)."""
+        if self.echo.mode.wake_interrupts:
+            await self._interrupt("wake")
 
     # -- VAD events ---------------------------------------------------------------------------------
 
@@ -183,11 +233,20 @@ class VoiceSession:
         return now - (self._stream_pos_s - stream_pos_s)
 
     async def _on_vad_event(self, event: object, now: float) -> None:
-        if isinstance(event, SpeechPaused):
+        if isinstance(event, SpeechStarted):
+            self._onset_s = event.at_s
+            self._onset_over_reply = self._reply_running() and self.echo.reply_audible()
+            self._barged = False
+            self._speech_start_s = event.at_s
+        elif isinstance(event, SpeechPaused):
             self._cancel_speculation()
             if self.services.settings.asr_speculative and self._nursery is not None:
                 spec = self._speculation = _Speculation(event.audio)
                 self._nursery.start_soon(spec.run, self.services, self.language)
+                if self.services.settings.llm_preemptive and not self.vad.hold_until_flush:
+                    utterance = Utterance(audio=event.audio, speech_start=self._wall(self._speech_start_s, now),
+                                          speech_end=self._wall(event.at_s, now))
+                    self._preempt_pending = (spec, utterance, event.at_s)
         elif isinstance(event, SpeechResumed):
             self._cancel_speculation()
         elif isinstance(event, UtteranceDropped):
@@ -195,8 +254,31 @@ class VoiceSession:
         elif isinstance(event, UtteranceEnded):
             if event.forced and not self._flushing:  # VAD_MAX_UTTERANCE_S cut it
                 self.services.metrics.limit_hits.labels("utterance_length").inc()
+            if self._onset_over_reply and not self._barged and not self._flushing:
+                # Heard over the reply without passing the barge-in test: the speaker's own voice
+                # (its echo, or a canceller not yet converged: a garbled echo transcript would start a
+                # turn), or speech that may not interrupt (wake_word, off). Nothing to answer.
+                self._cancel_speculation()
+                preemption, self._preemption, self._preempt_pending = self._preemption, None, None
+                if preemption is not None:
+                    self._cancel_preemption(preemption)
+                proven = self.echo.canceller_proven(self._onset_s)
+                self.services.metrics.echo_rejected.labels("level" if proven else "unproven").inc()
+                log.info("dropping an utterance heard over the reply (%.1f-%.1f s, barge-in %s)",
+                         event.start_s, event.end_s, self.echo.mode.name)
+                return
             spec, self._speculation = self._speculation, None
-            if spec is not None and not event.forced and spec.audio_len == event.paused_audio_len:
+            preemption, self._preemption = self._preemption, None
+            self._preempt_pending = None
+            usable = spec is not None and not event.forced and spec.audio_len == event.paused_audio_len
+            utterance = Utterance(audio=event.audio, speech_start=self._wall(event.start_s, now),
+                                  speech_end=self._wall(event.end_s, now), forced=event.forced)
+            if preemption is not None:
+                if usable and await self._confirm(preemption, utterance):
+                    return
+                self._cancel_preemption(preemption)
+            if usable:
+                assert spec is not None
                 source = spec.wait
             else:
                 if spec is not None:
@@ -205,16 +287,78 @@ class VoiceSession:
 
                 async def source() -> Any:
                     return await self.services.asr.transcribe(audio, language=self.language)
-            utterance = Utterance(audio=event.audio, speech_start=self._wall(event.start_s, now),
-                                  speech_end=self._wall(event.end_s, now), forced=event.forced)
+            if self._onset_over_reply:  # it interrupted the reply: it may still be its echo
+                source = self._echo_checked(source)
             await self._start_turn(utterance, source)
 
     def _cancel_speculation(self) -> None:
+        self._preempt_pending = None
         if self._speculation is not None:
             self._speculation.scope.cancel()
             self._speculation = None
+        if self._preemption is not None:
+            self._cancel_preemption(self._preemption)
+            self._preemption = None
+
+    # -- preemptive replies (LLM_PREEMPTIVE) --------------------------------------------------------
+
+    def _preempt(self, spec: _Speculation, utterance: Utterance) -> None:
+        """Start the reply to the speculation's transcript now; it waits for :meth:`_confirm`."""
+        previous = self._turn
+        if previous is not None and not previous.done.is_set() and not previous.interrupted:
+            return  # a reply is still running: the end of this utterance will supersede it, as ever
+        link = HeldLink(self.link)
+        turn = self._new_turn(utterance, spec.wait, None, turn_id=self._turn_ids + 1, link=link,
+                              confirmed=link.released)
+        scope = trio.CancelScope()
+        self._preemption = _Preemption(turn, scope, link)
+        self._launch(turn, scope, previous)
+
+    async def _confirm(self, preemption: _Preemption, utterance: Utterance) -> bool:
+        """The utterance ended as the preemptive turn assumed: it becomes the turn, and plays."""
+        turn = preemption.turn
+        if turn.done.is_set() or turn.turn_id != self._turn_ids + 1:
+            return False  # it crashed, or another turn (a typed one, a reminder) started meanwhile
+        previous = self._turn
+        if previous is not None and not previous.done.is_set():
+            await self._interrupt("new_utterance")
+        self._turn_ids += 1
+        self.info.turns += 1
+        turn.utterance = utterance  # the whole utterance (trailing silence too) is what gets stored
+        turn.marks["speech_start"], turn.marks["speech_end"] = utterance.speech_start, utterance.speech_end
+        self._turn, self._turn_scope = turn, preemption.scope
+        self.services.metrics.llm_preemptive.labels("used").inc()
+        await preemption.link.release()
+        return True
+
+    @staticmethod
+    def _cancel_preemption(preemption: _Preemption) -> None:
+        """The user went on talking: the held reply is dropped (its turn counts a wasted LLM call)."""
+        preemption.scope.cancel()
 
     # -- turns and barge-in ---------------------------------------------------------------------
+
+    def _reply_running(self) -> bool:
+        turn = self._turn
+        return turn is not None and not turn.done.is_set() and not turn.interrupted
+
+    def _echo_checked(self, transcribe: Any) -> Any:
+        """Wrap a transcript source: a transcript that repeats the reply it interrupted is echo."""
+        turn = self._turn
+        reply = turn.reply_text if turn is not None else ""
+        guard = self.echo
+        metrics = self.services.metrics
+
+        async def source() -> Any:
+            transcript = await transcribe()
+            lang = transcript.language if transcript.language in ("zh", "en") else "en"
+            if guard.is_echo_transcript(transcript.text, reply, lang):
+                metrics.echo_rejected.labels("transcript").inc()
+                log.info("the utterance %r repeats the reply: echo", transcript.text[:80])
+                return _EchoCheckedTranscript(transcript)
+            return transcript
+
+        return source
 
     def _check_barge_in(self) -> None:
         turn = self._turn
@@ -222,9 +366,11 @@ class VoiceSession:
             return
         if turn.utterance.forced:
             return  # the speech going on is the rest of the same long utterance, not an interruption
-        if self.vad.current_speech_ms >= self.services.settings.barge_in_min_ms:
-            log.info("barge-in: user speech while turn %s was %s", turn.turn_id,
-                     "playing" if turn.playing else "thinking")
+        if (self.vad.current_speech_ms >= self.services.settings.barge_in_min_ms
+                and self.echo.speech_counts(self._onset_s)):
+            self._barged = True
+            log.info("barge-in: user speech while turn %s was %s (echo canceller kept %s dB)", turn.turn_id,
+                     "playing" if turn.playing else "thinking", self.echo.kept_db_since(self._onset_s))
             assert self._nursery is not None
             self._nursery.start_soon(self._interrupt, "barge_in")
 
@@ -251,12 +397,21 @@ class VoiceSession:
             await self._interrupt("new_utterance")
         self._turn_ids += 1
         self.info.turns += 1
-        turn = Turn(services=self.services, link=self.link, turn_id=self._turn_ids, utterance=utterance,
-                    history=self.history, session_id=self.info.session_id,
-                    device_id=self.info.device_id or self.info.session_id, transcribe=transcribe,
-                    announcement=announcement)
+        turn = self._new_turn(utterance, transcribe, announcement, turn_id=self._turn_ids, link=self.link)
         scope = trio.CancelScope()
         self._turn, self._turn_scope = turn, scope
+        self._launch(turn, scope, previous)
+
+    def _new_turn(self, utterance: Utterance, transcribe: Any, announcement: Announcement | None, *,
+                  turn_id: int, link: DeviceLink, confirmed: trio.Event | None = None) -> Turn:
+        return Turn(services=self.services, link=link, turn_id=turn_id, utterance=utterance,
+                    history=self.history, session_id=self.info.session_id,
+                    device_id=self.info.device_id or self.info.session_id, transcribe=transcribe,
+                    announcement=announcement, confirmed=confirmed, playout=self.echo.tap)
+
+    def _launch(self, turn: Turn, scope: trio.CancelScope, previous: Turn | None) -> None:
+        """Run ``turn`` in the session's nursery under ``scope``, after ``previous`` has wound down."""
+        assert self._nursery is not None
 
         async def run_turn() -> None:
             try:
@@ -270,6 +425,21 @@ class VoiceSession:
                 turn.done.set()  # also when it was superseded before it began
 
         self._nursery.start_soon(run_turn)
+
+
+def _echo_guard(services: Services, policy: str, device_cancels_echo: bool) -> EchoGuard:
+    """The session's barge-in policy and, where it asks for one, its echo canceller."""
+    from voicegrow.echo import EchoCanceller, EchoUnavailable
+
+    settings = services.settings
+    mode = resolve_mode(policy, device_cancels_echo=device_cancels_echo)
+    canceller = None
+    if mode.cancel_echo:
+        try:
+            canceller = EchoCanceller()
+        except EchoUnavailable as exc:
+            log.warning("no echo cancellation for this session (%s): barge-in relies on transcripts", exc)
+    return EchoGuard(mode, kept_db=settings.barge_in_echo_kept_db, canceller=canceller)
 
 
 async def begin_device_session(services: Services, info: SessionInfo) -> ConversationHistory:

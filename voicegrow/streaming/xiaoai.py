@@ -33,7 +33,7 @@ from voicegrow.services import Services
 from voicegrow.streaming.ingest import IngestLagMeter
 from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.outbox import Outbox
-from voicegrow.streaming.registry import SessionInfo
+from voicegrow.sessions.registry import SessionInfo
 from voicegrow.streaming.voice import VoiceSession, begin_device_session
 
 __all__ = [
@@ -65,6 +65,11 @@ PLAY_CHUNK_MS = 100
 #: WebSocket close codes: 4403 mirrors HTTP 403 (as the native protocol's AUTH_FAILED does).
 CLOSE_REFUSED = 4403
 CLOSE_UNRESPONSIVE = 1008
+#: A speaker whose microphone outruns MAX_AUDIO_RATE (1008: policy violation, as for the unresponsive).
+CLOSE_TOO_FAST = 1008
+#: Audio a speaker may send ahead of the MAX_AUDIO_RATE allowance: ``arecord``'s start-up burst, frames
+#: buffered while the connection was slow, a whole clip at once from the emulator's fast mode in tests.
+AUDIO_BURST_S = 5.0
 #: How long a new connection waits for an older session of the same speaker to finish (its last
 #: turn saves the conversation the new session resumes).
 SUPERSEDE_WAIT_S = 3.0
@@ -355,6 +360,7 @@ class XiaoaiSession:
         self._recording_armed_at = trio.current_time()
         self._last_record_at = -1.0
         self._recorded_s = 0.0  # audio received since recording was (re)armed
+        self._first_record_at: float | None = None  # the first frame since then (MAX_AUDIO_RATE's clock)
         self._lag_meter = IngestLagMeter()
 
     async def run(self) -> None:
@@ -434,6 +440,7 @@ class XiaoaiSession:
         await self.call(wire.start_recording(sample_rate=RECORD_RATE))
         self._recording_armed_at = trio.current_time()
         self._recorded_s = 0.0
+        self._first_record_at = None
         self._lag_meter = IngestLagMeter()  # a new stream: its clock starts again
 
     async def _watch_recorder(self) -> None:
@@ -517,6 +524,14 @@ class XiaoaiSession:
         metrics.audio_frames_received.labels("xiaoai").inc()
         pcm = stream.bytes[: len(stream.bytes) // 2 * 2]
         self._recorded_s += len(pcm) / (2 * RECORD_RATE)
+        if self._first_record_at is None:
+            self._first_record_at = now
+        rate = self.services.settings.max_audio_rate
+        if self._recorded_s > (now - self._first_record_at) * rate + AUDIO_BURST_S:
+            metrics.limit_hits.labels("audio_rate").inc()
+            log.warning("closing an open-xiaoai speaker whose audio arrives faster than %gx real time", rate)
+            await self.connection.close(CLOSE_TOO_FAST, f"audio arrives faster than {rate:g}x real time (MAX_AUDIO_RATE)")
+            return
         metrics.ingest_lag.labels("xiaoai").observe(self._lag_meter.observe(now, self._recorded_s))
         await self.voice.feed_audio(pcm)
 

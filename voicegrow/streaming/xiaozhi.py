@@ -36,7 +36,7 @@ from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.device_mcp import DeviceMcpClient, DeviceToolError
 from voicegrow.streaming.ingest import IngestLagMeter
 from voicegrow.streaming.outbox import Outbox
-from voicegrow.streaming.registry import SessionInfo
+from voicegrow.sessions.registry import SessionInfo
 from voicegrow.streaming.voice import VAD_RATE, VoiceSession, begin_device_session
 
 __all__ = ["CLOSE_AUTH_FAILED", "CLOSE_AUTH_REQUIRED", "XiaozhiAccessPolicy", "XiaozhiLink", "XiaozhiSession"]

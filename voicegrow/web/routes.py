@@ -146,7 +146,10 @@ def make_web_blueprint(services: Services, *, voice_server: Any = None) -> Bluep
                 return operator
             refusal = voice_server.admit(host)
             if refusal is not None:
-                return _refusal(*refusal)
+                response = _refusal(*refusal)
+                if refusal[0] == 503:  # full, overloaded or stopping: try again later (or elsewhere)
+                    response.headers["Retry-After"] = str(services.settings.admit_retry_after_s)
+                return response
             await websocket.accept(subprotocol=TALK_SUBPROTOCOL)
             # Not the operator: a device credential in HELLO, as on the speaker port (ERROR AUTH_REQUIRED,
             # close 4401, after HELLO when DEVICE_AUTH is off).

@@ -14,64 +14,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 from pathlib import Path
 from typing import Any
 
 import trio
 
-__all__ = ["Box", "ControlServer", "LocalWorker", "rss_bytes"]
+from voicegrow.sessions.view import LocalWorker, SessionView
+
+__all__ = ["Box", "ControlServer"]
 
 log = logging.getLogger(__name__)
 
 _REQUEST_LIMIT = 64 * 1024
 _REPLY_LIMIT = 64 * 1024 * 1024  # a listing of every session of a full worker fits many times over
-
-
-def rss_bytes() -> int | None:
-    """This process's resident memory now (Linux ``/proc``), or None where that cannot be read."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class LocalWorker:
-    """This process's part of every answer: its sessions, its state, its admin actions."""
-
-    def __init__(self, services: Any, index: int = 0, restarts: int = 0) -> None:
-        self.services = services  # voicegrow.services.Services
-        self.index = index
-        self.restarts = restarts
-
-    def sessions(self) -> list[dict[str, Any]]:
-        return [{**info.public(), "worker": self.index} for info in self.services.registry]
-
-    def status(self) -> dict[str, Any]:
-        services = self.services
-        return {
-            "worker": self.index,
-            "pid": os.getpid(),
-            "status": "ok" if services.accepting else "stopping",
-            "sessions": len(services.registry),
-            "uptime_s": round(services.uptime_s, 3),
-            "rss_bytes": rss_bytes(),
-            "restarts": self.restarts,
-            "asr": dict(services.asr.health()),
-        }
-
-    def close_session(self, session_id: str) -> bool:
-        """Ask a live session to say goodbye (it ends like a server shutdown would end it)."""
-        info = self.services.registry.get(session_id)
-        if info is None:
-            return False
-        if info.request_close is not None:
-            info.request_close(1000, "closed by an administrator")
-        elif info.cancel_scope is not None:  # still detecting its protocol: nothing to say goodbye with
-            info.cancel_scope.cancel()
-        return True
 
 
 class ControlServer:
@@ -152,11 +108,11 @@ async def ask(path: Path, request: dict[str, Any], timeout_s: float) -> dict[str
     return None
 
 
-class Box:
+class Box(SessionView):
     """Every worker of this box: this one directly, the others over their control sockets."""
 
     def __init__(self, local: LocalWorker, peers: dict[int, Path] | None = None, *, timeout_s: float = 2.0) -> None:
-        self.local = local
+        super().__init__(local)
         self.peers = dict(peers or {})
         self.timeout_s = timeout_s
 
@@ -175,10 +131,10 @@ class Box:
                 nursery.start_soon(one, index, path)
         return replies
 
-    async def sessions(self) -> tuple[list[dict[str, Any]], list[int]]:
+    async def sessions(self) -> tuple[list[dict[str, Any]], list[int | str]]:
         """Every live session of the box, and the workers that did not answer."""
         items = self.local.sessions()
-        missing = []
+        missing: list[int | str] = []
         for index, reply in sorted((await self._ask_peers({"op": "sessions"})).items()):
             if reply is None or not isinstance(reply.get("sessions"), list):
                 missing.append(index)

@@ -36,6 +36,8 @@ class SessionInfo:
     #: The device's own tools (a :class:`~voicegrow.streaming.device_mcp.DeviceMcpClient`), for
     #: devices that serve MCP (xiaozhi boards); a tool registry offers them to the LLM.
     device_tools: Any = None
+    #: The barge-in policy the session resolved (``vad``, ``echo_safe``, ``wake_word``, ``off``).
+    barge_in: str = ""
 
     #: The client's address without a port: the socket's peer, or the device behind a trusted proxy.
     remote_host: str = ""
@@ -55,6 +57,7 @@ class SessionInfo:
             "protocol": self.protocol,
             "since": self.since,
             "turns": self.turns,
+            "barge_in": self.barge_in,
             "state": self.state_of() if self.state_of is not None else "handshake",
             "device_tools": [tool.name for tool in self.device_tools.tools] if self.device_tools else [],
         }
@@ -104,6 +107,10 @@ class SessionRegistry:
     async def wait_empty(self) -> None:
         while self._sessions:
             await self._changed.wait()
+
+    async def wait_changed(self) -> None:
+        """Until the next session is added or removed (the cluster view republishes then)."""
+        await self._changed.wait()
 
     async def wait_until(self, predicate: Callable[["SessionRegistry"], bool]) -> None:
         while not predicate(self):
