@@ -29,8 +29,11 @@ RUN groupadd --system --gid 10001 voicegrow \
  && chown voicegrow:voicegrow /data /opt/voicegrow/models
 COPY --from=build /opt/venv /opt/venv
 # HF_HUB_OFFLINE: no code path downloads weights at run time; the packaged model is used instead.
+# MALLOC_ARENA_MAX=2: glibc's per-thread arenas kept the freed audio buffers of every turn as free
+# space that grew without end (docs/memory.md); `voicegrow serve` applies the same default itself.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    MALLOC_ARENA_MAX=2 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     VOICEGROW_MODEL_CACHE=/opt/voicegrow/models \

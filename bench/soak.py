@@ -268,9 +268,11 @@ def render_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
                              "turn latency p50 s"], series_rows)]
     allocator = results["allocator_slopes_mb_per_min"]
     if allocator["malloc_in_use_mb"] is not None:
+        arenas = (results.get("memory") or {}).get("malloc_arenas")
         parts += ["", f"glibc allocator after warm-up: in use {allocator['malloc_in_use_mb']:+.3f} MB/min, held free "
                   f"in its arenas {allocator['malloc_free_held_mb']:+.3f} MB/min (Python's small objects live in "
-                  "pymalloc's own arenas, outside both)."]
+                  "pymalloc's own arenas, outside both)"
+                  + (f"; {arenas} arenas at the end." if arenas else ".")]
     release = results.get("release")
     if release:
         mb = 2**20

@@ -351,6 +351,9 @@ def test_dockerfile_builds_a_slim_non_root_image_with_offline_models() -> None:
     assert re.search(r"^EXPOSE 4399 8000$", runtime, re.M)
     assert re.search(r'^CMD \["voicegrow", "serve"\]$', runtime, re.M)
     assert "HF_HUB_OFFLINE=1" in runtime
+    # Two malloc arenas: per-thread arenas kept every turn's freed buffers (docs/memory.md); Compose says so too.
+    assert re.search(r"^ENV [^\n]*\bMALLOC_ARENA_MAX=2\b", runtime, re.M)
+    assert compose("docker-compose.yml")["services"]["server"]["environment"]["MALLOC_ARENA_MAX"] == "2"
 
 
 def test_dockerfile_requirements_step_yields_valid_requirements(tmp_path: Path) -> None:

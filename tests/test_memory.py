@@ -72,6 +72,9 @@ async def test_memory_endpoints_are_admin_only_and_report_without_tracing(tmp_pa
             report = (await http.get("/api/v1/debug/memory")).json()
             assert report["tracing"] is None and report["rss_bytes"] > 0
             assert report["malloc"]["in_use_bytes"] > 0 and report["malloc"]["free_held_bytes"] >= 0
+            assert report["malloc_arenas"] >= 1  # the full report (limit 20 by default) counts glibc's arenas
+            cheap = (await http.get("/api/v1/debug/memory", params={"limit": "0"})).json()
+            assert cheap["malloc_arenas"] is None and cheap["malloc"]["in_use_bytes"] > 0
             assert len(report["gc"]["collections"]) == 3 and report["gc"]["uncollectable"] >= 0
             response = await http.post("/api/v1/debug/memory/baseline")
             assert response.status_code == 404 and response.json()["error"] == "memory_trace_off"
@@ -172,3 +175,74 @@ async def test_ended_sessions_and_failed_turns_are_freed_without_the_cycle_colle
             gc.enable()
     assert asr.calls >= 3
     assert not leftovers, f"left in reference cycles: {dict(leftovers)}"
+
+
+# -- glibc's arenas (allocator retention: docs/memory.md) ---------------------------------------------
+
+_ARENAS_PROBE = """
+import sys, threading
+from voicegrow.allocator import limit_arenas
+from voicegrow.memprofile import arena_count
+applied = limit_arenas() if sys.argv[1] == "limit" else None
+barrier = threading.Barrier(9)
+def allocate():
+    kept = bytearray(50_000)  # under the mmap threshold: from this thread's arena
+    barrier.wait()
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for thread in threads:
+    thread.start()
+barrier.wait()
+for thread in threads:
+    thread.join()
+print(applied, arena_count())
+"""
+
+
+def _arenas_in_a_fresh_process(mode: str, **env: str) -> tuple[str, int]:
+    import os
+    import subprocess
+    import sys
+
+    clean = {key: value for key, value in os.environ.items() if key != "MALLOC_ARENA_MAX"}
+    done = subprocess.run([sys.executable, "-c", _ARENAS_PROBE, mode], env={**clean, **env}, capture_output=True,
+                          text=True, timeout=60, check=True)
+    applied, count = done.stdout.split()
+    return applied, int(count)
+
+
+def test_serve_keeps_two_malloc_arenas_unless_the_environment_says_otherwise() -> None:
+    """Eight threads allocating at once get eight arenas of their own from glibc (each keeping what was
+    freed in it); the server's limit keeps them to two, and MALLOC_ARENA_MAX, where set, wins."""
+    from voicegrow.memprofile import glibc
+
+    if glibc() is None:
+        pytest.skip("not glibc")
+    unlimited = _arenas_in_a_fresh_process("none")
+    assert unlimited[1] > 2, f"the probe's threads did not get arenas of their own: {unlimited}"
+    assert _arenas_in_a_fresh_process("limit") == ("2", 2)
+    applied, count = _arenas_in_a_fresh_process("limit", MALLOC_ARENA_MAX="4")
+    assert applied == "None" and 2 < count <= 4
+
+
+def test_the_cli_limits_arenas_before_serving(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``serve`` (and each worker) applies the limit before trio, and so any worker thread, starts."""
+    import voicegrow.allocator
+    import voicegrow.app
+    import voicegrow.logsetup
+    from voicegrow import cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(voicegrow.allocator, "limit_arenas", lambda: calls.append("limit") or 2)
+
+    async def fake_serve(settings: object, worker: object) -> int:
+        calls.append("serve")
+        return 0
+
+    monkeypatch.setattr(voicegrow.app, "serve", fake_serve)
+    monkeypatch.setattr(voicegrow.logsetup, "configure_logging", lambda *args, **kwargs: None)  # the test's logging
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    assert cli.main(["--env-file", str(tmp_path / "none.env"), "serve"]) == 0
+    assert calls == ["limit", "serve"]
+    calls.clear()
+    assert cli.main(["--env-file", str(tmp_path / "none.env"), "config"]) == 0
+    assert calls == []

@@ -277,6 +277,8 @@ def test_mandarin_phonemes_have_tone_sandhi_and_read_english_words() -> None:
     mixed = phonemize("我喜欢N B A和iPhone。")
     assert "ˈɛn bˈi ˈA" in mixed and "ˈI fˈOn" in mixed  # letters spelled, words from the lexicon
     assert not any(char.isascii() and char.isdigit() for char in phonemize("七点半"))
+    assert "ʔa" in phonemize("晚安") and "ʔɚ" not in phonemize("星期二，十二")  # glottal onset, but not 二
+    assert "“" in phonemize("周杰伦的《晴天》") and "”" in phonemize("周杰伦的《晴天》")  # a title stands apart
 
 
 def test_long_phoneme_strings_are_cut_after_punctuation() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{key}={value}")
         return 0
 
+    from voicegrow.allocator import limit_arenas
+
+    arena_max = limit_arenas()  # before any thread asks glibc for an arena of its own (docs/memory.md)
+
     import trio
 
     from voicegrow.logsetup import configure_logging
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     worker = _worker_context(args) if args.command == "worker" else None
     configure_logging("DEBUG" if settings.debug else settings.log_level, settings.log_format,
                       worker=None if worker is None else worker.index)
+    if arena_max is not None:
+        logging.getLogger(__name__).info("malloc arenas limited to %d (MALLOC_ARENA_MAX unset)", arena_max)
     if worker is None and settings.workers > 1:
         from voicegrow.workers.supervisor import Supervisor
 

@@ -97,7 +97,10 @@ def ensure_kokoro_model(cache_root: str | os.PathLike[str] | None = None) -> Pat
 # -- phonemes -----------------------------------------------------------------------------------------
 
 _PUNCTUATION = {"、": ", ", "，": ", ", ",": ", ", "。": ". ", "．": ". ", ".": ". ", "！": "! ", "!": "! ",
-                "：": ": ", ":": ": ", "；": "; ", ";": "; ", "？": "? ", "?": "? ", "…": "… ", "—": "—"}
+                "：": ": ", ":": ": ", "；": "; ", ";": "; ", "？": "? ", "?": "? ", "…": "… ", "—": "—",
+                # titles and quotes as misaki writes them for the model (《晴天》 is a word of its own)
+                "《": " “", "》": "” ", "「": " “", "」": "” ", "【": " “", "】": "” ", "“": " “", "”": "” ",
+                "（": " (", "）": ") ", "(": " (", ")": ") "}
 _SEGMENTS = re.compile(r"(?P<zh>[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+)|(?P<en>[A-Za-z]+(?:'[A-Za-z]+)?)"
                        r"|(?P<other>.)", re.DOTALL)
 _TONE = re.compile(r"[1-5]$")
@@ -149,11 +152,16 @@ def _chinese_ipa(segment: str) -> str:
             finals = sandhi.modified_tone(word, pos, finals)
             syllables = [_TONE.sub(final[-1], syllable) if _TONE.search(final) and _TONE.search(syllable)
                          else syllable for syllable, final in zip(syllables, finals)]
-        # pinyin writes 晚安 wan'an: a syllable starting with a vowel inside a word gets a glottal onset,
-        # or the voice reads "wa-nan"
-        spoken.append("".join(("ʔ" if i and syllable[:1] in "aeo" else "") + _syllable_ipa(syllable)
+        spoken.append("".join(("ʔ" if i and _glottal_onset(syllable) else "") + _syllable_ipa(syllable)
                               for i, syllable in enumerate(syllables)))
     return " ".join(spoken)
+
+
+def _glottal_onset(syllable: str) -> bool:
+    """Pinyin writes 晚安 wan'an: a syllable starting with a vowel inside a word gets a glottal onset,
+    or the voice reads "wa-nan". Not 二 (er): with one, 十二 and 星期二 came back as 十号 and 星期搞
+    (bench tts: that sentence's round-trip CER 0.25 → 0.06)."""
+    return syllable[:1] in "aeo" and not syllable.startswith("er")
 
 
 @lru_cache(maxsize=4096)
