@@ -181,8 +181,12 @@ class EchoCanceller:
         keeps most of the echo, and then its measure of the speech means nothing.
         """
         kept, audible_s = self._kept((before_s - span_s) * RATE, before_s * RATE, audible_only=True)
-        if kept is None or self._loud_s((before_s - span_s) * RATE, before_s * RATE) < 0.3:
-            return None, audible_s  # no echo above the room's noise to prove anything on
+        if kept is None:
+            return None, audible_s
+        if self._loud_s((before_s - span_s) * RATE, before_s * RATE) < 0.3:
+            # Nothing above the room's noise while the reply played: this microphone does not hear
+            # the device (a clean or echo-cancelled one), so there is nothing to cancel.
+            return (-math.inf if audible_s >= 0.5 else None), audible_s
         return kept, audible_s
 
     def _loud_s(self, start: float, end: float) -> float:

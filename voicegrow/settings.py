@@ -143,8 +143,9 @@ class Settings:
     vad_min_speech_ms: int = _field(250, int, low=0, high=10_000)
     vad_max_utterance_s: float = _field(15.0, float, low=1, high=120)
     barge_in_min_ms: int = _field(300, int, low=0, high=10_000)
-    # auto: echo-safe barge-in (server-side echo cancellation) unless the device cancels its own echo
-    barge_in: str = _field("auto", str, choices=("auto", "vad", "wake_word", "off"))
+    # auto: echo-safe barge-in (server-side echo cancellation) unless the device cancels its own echo;
+    # vad stays the default until echo-safe holds live (README, "A speaker that hears itself")
+    barge_in: str = _field("vad", str, choices=("auto", "vad", "wake_word", "off"))
     barge_in_echo_kept_db: float = _field(-10.0, float, low=-40, high=0)  # speech over a reply must keep this
 
     # -- listening (voicegrow/listening.py): which heard speech becomes a turn

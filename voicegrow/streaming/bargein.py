@@ -4,9 +4,9 @@ A speaker whose microphone hears its own reply would otherwise interrupt itself 
 second into every answer (DESIGN §6: 9 self-interruptions and 19 LLM requests for 3 questions). The
 policy (``BARGE_IN``) decides per device:
 
-* ``vad`` — any ``BARGE_IN_MIN_MS`` of speech over a reply stops it, as on a clean microphone.
+* ``vad`` (default, until ``auto`` holds live) — any ``BARGE_IN_MIN_MS`` of speech over a reply stops it.
   For devices that cancel their own echo.
-* ``auto`` (default) — ``vad`` for a device that declares echo cancellation (a native device's HELLO
+* ``auto`` — ``vad`` for a device that declares echo cancellation (a native device's HELLO
   capability ``"echo_cancellation": true``); for every other device *echo-safe* barge-in: the
   server cancels the echo itself (:mod:`voicegrow.echo`, the reply it sent as the reference), speech
   counts only when it clearly survived cancellation (the echo canceller kept at least

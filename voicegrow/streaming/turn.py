@@ -360,6 +360,15 @@ class Turn:
 
         pacer = AudioPacer(send, sample_rate=link.output_rate,
                            lead_s=self.services.settings.tts_lead_ms / 1000, chunk_ms=link.chunk_ms)
+        try:
+            await self._play(audio, link, pacer)
+        finally:
+            # ``send`` holds ``pacer`` and ``pacer`` holds ``send``: a reference cycle that would keep the
+            # whole turn, and with it the session, alive until a full collection.
+            pacer = None  # type: ignore[assignment]
+
+    async def _play(self, audio: trio.MemoryReceiveChannel[tuple[int, str, bytes | None]], link: DeviceLink,
+                    pacer: AudioPacer) -> None:
         started = False
         announced = -1  # index of the last sentence announced with tts_sentence
         async with audio:
