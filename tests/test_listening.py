@@ -235,6 +235,7 @@ async def test_an_open_xiaoai_speaker_answers_after_kws_and_a_follow_up_without_
             async with run_emulator(server.ws_url) as emu:
                 await emu.wait_for_request("start_recording")
                 await emu.wait_for_request("start_play")
+                await _wait_for(lambda: len(list(server.services.registry)) == 1)
                 (session,) = list(server.services.registry)
                 assert session.listen_mode == "wake"  # LISTEN_MODE=auto: the default of a speaker
                 await emu.stream_pcm(tv, realtime=False)
