@@ -227,7 +227,7 @@ async def test_an_open_xiaoai_speaker_answers_after_kws_and_a_follow_up_without_
     question, follow_up = (to_pcm(_clip(audio_fixtures, i)) for i in ("zh-00", "zh-02"))
     async with run_fake_ai(SHORT_REPLIES) as ai:
         settings = make_settings(tmp_path, llm_base_url=ai.url, tts_base_url=ai.url, asr_preload="true",
-                                 listen_mode="auto", follow_up_s="8", max_audio_rate="50")
+                                 listen_mode="auto", follow_up_s="8", max_audio_rate="100")
         async with running_server(settings) as server:
             with trio.fail_after(120):
                 await server.services.asr.warm_up()
