@@ -144,7 +144,6 @@ class VoiceSession:
         self._preemption: _Preemption | None = None
         #: a pause long enough to preempt on yet? (speculation, its utterance, the pause's VAD position)
         self._preempt_pending: tuple[_Speculation, Utterance, float] | None = None
-        self._speech_start_s = 0.0  # VAD position of the open utterance's onset
         self._flushing = False  # the device ended the utterance (push-to-talk), not the VAD
         self.language = None if s.asr_language == "auto" else s.asr_language
         self.echo = _echo_guard(services, barge_in or s.barge_in, device_cancels_echo)
@@ -270,15 +269,14 @@ class VoiceSession:
             self._onset_s = event.at_s
             self._onset_over_reply = self._reply_running() and self.echo.reply_audible()
             self._barged = False
-            self._speech_start_s = event.at_s
         elif isinstance(event, SpeechPaused):
             self._cancel_speculation()
             if (self.services.settings.asr_speculative and self._nursery is not None
-                    and self.gate.may_be_heard(self._speech_start_s)):
+                    and self.gate.may_be_heard(self._onset_s)):
                 spec = self._speculation = _Speculation(event.audio)
                 self._nursery.start_soon(spec.run, self.services, self.language)
                 if self.services.settings.llm_preemptive and not self.vad.hold_until_flush:
-                    utterance = Utterance(audio=event.audio, speech_start=self._wall(self._speech_start_s, now),
+                    utterance = Utterance(audio=event.audio, speech_start=self._wall(self._onset_s, now),
                                           speech_end=self._wall(event.at_s, now))
                     self._preempt_pending = (spec, utterance, event.at_s)
         elif isinstance(event, SpeechResumed):
