@@ -27,6 +27,7 @@ import dataclasses
 import enum
 import logging
 import math
+import time
 from typing import Any
 
 from voicegrow.textmetrics import normalize_transcript
@@ -166,8 +167,6 @@ class EchoGuard:
         self._clock.observe(now, stream_end_s)
         if self.canceller is None:
             return pcm
-        import time
-
         started = time.perf_counter()
         try:
             return self.canceller.process(pcm)
