@@ -329,3 +329,10 @@ def test_tts_round_trip_reads_whisper_times_and_numbers_as_spoken() -> None:
     assert round_trip_cer("现在是上午7:30。", "现在是上午七点半", "zh") == 0
     assert round_trip_cer("音量已经调到50%。", "音量已经调到百分之五十", "zh") == 0
     assert round_trip_cer("好的。", "不好", "zh") > 0
+
+
+def test_tts_held_out_sentences_are_not_household_ones() -> None:
+    from bench.tts import HELD_OUT_ZH, HOUSEHOLD_ZH, _parse
+
+    assert len(HELD_OUT_ZH) >= 8 and not set(HELD_OUT_ZH) & set(HOUSEHOLD_ZH)
+    assert _parse(["--held-out"]).held_out and not _parse([]).held_out
