@@ -511,6 +511,32 @@ def test_the_prompt_given_back_as_the_transcript_is_dropped(hf_tokenizer: Any) -
     assert (t.text, t.dropped) == ("", "hallucination")
 
 
+def test_asr_prompt_zh_reaches_both_engines_and_empty_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    made: list[tuple[str, dict]] = []
+
+    class Recording:
+        def __init__(self, kind: str) -> None:
+            self.kind = kind
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            made.append((self.kind, kwargs.get("prompts")))
+            return types.SimpleNamespace(name=self.kind)
+
+    monkeypatch.setattr(asr, "StockEngine", Recording("stock"))
+    monkeypatch.setattr(asr, "FastEngine", Recording("fast"))
+    monkeypatch.setattr(asr, "resolve_model", lambda *a, **k: None)
+    monkeypatch.setattr(asr, "get_model", lambda *a, **k: None)
+    base = {"ASR_MODEL_SIZE": "base"}
+    for value, expected in (("", {}), ("以下是普通话。", {"zh": "以下是普通话。"})):
+        service = asr.build_asr_service(load_settings({**base, "ASR_PROMPT_ZH": value}, env_file=None))
+        service._factory()  # type: ignore[misc]
+        assert made[-2:] == [("stock", expected), ("fast", expected)]
+    default = load_settings(base, env_file=None)
+    assert default.asr_prompt_zh == asr.ZH_PROMPT  # unchanged unless set
+
+
 def test_the_prompt_per_language_is_a_setting_of_the_engine(hf_tokenizer: Any) -> None:
     model = fake_model(hf_tokenizer, " 今天天气怎么样")
     FastEngine(model, "zh", 1, prompts={}).transcribe(noise(2.0))

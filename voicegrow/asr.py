@@ -299,12 +299,17 @@ def repeated_span(text: str, *, max_unit: int = 64) -> tuple[str, int] | None:
 
 
 def drop_reason(text: str, *, no_speech_prob: float | None = None,
-                avg_logprob: float | None = None, no_speech_threshold: float | None = NO_SPEECH_PROB) -> str | None:
+                avg_logprob: float | None = None, no_speech_threshold: float | None = NO_SPEECH_PROB,
+                prompt: str | None = None) -> str | None:
     """Why this output must not be treated as speech ("empty", "no_speech", ...), or None to keep it.
 
-    ``no_speech_threshold`` None: never judge by Whisper's no-speech probability."""
-    if not _normalize_for_match(text):
+    ``no_speech_threshold`` None: never judge by Whisper's no-speech probability. ``prompt``: the
+    initial prompt the decoder was given; that prompt given back whole is a hallucination too."""
+    normalized = _normalize_for_match(text)
+    if not normalized:
         return "empty"
+    if prompt and normalized == _normalize_for_match(prompt):
+        return "hallucination"
     if (no_speech_threshold is not None and no_speech_prob is not None and avg_logprob is not None
             and no_speech_prob > no_speech_threshold and avg_logprob < LOW_AVG_LOGPROB):
         return "no_speech"
@@ -344,13 +349,13 @@ def _as_float_audio(pcm: np.ndarray | bytes) -> np.ndarray:
 
 def _finish(text: str, language: str, duration_s: float, started: float, engine: str,
             no_speech_prob: float | None, avg_logprob: float | None, *,
-            no_speech_threshold: float | None = NO_SPEECH_PROB) -> Transcript:
+            no_speech_threshold: float | None = NO_SPEECH_PROB, prompt: str | None = None) -> Transcript:
     """The common end of both engines: simplified Chinese, then the guards."""
     text = text.strip()
     if language == "zh":
         text = _t2s(text)
     reason = drop_reason(text, no_speech_prob=no_speech_prob, avg_logprob=avg_logprob,
-                         no_speech_threshold=no_speech_threshold)
+                         no_speech_threshold=no_speech_threshold, prompt=prompt)
     if reason is not None:
         log.debug("ASR output dropped (%s): %r", reason, text)
         text = ""
@@ -393,12 +398,14 @@ class StockEngine(_ScreenedEngine):
     name = "stock"
 
     def __init__(self, model: WhisperModel, language: str = "zh", beam_size: int = 1, *,
-                 silence_rms: float = SILENCE_RMS, resolved: ResolvedModel | None = None) -> None:
+                 silence_rms: float = SILENCE_RMS, resolved: ResolvedModel | None = None,
+                 prompts: dict[str, str] | None = None) -> None:
         self.model = model
         self.language = _check_language(language)
         self.beam_size = beam_size
         self.silence_rms = silence_rms
         self.resolved = resolved
+        self.prompts = {"zh": ZH_PROMPT} if prompts is None else dict(prompts)  # initial_prompt per language
 
     def _transcribe(self, pcm16k: np.ndarray, lang: str, duration_s: float, started: float) -> Transcript:
         audio = _as_float_audio(pcm16k)
@@ -408,7 +415,7 @@ class StockEngine(_ScreenedEngine):
             beam_size=self.beam_size,
             vad_filter=False,
             condition_on_previous_text=False,
-            initial_prompt=ZH_PROMPT if lang == "zh" else None,
+            initial_prompt=self.prompts.get(lang) or None,
         )
         segments = list(segments)
         text = "".join(s.text for s in segments)
@@ -416,7 +423,8 @@ class StockEngine(_ScreenedEngine):
         # transcribe() already skips segments that are silence by Whisper's own test; what remains
         # is judged on its mean log probability like the fast engine's single segment.
         avg_logprob = min((s.avg_logprob for s in segments), default=None)
-        return _finish(text, info.language, duration_s, started, self.name, no_speech, avg_logprob)
+        return _finish(text, info.language, duration_s, started, self.name, no_speech, avg_logprob,
+                       prompt=self.prompts.get(lang))
 
 
 class FastEngine(_ScreenedEngine):
@@ -452,7 +460,7 @@ class FastEngine(_ScreenedEngine):
         self.silence_rms = silence_rms
         self.candidate_languages = tuple(candidate_languages) if candidate_languages else None
         self.stock = stock or StockEngine(model, language, beam_size, silence_rms=silence_rms,
-                                          resolved=resolved)
+                                          resolved=resolved, prompts=prompts)
         self.resolved = resolved
         self._tokenizers: dict[str, Any] = {}
         self._prompts: dict[str, list[int]] = {}
@@ -500,7 +508,7 @@ class FastEngine(_ScreenedEngine):
         avg_logprob, text, no_speech = tried[-1]
         return _finish(text, lang, duration_s, started, self.name, no_speech,
                        None if avg_logprob == float("-inf") else avg_logprob,
-                       no_speech_threshold=self.no_speech_threshold)
+                       no_speech_threshold=self.no_speech_threshold, prompt=self.prompts.get(lang))
 
     def _needs_fallback(self, avg_logprob: float, text: str, no_speech_prob: float) -> bool:
         """``transcribe()``'s test: unlikely or repetitive, unless Whisper calls it silence."""
@@ -838,13 +846,14 @@ def build_asr_service(settings: Settings, metrics: Metrics | None = None, *,
                                  allow_download=allow_download)
         model = get_model(resolved, settings.asr_device, settings.asr_compute_type, threads,
                           num_workers=workers)
-        stock = StockEngine(model, settings.asr_language, settings.asr_beam_size, resolved=resolved)
+        prompts = {"zh": settings.asr_prompt_zh} if settings.asr_prompt_zh.strip() else {}
+        stock = StockEngine(model, settings.asr_language, settings.asr_beam_size, resolved=resolved, prompts=prompts)
         if engine_kind == "stock":
             return stock
         # "auto" picks between the two languages the server can answer and speak in (accented
         # Mandarin is then never transcribed as Japanese or Cantonese).
         return FastEngine(model, settings.asr_language, settings.asr_beam_size, stock=stock,
-                          resolved=resolved, candidate_languages=AUTO_LANGUAGES)
+                          resolved=resolved, candidate_languages=AUTO_LANGUAGES, prompts=prompts)
 
     return AsrService(factory, workers=workers, timeout_s=settings.asr_timeout, metrics=metrics)
 
