@@ -246,8 +246,6 @@ HALLUCINATIONS = frozenset(_n for _n in (
     "thank you for watching", "thanks for watching", "thank you for watching!", "thanks for watching!",
     "please subscribe", "subscribe", "you", "bye", "bye bye", "thank you so much for watching",
     "subtitles by the amara.org community",
-    # The Chinese initial prompt itself: in fan or white noise at 10 dB, base answered 一加一等于几 with it.
-    ZH_PROMPT,
 ))
 
 #: Fragments that never occur in a spoken command, only in subtitle credits.
@@ -304,7 +302,8 @@ def drop_reason(text: str, *, no_speech_prob: float | None = None,
     """Why this output must not be treated as speech ("empty", "no_speech", ...), or None to keep it.
 
     ``no_speech_threshold`` None: never judge by Whisper's no-speech probability. ``prompt``: the
-    initial prompt the decoder was given; that prompt given back whole is a hallucination too."""
+    initial prompt the decoder was given; that prompt given back whole is a hallucination too (in fan
+    or white noise at 10 dB, ``base`` answered 一加一等于几 with the Chinese prompt)."""
     normalized = _normalize_for_match(text)
     if not normalized:
         return "empty"
