@@ -8,6 +8,7 @@ socket and the :class:`~voicegrow.streaming.voice.VoiceSession`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -19,6 +20,18 @@ from voicegrow.device_auth import new_nonce
 from voicegrow.protocol import native as wire
 from voicegrow.protocol.errors import ErrorCode, ProtocolError
 from voicegrow.services import Services
+from voicegrow.streaming.events import (
+    AnnouncementStarted,
+    ReplySentence,
+    ReplyStarted,
+    ReplyStopped,
+    ReplyText,
+    SpokenError,
+    TranscriptFinal,
+    TurnEnded,
+    TurnEvent,
+    TurnTimings,
+)
 from voicegrow.streaming.ingest import IngestLagMeter
 from voicegrow.listening import ListenMode, ListenModeError, parse_mode, resolve_listen_mode
 from voicegrow.streaming.connection import DeviceConnection
@@ -26,9 +39,36 @@ from voicegrow.streaming.outbox import Outbox
 from voicegrow.sessions.registry import SessionInfo
 from voicegrow.streaming.voice import VoiceSession, begin_device_session
 
-__all__ = ["NativeSession", "NativeLink"]
+__all__ = ["NativeSession", "NativeLink", "control_event"]
 
 log = logging.getLogger(__name__)
+
+
+def _stopped(event: ReplyStopped) -> dict[str, Any]:
+    if event.interrupted_by is None:
+        return {"reason": "done"}
+    return {"reason": "aborted", "cause": event.interrupted_by}
+
+
+#: Each turn event as a native CONTROL event: its name and its ``data`` (docs/protocol.md). The one
+#: place the session core's events meet the native vocabulary.
+_CONTROL: dict[type, tuple[str, Callable[[Any], dict[str, Any]]]] = {
+    TranscriptFinal: ("asr_final", lambda e: {"text": e.text, "lang": e.language, "dropped": e.dropped}),
+    AnnouncementStarted: ("announcement", lambda e: {"text": e.text, **e.data}),
+    ReplyText: ("llm_text", lambda e: {"text": e.text}),
+    SpokenError: ("error_spoken", lambda e: {"reason": e.reason, "text": e.text}),
+    ReplyStarted: ("tts_start", lambda e: {"sample_rate": e.sample_rate}),
+    ReplySentence: ("tts_sentence", lambda e: {"text": e.text}),
+    ReplyStopped: ("tts_stop", _stopped),
+    TurnEnded: ("turn_end", lambda e: {"outcome": e.outcome, "error": e.error}),
+    TurnTimings: ("turn_timings", lambda e: dict(e.timings_ms)),
+}
+
+
+def control_event(event: TurnEvent) -> tuple[str, dict[str, Any]]:
+    """The CONTROL event name and data that tell a native device of ``event``."""
+    name, data = _CONTROL[type(event)]
+    return name, data(event)
 
 
 class NativeLink:
@@ -47,7 +87,11 @@ class NativeLink:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
 
-    async def send_event(self, event: str, data: dict[str, Any], turn_id: int) -> None:
+    async def send_event(self, event: TurnEvent) -> None:
+        name, data = control_event(event)
+        await self._send_control(name, data, event.turn_id)
+
+    async def _send_control(self, event: str, data: dict[str, Any], turn_id: int) -> None:
         if self._conn.we_closed:  # the session said goodbye; a turn still unwinding has nothing to add
             return
         await self._outbox.put(self._conn.send(wire.Control(event=event, data=data, turn_id=turn_id,
@@ -66,7 +110,7 @@ class NativeLink:
         """The ``volume`` event (docs/protocol.md): the device sets its speaker to ``level`` percent."""
         if type(level) is not int or not 0 <= level <= 100:
             raise ValueError(f"volume {level!r} is not an integer from 0 to 100")
-        await self.send_event("volume", {"level": level}, 0)
+        await self._send_control("volume", {"level": level}, 0)
 
 
 #: Audio a device may send ahead of the MAX_AUDIO_RATE allowance (a buffered start after a reconnect).

@@ -33,6 +33,7 @@ from voicegrow.services import Services
 from voicegrow.streaming.ingest import IngestLagMeter
 from voicegrow.listening import resolve_listen_mode
 from voicegrow.streaming.connection import DeviceConnection
+from voicegrow.streaming.events import TurnEvent
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.sessions.registry import SessionInfo
 from voicegrow.streaming.voice import VoiceSession, begin_device_session
@@ -293,8 +294,8 @@ class XiaoaiLink:
         """Arm the player on a fresh connection."""
         await self._restart_player(self._restarts, stop_first=False)
 
-    async def send_event(self, event: str, data: dict[str, Any], turn_id: int) -> None:
-        log.debug("turn %s: %s %s", turn_id, event, data)
+    async def send_event(self, event: TurnEvent) -> None:
+        log.debug("turn %s: %s", event.turn_id, event)
 
     async def send_audio(self, pcm: bytes, turn_id: int) -> None:
         await self._player_ready.wait()

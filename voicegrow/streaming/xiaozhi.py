@@ -34,6 +34,7 @@ from voicegrow.protocol.xiaozhi import XiaozhiError, XiaozhiErrorCode
 from voicegrow.services import Services
 from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.device_mcp import DeviceMcpClient, DeviceToolError
+from voicegrow.streaming.events import ReplySentence, ReplyStarted, ReplyStopped, TranscriptFinal, TurnEvent
 from voicegrow.streaming.ingest import IngestLagMeter
 from voicegrow.listening import resolve_listen_mode
 from voicegrow.streaming.outbox import Outbox
@@ -108,8 +109,8 @@ def device_ids(request: WebSocketRequest) -> tuple[str, str]:
 class XiaozhiLink:
     """The :class:`~voicegrow.streaming.turn.DeviceLink` of a xiaozhi board.
 
-    Turn events become the firmware's messages (``asr_final`` → ``stt``, ``tts_start`` → ``tts
-    start`` …); PCM becomes one Opus packet per 60 ms, framed for the board's protocol version. The
+    Turn events become the firmware's messages (:class:`TranscriptFinal` → ``stt``, :class:`ReplyStarted`
+    → ``tts start`` …); PCM becomes one Opus packet per 60 ms, framed for the board's protocol version. The
     board plays only between ``tts start`` and ``tts stop`` and queues 40 packets (2.4 s), so the
     pacer's lead (``TTS_LEAD_MS``) must stay well under that, and an interruption leaves at most the
     lead in its buffer.
@@ -131,25 +132,25 @@ class XiaozhiLink:
     async def _send(self, message: wire.ServerMessage) -> None:
         await self._outbox.put(wire.encode_text(message))
 
-    async def send_event(self, event: str, data: dict[str, Any], turn_id: int) -> None:
+    async def send_event(self, event: TurnEvent) -> None:
         sid = self.session_id
-        if event == "asr_final":
-            if data.get("text"):
-                await self._send(wire.Stt(text=str(data["text"]), session_id=sid))
+        if isinstance(event, TranscriptFinal):
+            if event.text:
+                await self._send(wire.Stt(text=event.text, session_id=sid))
                 await self._send(dataclasses.replace(_THINKING, session_id=sid))
-        elif event == "tts_start":
+        elif isinstance(event, ReplyStarted):
             self._sentence = None
             await self._send(dataclasses.replace(_SPEAKING, session_id=sid))
             await self._send(wire.Tts(state="start", session_id=sid))
-        elif event == "tts_sentence":
+        elif isinstance(event, ReplySentence):
             await self._end_sentence()
-            self._sentence = str(data.get("text", ""))
+            self._sentence = event.text
             await self._send(wire.Tts(state="sentence_start", text=self._sentence, session_id=sid))
-        elif event == "tts_stop":
+        elif isinstance(event, ReplyStopped):
             await self._end_sentence()
             await self._send(wire.Tts(state="stop", session_id=sid))
-        else:
-            log.debug("turn %s: %s %s", turn_id, event, data)
+        else:  # the firmware has no message for the reply's text, the timings or the turn's end
+            log.debug("turn %s: %s", event.turn_id, event)
 
     async def _end_sentence(self) -> None:
         if self._sentence is not None:
