@@ -32,7 +32,7 @@ from voicegrow.streaming.events import (
     TurnEvent,
     TurnTimings,
 )
-from voicegrow.streaming.ingest import IngestLagMeter
+from voicegrow.streaming.ingest import AudioIngress, AudioTooFast
 from voicegrow.listening import ListenMode, ListenModeError, parse_mode, resolve_listen_mode
 from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.outbox import Outbox
@@ -249,14 +249,8 @@ class NativeSession:
                              listen_mode=self._listen_mode, **self._declared)
         await nursery.start(voice.run)
         log.info("native session established", extra={"remote": info.remote_addr})
-        frames_received = services.metrics.audio_frames_received.labels("native")
-        ingest_lag = services.metrics.ingest_lag.labels("native")
-        lag_meter = IngestLagMeter()
-        last_ts: int | None = None
-        sent_at_s = 0.0  # the device's clock, unwrapped from its 32-bit milliseconds
-        audio_bytes_per_s = hello.audio_in.bytes_per_second
-        audio_s = 0.0
-        first_audio_at: float | None = None
+        ingress = AudioIngress(services.metrics, "native", bytes_per_s=hello.audio_in.bytes_per_second,
+                               max_audio_rate=settings.max_audio_rate, burst_s=_AUDIO_BURST_S)
         while True:
             try:
                 frame = await self._next_frame()
@@ -266,20 +260,13 @@ class NativeSession:
             except ConnectionClosed:
                 return
             if isinstance(frame, wire.Audio):
-                frames_received.inc()
-                now = trio.current_time()
-                first_audio_at = now if first_audio_at is None else first_audio_at
-                audio_s += len(frame.pcm) / audio_bytes_per_s
-                if audio_s > (now - first_audio_at) * settings.max_audio_rate + _AUDIO_BURST_S:
-                    services.metrics.limit_hits.labels("audio_rate").inc()
-                    await self._fail(ProtocolError(ErrorCode.RATE_LIMITED, (
-                        f"audio arrives faster than {settings.max_audio_rate:g}x real time (MAX_AUDIO_RATE)")))
+                try:
+                    pcm = ingress.admit(frame.pcm, trio.current_time())
+                except AudioTooFast as exc:
+                    await self._fail(ProtocolError(ErrorCode.RATE_LIMITED, str(exc)))
                     return
-                await voice.feed_audio(frame.pcm)
-                if last_ts is not None:
-                    sent_at_s += ((frame.timestamp_ms - last_ts) & 0xFFFFFFFF) / 1000
-                last_ts = frame.timestamp_ms
-                ingest_lag.observe(lag_meter.observe(trio.current_time(), sent_at_s))
+                await voice.feed_audio(pcm)
+                ingress.observe_lag(trio.current_time(), frame.timestamp_ms)
             elif isinstance(frame, wire.Control):
                 try:
                     await self._on_control(frame, voice)

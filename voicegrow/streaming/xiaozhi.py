@@ -35,7 +35,7 @@ from voicegrow.services import Services
 from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.device_mcp import DeviceMcpClient, DeviceToolError
 from voicegrow.streaming.events import ReplySentence, ReplyStarted, ReplyStopped, TranscriptFinal, TurnEvent
-from voicegrow.streaming.ingest import IngestLagMeter
+from voicegrow.streaming.ingest import AudioIngress, AudioTooFast
 from voicegrow.listening import resolve_listen_mode
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.sessions.registry import SessionInfo
@@ -212,9 +212,8 @@ class XiaozhiSession:
         self.mode: str = "auto"
         self._decoder = OpusDecoder(VAD_RATE)
         self._errors_answered = 0
-        self._lag_meter = IngestLagMeter()
-        self._audio_s = 0.0
-        self._first_audio_at: float | None = None
+        self._ingress = AudioIngress(services.metrics, "xiaozhi", bytes_per_s=2 * VAD_RATE,
+                                     max_audio_rate=settings.max_audio_rate, burst_s=_AUDIO_BURST_S)
 
     async def run(self) -> None:
         self.info.protocol = "xiaozhi"
@@ -357,7 +356,7 @@ class XiaozhiSession:
             voice.open_listening()  # the board opens its microphone after its wake word or button
             # The microphone (re)opens: a new stream, whose clock starts now (the board sent nothing
             # while it was speaking, and that pause is not lag).
-            self._lag_meter, self._audio_s, self._first_audio_at = IngestLagMeter(), 0.0, None
+            self._ingress.restart()
             log.debug("listening (%s)", self.mode)
         elif listen.state == "stop":
             await voice.end_of_speech()
@@ -379,16 +378,12 @@ class XiaozhiSession:
             await self._bad_input("bad_opus", str(exc))
             return
         now = trio.current_time()
-        metrics.audio_frames_received.labels("xiaozhi").inc()
-        self._first_audio_at = now if self._first_audio_at is None else self._first_audio_at
-        self._audio_s += len(pcm) / (2 * VAD_RATE)
-        settings = self.services.settings
-        if self._audio_s > (now - self._first_audio_at) * settings.max_audio_rate + _AUDIO_BURST_S:
-            metrics.limit_hits.labels("audio_rate").inc()
-            await self._fail(CLOSE_TIMEOUT, "rate_limited",
-                             f"audio arrives faster than {settings.max_audio_rate:g}x real time (MAX_AUDIO_RATE)")
+        try:
+            pcm = self._ingress.admit(pcm, now)
+        except AudioTooFast as exc:
+            await self._fail(CLOSE_TIMEOUT, "rate_limited", str(exc))
             return
-        metrics.ingest_lag.labels("xiaozhi").observe(self._lag_meter.observe(now, self._audio_s))
+        self._ingress.observe_lag(now)
         await self.voice.feed_audio(pcm)
 
     # -- errors and closing ---------------------------------------------------------------------------
