@@ -37,7 +37,7 @@ from voicegrow.listening import ListenMode, ListenModeError, parse_mode, resolve
 from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.sessions.registry import SessionInfo
-from voicegrow.streaming.voice import VoiceSession, begin_device_session
+from voicegrow.streaming.voice import VoiceSession, begin_device_session, listen_mode_override
 
 __all__ = ["NativeSession", "NativeLink", "control_event"]
 
@@ -135,7 +135,8 @@ class NativeSession:
         self.outbox = self.connection.outbox
         self.conn = wire.NativeConnection(wire.Role.SERVER, max_payload=services.settings.max_frame_bytes)
         self._requested_mode: ListenMode | None = None  # the hello's capabilities.listen_mode
-        self._listen_mode = ListenMode.ALWAYS
+        self._listen_mode = ListenMode.ALWAYS  # from the settings and the hello
+        self._listen_override: ListenMode | None = None  # set through the admin API
         self._declared: dict[str, Any] = {}
 
     async def run(self) -> None:
@@ -201,11 +202,12 @@ class NativeSession:
         self._listen_mode = resolve_listen_mode(
             setting=settings.listen_mode, devices=settings.listen_mode_devices, protocol="native",
             device_id=hello.device_id or info.session_id, requested=self._requested_mode)
+        self._listen_override = await listen_mode_override(self.services, hello.device_id)
         await self.outbox.put(self.conn.send(wire.HelloAck(
             session_id=info.session_id, audio_in=hello.audio_in, audio_out=hello.audio_out,
             server=f"voicegrow/{__version__}", nonce=nonce,
             capabilities={"max_payload": settings.max_frame_bytes, "auth": mode,
-                          "listen_mode": self._listen_mode.value})))
+                          "listen_mode": (self._listen_override or self._listen_mode).value})))
         if mode != "hmac":
             return
         answer = await self._next_frame()
@@ -246,7 +248,7 @@ class NativeSession:
         history = await begin_device_session(services, info)
         link = NativeLink(self.outbox, self.conn, output_rate=hello.audio_out.sample_rate)
         voice = VoiceSession(services, link, info, input_rate=hello.audio_in.sample_rate, history=history,
-                             listen_mode=self._listen_mode, **self._declared)
+                             listen_mode=self._listen_mode, listen_override=self._listen_override, **self._declared)
         await nursery.start(voice.run)
         log.info("native session established", extra={"remote": info.remote_addr})
         ingress = AudioIngress(services.metrics, "native", bytes_per_s=hello.audio_in.bytes_per_second,

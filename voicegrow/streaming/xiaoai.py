@@ -36,7 +36,7 @@ from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.events import TurnEvent
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.sessions.registry import SessionInfo
-from voicegrow.streaming.voice import VoiceSession, begin_device_session
+from voicegrow.streaming.voice import VoiceSession, begin_device_session, listen_mode_override
 
 __all__ = [
     "CLOSE_REFUSED",
@@ -415,7 +415,8 @@ class XiaoaiSession:
         mode = resolve_listen_mode(setting=services.settings.listen_mode, devices=services.settings.listen_mode_devices,
                                    protocol="xiaoai", device_id=info.device_id)
         self.voice = VoiceSession(services, self.link, info, input_rate=RECORD_RATE, history=history,
-                                  listen_mode=mode)
+                                  listen_mode=mode,
+                                  listen_override=await listen_mode_override(services, info.device_id))
         await nursery.start(self.voice.run)
         await self._start_recording()
         await self.link.start_player()

@@ -38,7 +38,7 @@ from voicegrow.streaming.ingest import AudioIngress, AudioTooFast
 from voicegrow.listening import resolve_listen_mode
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.sessions.registry import SessionInfo
-from voicegrow.streaming.voice import VAD_RATE, VoiceSession, begin_device_session
+from voicegrow.streaming.voice import VAD_RATE, VoiceSession, begin_device_session, listen_mode_override
 
 __all__ = ["CLOSE_AUTH_FAILED", "CLOSE_AUTH_REQUIRED", "XiaozhiAccessPolicy", "XiaozhiLink", "XiaozhiSession"]
 
@@ -301,7 +301,8 @@ class XiaozhiSession:
         mode = resolve_listen_mode(setting=services.settings.listen_mode, devices=services.settings.listen_mode_devices,
                                    protocol="xiaozhi", device_id=info.device_id)
         self.voice = VoiceSession(services, self.link, info, input_rate=VAD_RATE, history=history,
-                                  listen_mode=mode)
+                                  listen_mode=mode,
+                                  listen_override=await listen_mode_override(services, info.device_id))
         await nursery.start(self.voice.run)
         if self.mcp is not None:
             nursery.start_soon(self._list_device_tools, self.mcp)
