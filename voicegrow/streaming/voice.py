@@ -22,6 +22,7 @@ from voicegrow.sessions.registry import SessionInfo
 from voicegrow.listening import ListenGate, ListenMode
 from voicegrow.storage.errors import BackendUnavailable
 from voicegrow.streaming.bargein import EchoGuard, resolve_mode
+from voicegrow.streaming.events import ReplyStopped
 from voicegrow.streaming.turn import Announcement, DeviceLink, HeldLink, Turn, Utterance
 from voicegrow.vad_classifiers import make_classifier
 from voicegrow.streaming.vad import (
@@ -98,7 +99,7 @@ class _Preemption:
 
 
 class _TypedTranscript:
-    """A typed utterance (the native ``text`` event) in the shape of an ASR result."""
+    """A typed utterance (text the device sent instead of speech) in the shape of an ASR result."""
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -472,7 +473,7 @@ class VoiceSession:
         scope.cancel()
         await self.link.interrupt(turn.turn_id)
         if was_playing:
-            await self.link.send_event("tts_stop", {"reason": "aborted", "cause": reason}, turn.turn_id)
+            await self.link.send_event(ReplyStopped(turn.turn_id, interrupted_by=reason))
 
     async def _start_turn(self, utterance: Utterance, transcribe: Any, announcement: Announcement | None = None) -> None:
         """Start the utterance's turn; a turn still running is superseded (one turn at a time).
