@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import trio
 
 from tests.conftest import make_settings
@@ -107,11 +106,14 @@ class _StubServices:
 
 
 def _view(server: dict[str, Any], prefix: str, replica_id: str, services: _StubServices) -> ClusterView:
-    client = redis.Redis(host=server["redis_host"], port=server["redis_port"],
-                         password=server["redis_password"] or None, decode_responses=True, socket_timeout=2)
+    """A view with the server's own Redis client (no retries, short timeouts). redis-py's default client
+    retried with backoff for seconds after a test stopped its Redis: the view's abandoned threads
+    outlived the test and freed it, in a reference cycle of redis-py's errors, during the next one."""
+    settings = types.SimpleNamespace(redis_host=server["redis_host"], redis_port=server["redis_port"], redis_db=0,
+                                     redis_password=server["redis_password"], redis_key_prefix=prefix,
+                                     cluster_heartbeat_s=0.2)
     local = LocalWorker(services)
-    return ClusterView(local, SessionView(local), client, key_prefix=prefix, replica_id=replica_id,
-                       heartbeat_s=0.2)
+    return ClusterView.from_settings(settings, local, SessionView(local), replica_id=replica_id)
 
 
 async def test_the_entries_of_a_replica_that_died_expire_with_its_heartbeat(
