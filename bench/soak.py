@@ -56,7 +56,7 @@ from bench.common import (
 from bench.load import Behaviour, Crowd, add_crowd_options, add_server_options, prepare_utterances, server_figures
 from bench.stores import STORE_KINDS, bench_stores
 
-__all__ = ["COUNTED", "growth_verdicts", "main", "rss_slope", "run_soak"]
+__all__ = ["COUNTED", "growth_verdicts", "main", "rss_slope", "run_soak", "soak_failures"]
 
 #: Sampled counts checked for growth of their floor: key, label.
 COUNTED = (
@@ -103,6 +103,20 @@ def growth_verdicts(samples: Sequence[dict[str, Any]], warmup_s: float, bounds: 
         out[key] = {"samples": len(values), "start": start, "end": end, "growth": growth, "bound": bounds[key],
                     "ok": growth <= bounds[key], "max": max(values)}
     return out
+
+
+def soak_failures(verdicts: dict[str, Any], slope: dict[str, Any], *, answered: int, unanswered: int) -> list[str]:
+    """Why the soak failed (empty: it passed): the RSS slope first, then each count that grew beyond its
+    bound, then a run with no reply or with questions left unanswered. A figure without a verdict
+    (``ok`` None: too few samples) fails nothing."""
+    failures = [key for key, v in verdicts.items() if v["ok"] is False]
+    if slope["ok"] is False:
+        failures.insert(0, "rss_slope")
+    if not answered:
+        failures.append("no_replies")
+    if unanswered:
+        failures.append("unanswered_questions")
+    return failures
 
 
 async def _sample(server: ServerUnderTest, crowd: Crowd, started: float) -> dict[str, Any]:
@@ -209,13 +223,7 @@ async def _soak(args: argparse.Namespace, server: ServerUnderTest, clips: Sequen
     slope["ok"] = None if slope["slope_mb_per_min"] is None else slope["slope_mb_per_min"] <= args.rss_slope_bound
     server_side = server_figures(metrics_start, metrics_end)
     answered, asked, unanswered = totals.get("replies", 0), totals.get("utterances", 0), totals.get("no_reply", 0)
-    failures = [key for key, v in verdicts.items() if v["ok"] is False]
-    if slope["ok"] is False:
-        failures.insert(0, "rss_slope")
-    if not answered:
-        failures.append("no_replies")
-    if unanswered:
-        failures.append("unanswered_questions")
+    failures = soak_failures(verdicts, slope, answered=answered, unanswered=unanswered)
     return {"server_mode": mode, "stores": "embedded" if mode == "url" else args.stores, "xiaoai_speakers": xiaoai,
             "source_addresses": addresses, "duration_s": duration_s, "warmup_s": warmup_s,
             "questions": {"asked": asked, "answered": answered, "unanswered": unanswered},

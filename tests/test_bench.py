@@ -1,8 +1,10 @@
 """bench latency, load and soak in tiny configurations, and the arithmetic their verdicts rest on.
 
 Each command runs through its ``main([...])`` exactly as ``python -m bench`` would (one clip, two
-sessions, a few seconds), and its JSON is checked field by field for plausible values: types,
-nothing negative, p50 ≤ p95 ≤ p99, counts that add up. No timing is asserted beyond "plausible".
+sessions, a few seconds), and its JSON is checked field by field: types, nothing negative, p50 ≤ p95 ≤
+p99, counts that add up, figures derived as the bench says. No timing is asserted (the machine is shared
+and a loaded one is slow: speed is shown by bench/ itself); the verdicts' logic is checked with injected
+figures.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from bench.common import (
     select_clips,
 )
 from bench.load import LagHistogram
-from bench.soak import growth_verdicts, rss_slope
+from bench.soak import growth_verdicts, rss_slope, soak_failures
 from tests.conftest import make_settings
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -135,6 +137,42 @@ def test_growth_verdicts_flag_a_slope_not_noise() -> None:
     assert growth_verdicts(flat, 59, bounds)["fds"]["ok"] is None  # too few samples after warm-up
 
 
+def test_soak_fails_on_a_verdict_that_failed_and_on_questions_unanswered() -> None:
+    ok, grew, unknown = {"ok": True}, {"ok": False}, {"ok": None}  # growth verdicts
+    flat, rising, short = {"ok": True}, {"ok": False}, {"ok": None}  # the RSS slope's
+    assert soak_failures({"fds": ok, "threads": ok, "server_tasks": unknown}, flat, answered=5, unanswered=0) == []
+    assert soak_failures({"fds": grew, "threads": ok, "server_tasks": grew}, rising, answered=5,
+                         unanswered=0) == ["rss_slope", "fds", "server_tasks"]
+    assert soak_failures({"fds": unknown, "threads": unknown, "server_tasks": unknown}, short, answered=0,
+                         unanswered=0) == ["no_replies"]  # too few samples is no verdict, no replies is one
+    assert soak_failures({"fds": ok}, flat, answered=3, unanswered=1) == ["unanswered_questions"]
+
+
+def test_latency_summary_keeps_failed_turns_out_of_the_figures(tmp_path: Path) -> None:
+    """Injected turns: percentiles over the turns that succeeded, the two headline methods' difference
+    turn by turn, the methods used."""
+    def turn(index: int, ok: bool, same_clock: float | None, device_side: float | None) -> latency.TurnMeasurement:
+        t = latency.TurnMeasurement(index, f"clip-{index}", "en", "native", ok=ok,
+                                    same_clock_headline_ms=same_clock, device_side_headline_ms=device_side)
+        t.headline_ms = same_clock if same_clock is not None else device_side
+        t.headline_method = "same_clock" if same_clock is not None else "device_side"
+        t.stages_ms = {name: 10.0 * (i + 1) + index for i, (name, _) in enumerate(latency.STAGES)}
+        t.overhead_ms = 2.0 * index
+        return t
+
+    turns = [turn(0, True, 800.0, 790.0), turn(1, True, 900.0, 910.0), turn(2, True, None, 1000.0),
+             turn(3, False, 5000.0, 1.0)]
+    summary = latency.summarize(turns, "in-process", make_settings(tmp_path))["summary"]
+    assert (summary["turns"], summary["turns_ok"]) == (4, 3)
+    assert summary["headline_ms"]["n"] == 3 and summary["headline_ms"]["max"] == 1000.0  # not the failed 5000
+    assert summary["headline_method"] == ["device_side", "same_clock"]
+    check = summary["same_clock_minus_device_side_ms"]
+    assert check["n"] == 2 and (check["min"], check["max"]) == (-10.0, 10.0)
+    first_stage = latency.STAGES[0][0]
+    assert summary["stages_ms"][first_stage]["n"] == 3 and summary["stages_ms"][first_stage]["max"] == 12.0
+    assert summary["overhead_ms"]["max"] == 4.0
+
+
 def test_rss_slope_is_a_least_squares_fit_after_warm_up() -> None:
     # Samples every 6 s; a sawtooth of 10 MB (turns in flight) over a rise of 0.5 MB a minute.
     samples = [{"t_s": 6.0 * i, "rss_mb": 300 + 0.5 * (6.0 * i / 60) + (i % 5) * 2.5} for i in range(200)]
@@ -159,14 +197,12 @@ def test_latency_command_reports_every_stage(tmp_path: Path, audio_fixtures: Pat
     summary = report["summary"]
     assert summary["turns"] == summary["turns_ok"] == 1
     headline = summary["headline_ms"]
-    assert_percentiles(headline, at_least=1, low=100, high=20_000)
+    assert_percentiles(headline, at_least=1)
     assert summary["headline_method"] == ["same_clock"]
     stages = [summary["stages_ms"][name]["p50"] for name, _ in latency.STAGES]
     assert stages == sorted(stages) and stages[0] >= 0 and stages[-1] <= headline["p50"]
     for name, _ in latency.COMPONENTS:
-        assert_percentiles(summary["components_ms"][name], at_least=1, high=20_000)
-    # Same clock and device side agree to a few ms in-process.
-    assert abs(summary["same_clock_minus_device_side_ms"]["p50"]) < 5
+        assert_percentiles(summary["components_ms"][name], at_least=1)
     components = summary["components_ms"]
     assert components["llm_ttft_ms"]["p50"] <= components["llm_first_sentence_ms"]["p50"]
     assert components["critical_path_ms"]["p50"] >= components["hangover_ms"]["p50"]
@@ -174,6 +210,10 @@ def test_latency_command_reports_every_stage(tmp_path: Path, audio_fixtures: Pat
     assert overhead == pytest.approx(headline["p50"] - components["critical_path_ms"]["p50"])
     (turn,) = report["turns"]
     assert turn["ok"] and turn["transcript"].strip() and turn["reply"].strip()
+    # Both clocks measured the turn; the headline is the same-clock figure, the cross-check their difference.
+    assert turn["headline_method"] == "same_clock" and turn["headline_ms"] == turn["same_clock_headline_ms"]
+    assert summary["same_clock_minus_device_side_ms"]["p50"] == pytest.approx(
+        turn["same_clock_headline_ms"] - turn["device_side_headline_ms"])
 
 
 @pytest.mark.slow
@@ -200,7 +240,7 @@ def test_load_command_with_two_sessions(tmp_path: Path, audio_fixtures: Path) ->
     assert step["duration_s"] >= 8
     server = step["server"]
     assert server["available"]
-    assert 0 <= server["ingest_lag_p50_s"] <= server["ingest_lag_p99_s"] <= 2.0
+    assert 0 <= server["ingest_lag_p50_s"] <= server["ingest_lag_p99_s"]
     assert server["frames_received"] > 0 and server["frames_dropped"] >= 0
     assert server["ingest_lag_frames"] <= server["frames_received"]
     assert all(count >= 0 for count in server["turns"].values())
@@ -210,9 +250,9 @@ def test_load_command_with_two_sessions(tmp_path: Path, audio_fixtures: Path) ->
     client = step["client"]
     assert client["utterances"] >= client["replies"] >= 0 and client["no_reply"] >= 0
     assert client["connect_failures"] == 0 and step["ramp_connect_failures"] == 0
-    assert_percentiles(client["turn_latency_s"], high=60)
+    assert_percentiles(client["turn_latency_s"])
     assert client["turn_latency_s"]["n"] == client["replies"]
-    assert_percentiles(client["ping_rtt_s"], at_least=1, high=60)
+    assert_percentiles(client["ping_rtt_s"], at_least=1)
     assert step["lag_ok"] == (server["ingest_lag_p99_s"] < report["lag_target_s"])  # and all connected
     assert report["largest_sessions_lag_ok"] == (2 if step["lag_ok"] else None)
 
@@ -224,12 +264,12 @@ def test_ingest_command_with_two_workers(tmp_path: Path, audio_fixtures: Path) -
     (run,) = report["runs"]
     assert code == 0 and run["workers"] == 2 and run["connected"] == run["speakers"] == 3
     assert run["server"]["available"] and run["server"]["frames_received"] > 0
-    assert 0 <= run["server"]["ingest_lag_p50_s"] <= run["server"]["ingest_lag_p99_s"] <= 2.0
+    assert 0 <= run["server"]["ingest_lag_p50_s"] <= run["server"]["ingest_lag_p99_s"]
     assert set(run["worker_rss_mb"]) == {"0", "1"} and all(mb > 50 for mb in run["worker_rss_mb"].values())
     assert run["process"]["rss_mb"] > sum(run["worker_rss_mb"].values())  # the tree: supervisor included
     real = run["real_speaker"]
     assert real["utterances"] >= real["replies"] >= 0
-    assert_percentiles(real["turn_latency_s"], high=60)
+    assert_percentiles(real["turn_latency_s"])
 
 
 @pytest.mark.slow
@@ -245,25 +285,35 @@ def test_soak_command_short_run(tmp_path: Path, audio_fixtures: Path) -> None:
     assert report["server_mode"] == "subprocess" and report["stores"] == "embedded" and report["warmup_s"] == 4
     assert report["source_addresses"] == 2 and report["xiaoai_speakers"] is True
     samples = report["samples"]
-    assert len(samples) >= 15
+    assert samples and report["duration_s"] == 24
     times = [s["t_s"] for s in samples]
-    assert times == sorted(times) and times[-1] <= 24 + 1
+    assert times[0] > 0 and all(a < b for a, b in zip(times, times[1:]))  # how many: as fast as the machine is
     for sample in samples:
         assert sample["rss_mb"] > 50 and sample["fds"] > 0 and sample["threads"] >= 1
         assert sample["server_tasks"] is None and sample["generator_rss_mb"] > 0  # another process
         assert 0 <= sample["sessions_connected"] <= 4
+    after_warmup = [s for s in samples if s["t_s"] >= report["warmup_s"]]
     rss = report["rss"]
-    assert rss["samples"] >= 10 and rss["bound_mb_per_min"] == 0.2
+    assert rss["samples"] == len(after_warmup) and rss["bound_mb_per_min"] == 0.2
+    assert rss == {**rss_slope(samples, report["warmup_s"]), "bound_mb_per_min": 0.2, "ok": rss["ok"]}
     assert rss["ok"] == (rss["slope_mb_per_min"] <= 0.2) and ("rss_slope" in report["failures"]) == (not rss["ok"])
     for key in ("fds", "threads"):
         verdict = report["verdicts"][key]
-        assert verdict["samples"] >= 3 and verdict["growth"] == pytest.approx(verdict["end"] - verdict["start"])
-        assert verdict["ok"] == (verdict["growth"] <= verdict["bound"])
+        assert verdict["samples"] == len(after_warmup)
+        if verdict["samples"] >= 3:
+            assert verdict["growth"] == pytest.approx(verdict["end"] - verdict["start"])
+            assert verdict["ok"] == (verdict["growth"] <= verdict["bound"])
+        else:  # a machine so loaded that three samples did not fit: no verdict, and none failed
+            assert verdict["ok"] is None and key not in report["failures"]
+    assert report["verdicts"] == growth_verdicts(samples, report["warmup_s"], {
+        k: report["verdicts"][k]["bound"] for k in ("fds", "threads", "server_tasks")})
+    assert report["failures"] == soak_failures(report["verdicts"], rss, answered=report["questions"]["answered"],
+                                               unanswered=report["questions"]["unanswered"])
     questions, activity = report["questions"], report["activity"]
     assert questions["asked"] == activity["utterances"] >= questions["answered"] == activity["replies"] >= 1
     assert ("unanswered_questions" in report["failures"]) == (questions["unanswered"] > 0)
     assert activity["reconnects"] >= 1
-    assert_percentiles(report["turn_latency_s"], at_least=1, high=60)
+    assert_percentiles(report["turn_latency_s"], at_least=1)
     assert report["memory"]["rss_bytes"] > 0 and report["memory"]["malloc"]["in_use_bytes"] > 0
     memory = report["memory"]["tracing"]
     assert memory["frames"] == 2 and memory["seconds_since_baseline"] > 0 and memory["tracer_overhead_bytes"] > 0
