@@ -49,6 +49,7 @@ from voicegrow.protocol.xiaoai import AudioConfig, Event, PlayingState, Request,
 
 __all__ = [
     "DEFAULT_MODEL",
+    "FAST_SPEED",
     "DEFAULT_SERIAL",
     "EmulatorError",
     "PlayFrame",
@@ -74,6 +75,10 @@ CLIENT_PLAY_WRITE_TIMEOUT_S = 0.1
 PIPE_BUFFER_BYTES = 65536
 #: client.rs sleeps 1 s after a failed connect and reconnects at once after a disconnect.
 CLIENT_RETRY_INTERVAL_S = 1.0
+#: How many times real time ``stream_pcm(realtime=False)`` sends: a definite pace, so a test's
+#: MAX_AUDIO_RATE (up to 100) can be set above it. Frames sent back to back ran at whatever the
+#: machine allowed, over 200x on an idle moment, and tripped even MAX_AUDIO_RATE=100.
+FAST_SPEED = 10.0
 
 
 ShellOutput = tuple[str, str, int]
@@ -187,8 +192,9 @@ class SpeakerEmulator:
                  play_write_timeout: float = CLIENT_PLAY_WRITE_TIMEOUT_S,
                  pipe_buffer_bytes: int = PIPE_BUFFER_BYTES,
                  max_message_size: int = CLIENT_MAX_MESSAGE_BYTES, keep_played_audio: bool = True,
-                 source_address: str | None = None) -> None:
+                 source_address: str | None = None, fast_speed: float = FAST_SPEED) -> None:
         """``keep_played_audio=False`` counts played bytes without keeping them (long soak runs);
+        ``fast_speed`` how many times real time ``stream_pcm(realtime=False)`` sends;
         ``source_address`` is the speaker's own address (many speakers from one machine); ``room``
         an :class:`bench.acoustics.EchoPath` (the microphone hears the playback; see the module
         docstring), ``babble_clips`` its babble noise's voices."""
@@ -206,6 +212,9 @@ class SpeakerEmulator:
         self.play_write_timeout = play_write_timeout
         self.pipe_buffer_bytes = pipe_buffer_bytes
         self.max_message_size = max_message_size
+        if not fast_speed >= 1.0:
+            raise ValueError(f"fast_speed must be at least 1 (times real time), not {fast_speed!r}")
+        self.fast_speed = fast_speed
 
         self.requests_seen: list[Request] = []
         self.responses_sent: list[Response] = []
@@ -487,7 +496,9 @@ class SpeakerEmulator:
                 self._record_t0 = next_at - period - self.room.position / max(config.sample_rate, 1)
             while True:
                 if self._mic_burst and self._mic:
-                    await trio.sleep(0)
+                    # Paced from the last frame, not against a schedule: a stall here (a loaded
+                    # machine) is not made up in a burst, so the pace never exceeds fast_speed.
+                    await trio.sleep(period / self.fast_speed)
                     next_at = trio.current_time() + period
                 else:
                     await trio.sleep_until(next_at)
@@ -515,8 +526,9 @@ class SpeakerEmulator:
         """Speak ``pcm`` (in the recording format, normally 16 kHz mono s16le) into the microphone.
 
         Returns once all of it went out in ``record`` frames, or when recording stopped first;
-        the result is how many of its bytes were sent. ``realtime=False`` sends the frames back
-        to back instead of one per period, for fast tests.
+        the result is how many of its bytes were sent. ``realtime=False`` sends them
+        ``fast_speed`` times faster than one per period, for fast tests (no real speaker does:
+        its server's MAX_AUDIO_RATE must allow that pace).
         """
         if not self.recording:
             raise EmulatorError("the speaker is not recording (no start_recording yet)")

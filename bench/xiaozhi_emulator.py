@@ -33,12 +33,15 @@ from bench.emulator import EmulatorError, run_cli, running
 from voicegrow.opus import OpusDecoder, OpusEncoder, OpusError
 from voicegrow.protocol import xiaozhi as wire
 
-__all__ = ["DEFAULT_DEVICE_ID", "EmulatorError", "ReceivedMessage", "XiaozhiEmulator", "default_tools",
+__all__ = ["DEFAULT_DEVICE_ID", "EmulatorError", "FAST_SPEED", "ReceivedMessage", "XiaozhiEmulator", "default_tools",
            "main", "run_xiaozhi_emulator"]
 
 DEFAULT_DEVICE_ID = "a0:85:e3:00:00:01"
 DEFAULT_CLIENT_ID = "b7f0c1a2-3d4e-4f50-8a6b-7c8d9e0f1a2b"
 UPLINK_RATE = 16000  # AudioService: the encoder always runs at 16 kHz
+#: How many times real time ``stream_pcm(realtime=False)`` sends (as the open-xiaoai emulator's fast
+#: mode): a definite pace a test's MAX_AUDIO_RATE can be set above, not whatever the machine allows.
+FAST_SPEED = 10.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -79,7 +82,11 @@ def default_tools(state: dict[str, Any]) -> list[EmulatedTool]:
 class XiaozhiEmulator:
     def __init__(self, url: str, *, device_id: str = DEFAULT_DEVICE_ID, client_id: str = DEFAULT_CLIENT_ID,
                  token: str = "", version: int = 1, mcp: bool = True, hello_timeout: float = wire.HELLO_TIMEOUT_S,
-                 tools_page_size: int = 1, keep_played_audio: bool = True, live_mic: bool = True) -> None:
+                 tools_page_size: int = 1, keep_played_audio: bool = True, live_mic: bool = True,
+                 fast_speed: float = FAST_SPEED) -> None:
+        if not fast_speed >= 1.0:
+            raise ValueError(f"fast_speed must be at least 1 (times real time), not {fast_speed!r}")
+        self.fast_speed = fast_speed
         self.url = url
         self.device_id = device_id
         self.client_id = client_id
@@ -318,8 +325,8 @@ class XiaozhiEmulator:
         return self.listening and (self.mode == "realtime" or not self.speaking)
 
     async def stream_pcm(self, pcm: bytes, *, realtime: bool = True) -> int:
-        """Say ``pcm`` (16 kHz) into the microphone: 60 ms Opus packets on the monotonic clock, or all at
-        once (``realtime=False``). Returns when the last packet has gone; needs an open microphone."""
+        """Say ``pcm`` (16 kHz) into the microphone: 60 ms Opus packets on the monotonic clock, or
+        ``fast_speed`` times faster (``realtime=False``: the server's MAX_AUDIO_RATE must allow it). Returns when the last packet has gone; needs an open microphone."""
         if not self.mic_open:
             raise EmulatorError("the microphone is closed: listen start first (or the board is speaking)")
         frame_bytes = UPLINK_RATE * wire.FRAME_DURATION_MS // 1000 * 2
@@ -351,9 +358,9 @@ class XiaozhiEmulator:
                 return
             if not self._say:
                 self._notify()
-            if burst:
+            if burst:  # paced from the last packet: a stall is not made up in a faster burst
                 next_at = None
-                await trio.sleep(0)
+                await trio.sleep(tick_s / self.fast_speed)
                 continue
             now = trio.current_time()
             next_at = now + tick_s if next_at is None else next_at + tick_s

@@ -51,6 +51,33 @@ def test_a_stream_faster_than_the_limit_is_refused_once_past_the_burst() -> None
     assert _value(metrics.limit_hits, "audio_rate") == 1
 
 
+def test_a_real_time_speaker_stalled_on_the_network_catches_up_and_one_far_faster_is_cut_off() -> None:
+    """A speaker whose frames were held up (a loaded network or machine) sends what it buffered at once
+    when the link recovers: still a real-time stream. One sending 200 times real time (what the open-xiaoai
+    emulator's fast mode did, frames back to back) is cut off even at MAX_AUDIO_RATE=100."""
+    metrics = Metrics()
+    ingress = _ingress(metrics, max_audio_rate=1.0)
+    now = 0.0
+    for _ in range(100):
+        ingress.admit(FRAME_90_MS, now)
+        now += 0.09
+    for stall_s in (3.0, 4.5, 1.0):  # nothing arrives for stall_s; then all of it, in one burst
+        now += stall_s
+        for _ in range(round(stall_s / 0.09)):
+            ingress.admit(FRAME_90_MS, now)
+        for _ in range(20):
+            ingress.admit(FRAME_90_MS, now)
+            now += 0.09
+    assert _value(metrics.limit_hits, "audio_rate") == 0
+
+    flood, now = _ingress(metrics, max_audio_rate=100.0), 0.0
+    with pytest.raises(AudioTooFast):
+        for _ in range(1000):  # 90 s of audio
+            flood.admit(FRAME_90_MS, now)
+            now += 0.09 / 200
+    assert _value(metrics.limit_hits, "audio_rate") == 1
+
+
 def test_a_restarted_stream_starts_its_clock_again() -> None:
     ingress = _ingress(Metrics(), max_audio_rate=1.0, burst_s=1.0)
     for _ in range(10):

@@ -70,7 +70,7 @@ CLOSE_UNRESPONSIVE = 1008
 #: A speaker whose microphone outruns MAX_AUDIO_RATE (1008: policy violation, as for the unresponsive).
 CLOSE_TOO_FAST = 1008
 #: Audio a speaker may send ahead of the MAX_AUDIO_RATE allowance: ``arecord``'s start-up burst, frames
-#: buffered while the connection was slow, a whole clip at once from the emulator's fast mode in tests.
+#: buffered while the connection was slow, the start of a clip from the emulator's fast mode in tests.
 AUDIO_BURST_S = 5.0
 #: How long a new connection waits for an older session of the same speaker to finish (its last
 #: turn saves the conversation the new session resumes).
