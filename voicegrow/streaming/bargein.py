@@ -178,8 +178,10 @@ class EchoGuard:
         return self.canceller is not None and self.canceller.far_end_recent()
 
     def canceller_proven(self, onset_s: float) -> bool:
-        """The canceller removed at least :data:`PROVEN_DB` of the echo heard just before ``onset_s``
-        (over at least half a second of playback): its measure of the speech can be trusted."""
+        """The canceller removed at least :data:`PROVEN_DB` of the echo of the playout heard just
+        before ``onset_s`` (over at least half a second of it): its measure of the speech can be
+        trusted. Each playout (a reply, a restart after an underrun) proves it anew
+        (:meth:`voicegrow.echo.EchoCanceller.proven_db`)."""
         if self.canceller is None:
             return False
         kept, audible_s = self.canceller.proven_db(onset_s)
