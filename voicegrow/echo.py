@@ -91,11 +91,11 @@ class EchoCanceller:
         self._play_rate = 0
         self._cursor: float | None = None  # where a contiguous playback continues (seconds)
         self._out_pos = 0  # where the next resampled reference sample goes (samples)
-        #: Where each playout stream began (mic samples, increasing): each start of playback after a
-        #: gap is a new stream, and the device may start it with another latency than the last one.
-        self._stream_starts: collections.deque[int] = collections.deque(maxlen=64)
-        # (frame position, raw energy, clean energy, start of the audible playout stream or None)
-        self._history: collections.deque[tuple[int, float, float, int | None]] = collections.deque(
+        #: Each playout stream's ``[start, end)`` (mic samples, in order): each start of playback after
+        #: a gap is a new stream, and the device may start it with another latency than the last one.
+        self._streams: collections.deque[list[int]] = collections.deque(maxlen=64)
+        # (frame position, raw energy, clean energy, the audible playout stream or None)
+        self._history: collections.deque[tuple[int, float, float, list[int] | None]] = collections.deque(
             maxlen=int(_HISTORY_S * 100))
 
     @property
@@ -120,13 +120,15 @@ class EchoCanceller:
             self._resampler = StreamResampler(rate, RATE) if rate != RATE else None
             self._out_pos = round(at_s * RATE)
             self._cursor = at_s
-            if not self._stream_starts or self._out_pos > self._stream_starts[-1]:
-                self._stream_starts.append(self._out_pos)
+            if not self._streams or self._out_pos > self._streams[-1][0]:
+                self._streams.append([self._out_pos, self._out_pos])
         self._cursor += samples.size / rate
         if self._resampler is not None:
             samples = self._resampler.process(samples)
         start, self._out_pos = self._out_pos, self._out_pos + samples.size
         self._last_reference_end = max(self._last_reference_end, self._out_pos)
+        if self._streams:
+            self._streams[-1][1] = max(self._streams[-1][1], self._out_pos)
         if start < self._processed:
             samples = samples[self._processed - start:]
             start = self._processed
@@ -138,6 +140,21 @@ class EchoCanceller:
             self._reference = np.concatenate((self._reference, np.zeros(end - self._reference.size, dtype=np.int16)))
         mixed = self._reference[offset:end].astype(np.int32) + samples
         self._reference[offset:end] = np.clip(mixed, -32768, 32767)
+
+    def stop(self, at_s: float) -> None:
+        """The device stops playing at microphone-stream position ``at_s`` (an interrupted reply: it
+        drops what it buffered). The reference placed from there on is taken back: the microphone
+        will never hear it, and a far end that plays loud over a microphone without its echo makes
+        AEC3's suppressor treat the user, who is talking just then, as echo (it cut syllables out of
+        every barge-in on open-xiaoai, whose player is killed with its buffer)."""
+        at = max(round(at_s * RATE), self._processed)
+        keep = at - self._processed
+        if keep < self._reference.size:
+            self._reference = self._reference[:keep]
+        self._last_reference_end = min(self._last_reference_end, at)
+        for stream in self._streams:
+            stream[1] = min(stream[1], at)
+        self._cursor = None  # what plays next is a new stream
 
     def far_end_recent(self, tail_s: float = ECHO_TAIL_S) -> bool:
         """Playback can still be heard at the microphone position just processed (or the room rings)."""
@@ -205,24 +222,24 @@ class EchoCanceller:
             # Nothing above the room's noise while playback could be heard: this microphone does not
             # hear the device (a clean or echo-cancelled one), so there is nothing to cancel. That
             # needs playback whose echo would have arrived by then (the first moments of a stream
-            # are quiet at every microphone).
-            settled = sum(1 for f in frames if f[0] >= f[3] + ECHO_PATH_MAX_S * RATE) * FRAME / RATE
+            # are quiet at every microphone, and so is the room after it).
+            settled = sum(1 for f in frames if f[3][0] + ECHO_PATH_MAX_S * RATE <= f[0] < f[3][1]) * FRAME / RATE
             return (-math.inf if settled >= 0.5 else None), len(frames) * FRAME / RATE
         current = frames[-1][3]
-        mine = [f for f in frames if f[3] == current]
+        mine = [f for f in frames if f[3] is current]
         if sum(1 for f in mine if f[1] >= 10.0 * floor) * FRAME / RATE < _PROOF_LOUD_S:
             return None, len(mine) * FRAME / RATE
         raw = sum(f[1] for f in mine)
         clean = sum(f[2] for f in mine)
         return 10.0 * math.log10(max(clean, 1e-9) / raw), len(mine) * FRAME / RATE
 
-    def _audible_stream(self) -> int | None:
-        """The start of the playout stream audible at the frame just processed, or None if none is."""
+    def _audible_stream(self) -> list[int] | None:
+        """The playout stream audible at the frame just processed, or None if none is."""
         if not self.far_end_recent():
             return None
-        for begin in reversed(self._stream_starts):
-            if begin <= self._processed:
-                return begin
+        for stream in reversed(self._streams):
+            if stream[0] <= self._processed:
+                return stream
         return None
 
     def _noise_floor(self) -> float:

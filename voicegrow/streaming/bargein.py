@@ -145,6 +145,12 @@ class PlayoutTap:
         if position is not None:
             self._canceller.play(pcm, rate, position)
 
+    def stopped(self, at: float) -> None:
+        """The device was told at ``at`` (trio clock) to stop playing and drop what it buffered."""
+        position = self._clock.position_s(at)
+        if position is not None:
+            self._canceller.stop(position)
+
 
 class EchoGuard:
     """The echo side of one session: the front end before the VAD and the barge-in tests.
