@@ -111,7 +111,12 @@ def _run(policy: str, gain: float, settings: Any, reply: np.ndarray, users: list
         while room.position < end + RATE:
             session.feed(room.capture(FRAME), playing=room.position < end + 8000)
             if len(session.barge_ins) > before:
-                break  # the reply is stopped; the device stops playing (the rest is not heard)
+                # The reply is stopped: the device drops what it buffered, the server takes back
+                # the reference of what will not play (VoiceSession._interrupt).
+                room.stop_playback(room.position)
+                if session.guard.tap is not None:
+                    session.guard.tap.stopped(room.position / RATE)
+                break
         stopped = len(session.barge_ins) > before
         while room.position < end + 2 * RATE:  # the room settles before the next reply
             session.feed(room.capture(FRAME), playing=False)
