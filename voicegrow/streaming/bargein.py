@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 #: An utterance heard during a reply whose transcript is within this character error rate of some
 #: stretch of the reply's text is the reply's own echo.
 ECHO_TRANSCRIPT_MAX_CER = 0.35
-#: The canceller counts as converged when it removed at least this much of the echo just heard.
-PROVEN_DB = -12.0
+#: The canceller counts as converged when it removed at least this much of the echo just heard (a
+#: converged AEC3 removes 40–50 dB; one re-locking after a change of the echo path 1–20 dB).
+PROVEN_DB = -25.0
 #: Shorter transcripts (normalised characters) match some stretch of almost any reply by chance.
 _ECHO_TRANSCRIPT_MIN_CHARS = 4
 
