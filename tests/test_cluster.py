@@ -158,3 +158,26 @@ async def test_redis_away_lists_this_box_and_says_so(private_redis: Any) -> None
             while (await view.sessions())[1]:
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_listen_mode_set_through_one_replica_reaches_the_speaker_the_other_holds(
+        tmp_path: Path, redis_server: dict[str, Any], redis_prefix: str, mysql_db: dict[str, Any]) -> None:
+    async with two_replicas(tmp_path, {**redis_server, **mysql_db}, redis_prefix) as (a, b), \
+            httpx.AsyncClient(timeout=10) as http:
+        async with open_native_client(b.ws_url, device_id="kitchen", capabilities={"listen_mode": "always"}):
+            await until_listed(http, a.http_url, {("kitchen", "vg-b")})
+            await b.services.persistence.wait_records_delivered()  # the shared device row exists
+            url = f"{a.http_url}/api/v1/devices/kitchen/listen-mode"
+            answer = await http.put(url, json={"mode": "wake"}, headers=AUTH)
+            assert answer.status_code == 200, answer.text
+            assert [(s["replica"], s["listen_mode"]) for s in answer.json()["applied_to"]] == [("vg-b", "wake")]
+            (held,) = list(b.services.registry)
+            with trio.fail_after(20):
+                while held.listen_mode != "wake":  # B's session, told over its Redis channel
+                    await trio.sleep(0.05)
+            assert (await http.get(f"{b.http_url}/api/v1/devices/kitchen/listen-mode",
+                                   headers=AUTH)).json()["override"] == "wake"  # one record store
+            assert (await http.delete(url, headers=AUTH)).status_code == 200
+            with trio.fail_after(20):
+                while held.listen_mode != "always":
+                    await trio.sleep(0.05)

@@ -19,6 +19,8 @@ from tests.conftest import make_settings
 from voicegrow.app import running_server
 from voicegrow.audio import read_wav, rms_dbfs
 from voicegrow.client import open_native_client, stream_wav_and_collect
+from voicegrow.streaming.events import ReplyStopped, ReplyText, TranscriptFinal
+from voicegrow.streaming.native import control_event
 from voicegrow.streaming.turn import HeldLink
 
 
@@ -115,8 +117,8 @@ class _Link:
     def __init__(self) -> None:
         self.sent: list[object] = []
 
-    async def send_event(self, event, data, turn_id) -> None:
-        self.sent.append(event)
+    async def send_event(self, event) -> None:
+        self.sent.append(control_event(event)[0])  # its native name, for short
         await trio.sleep(0)
 
     async def send_audio(self, pcm, turn_id) -> None:
@@ -129,17 +131,17 @@ class _Link:
 async def test_a_held_link_sends_nothing_until_released_then_everything_in_order():
     inner = _Link()
     held = HeldLink(inner)
-    await held.send_event("asr_final", {}, 1)
+    await held.send_event(TranscriptFinal(1, "", ""))
     await held.interrupt(1)
     assert inner.sent == []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(held.send_audio, b"\x00\x00", 1)
         await trio.sleep(0.01)
         assert inner.sent == []
-        nursery.start_soon(held.send_event, "llm_text", {}, 1)  # arrives while the release is sending
+        nursery.start_soon(held.send_event, ReplyText(1, ""))  # arrives while the release is sending
         await held.release()
     assert inner.sent == ["asr_final", "llm_text", b"\x00\x00"]
-    await held.send_event("tts_stop", {}, 1)
+    await held.send_event(ReplyStopped(1))
     assert inner.sent[-1] == "tts_stop"
 
 

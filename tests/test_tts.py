@@ -281,6 +281,24 @@ def test_mandarin_phonemes_have_tone_sandhi_and_read_english_words() -> None:
     assert "“" in phonemize("周杰伦的《晴天》") and "”" in phonemize("周杰伦的《晴天》")  # a title stands apart
 
 
+@pytest.mark.parametrize(("text", "expected", "not_expected"), [
+    ("音量已经调到百分之五十。", "tʰjau↗ tau↘", "tjau↘"),  # 调 + 到 in two words: still tiáo
+    ("把温度调低两度", "tʰjau↗ti→", "tjau↘"),
+    ("调一下闹钟", "tʰjau↗", "tjau↘"),
+    ("音调", "tjau↘", "tʰjau"),  # the noun stays diào
+    ("调动工作", "tjau↘tʊ↘ŋ", "tʰjau"),
+    ("看得见", "kʰa↘ntɤʨjɛ↘n", "tɤ↗"),  # 得 after a verb is neutral ...
+    ("得到", "tɤ↗tau↘", None),  # ... but dé when it leads the word
+])
+def test_mandarin_polyphones_read_as_a_household_means_them(text: str, expected: str,
+                                                            not_expected: str | None) -> None:
+    from voicegrow.kokoro import MandarinPhonemizer
+
+    phonemes = MandarinPhonemizer()(text)
+    assert expected in phonemes, phonemes
+    assert not_expected is None or not_expected not in phonemes, phonemes
+
+
 def test_long_phoneme_strings_are_cut_after_punctuation() -> None:
     from voicegrow.kokoro import split_phonemes
 

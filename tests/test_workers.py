@@ -105,6 +105,26 @@ async def test_box_answers_for_every_worker_and_says_which_did_not(tmp_path: Pat
     assert not (tmp_path / "worker-1.sock").exists()
 
 
+async def test_a_listen_mode_reaches_the_worker_holding_the_device(tmp_path: Path) -> None:
+    from voicegrow.listening import ListenMode
+
+    here, there = _StubServices(), _StubServices()
+    modes: list[ListenMode | None] = []
+    info = SessionInfo("s-there", "127.0.0.1:2000", protocol="xiaoai", device_id="kitchen")
+    info.set_listen_mode = lambda mode: modes.append(mode) or (mode or ListenMode.WAKE)
+    there.registry.add(info)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ControlServer(LocalWorker(there, index=1), tmp_path / "worker-1.sock").run)
+        box = Box(LocalWorker(here, index=0), {1: tmp_path / "worker-1.sock"}, timeout_s=1.0)
+        assert await box.set_listen_mode("kitchen", "always") == [
+            {"session_id": "s-there", "listen_mode": "always", "worker": 1}]
+        assert await box.set_listen_mode("kitchen", None) == [
+            {"session_id": "s-there", "listen_mode": "wake", "worker": 1}]  # the settings' mode again
+        assert await box.set_listen_mode("hall", "wake") == []
+        assert modes == [ListenMode.ALWAYS, None]
+        nursery.cancel_scope.cancel()
+
+
 async def test_an_admin_closes_a_live_session_with_one_process_too(tmp_path: Path) -> None:
     from tests.conftest import make_settings
     from voicegrow.app import running_server

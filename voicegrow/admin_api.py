@@ -20,7 +20,7 @@ from quart import Blueprint, Response, request
 from voicegrow.storage import BackendUnavailable, InvalidCursor, InvalidKey, Persistence, SpoolError
 from voicegrow.storage.blobs import check_key
 
-__all__ = ["make_data_blueprint", "parse_since", "MAX_LIMIT"]
+__all__ = ["make_data_blueprint", "make_listen_mode_blueprint", "parse_since", "MAX_LIMIT"]
 
 log = logging.getLogger(__name__)
 
@@ -187,5 +187,67 @@ def make_data_blueprint(persistence: Persistence, *, timers: Any = None) -> Blue
         if data is None:
             return _error(404, "not_found", f"no audio object {key!r}")
         return Response(data, status=200, mimetype="audio/wav")
+
+    return bp
+
+
+_LISTEN_MODES = ("wake", "always", "push_to_talk")
+
+
+def make_listen_mode_blueprint(persistence: Persistence, live: Any) -> Blueprint:
+    """``/api/v1/devices/<id>/listen-mode``: an operator's listening mode for one device.
+
+    Stored with the device's record (so it holds across reconnects, restarts and replicas) and applied
+    at once to the device's live sessions wherever ``live`` (the session view: this process, the box's
+    workers, the cluster) reaches them. It wins over ``LISTEN_MODE_DEVICES``, the hello and
+    ``LISTEN_MODE``; DELETE gives the device back to them. Written directly, not spooled: the answer
+    says the mode is stored, or 503.
+    """
+    bp = Blueprint("listen_mode", __name__)
+
+    @bp.errorhandler(BadRequest)
+    async def bad_request(exc: BadRequest) -> JsonResponse:
+        return _error(400, exc.code, exc.reason)
+
+    @bp.errorhandler(BackendUnavailable)
+    async def unavailable(exc: BackendUnavailable) -> JsonResponse:
+        log.warning("admin API: storage unavailable: %s", exc)
+        return _error(503, "storage_unavailable", "the record store cannot answer now; see the server log")
+
+    async def live_modes(device_id: str) -> list[dict[str, Any]]:
+        items, _missing = await live.sessions()
+        return [{"session_id": s.get("session_id"), "listen_mode": s.get("listen_mode")}
+                for s in items if s.get("device_id") == device_id]
+
+    @bp.get("/api/v1/devices/<device_id>/listen-mode")
+    async def get_listen_mode(device_id: str) -> JsonResponse:
+        _identifier("device_id", device_id, required=True)
+        return {"device_id": device_id, "override": await persistence.listen_mode(device_id),
+                "sessions": await live_modes(device_id)}, 200
+
+    @bp.put("/api/v1/devices/<device_id>/listen-mode")
+    async def put_listen_mode(device_id: str) -> JsonResponse:
+        _identifier("device_id", device_id, required=True)
+        body = await request.get_json(force=True, silent=True)
+        if not isinstance(body, dict):
+            raise BadRequest("invalid_json", 'expected a JSON object such as {"mode": "wake"}')
+        mode = body.get("mode")
+        if not isinstance(mode, str) or mode not in _LISTEN_MODES:
+            raise BadRequest("invalid_mode", f"mode: expected one of {', '.join(_LISTEN_MODES)}, got {str(mode)[:40]!r}")
+        if set(body) - {"mode"}:
+            raise BadRequest("invalid_json", f"unknown fields: {', '.join(sorted(str(k)[:40] for k in set(body) - {'mode'}))}")
+        if not await persistence.set_listen_mode(device_id, mode):
+            return _error(404, "not_found", f"no device {device_id!r} (a device is known once it has connected)")
+        applied = await live.set_listen_mode(device_id, mode)
+        return {"device_id": device_id, "override": mode, "applied_to": applied}, 200
+
+    @bp.delete("/api/v1/devices/<device_id>/listen-mode")
+    async def delete_listen_mode(device_id: str) -> JsonResponse:
+        _identifier("device_id", device_id, required=True)
+        if await persistence.listen_mode(device_id) is None:
+            return _error(404, "not_found", f"no listening mode set for device {device_id!r}")
+        await persistence.set_listen_mode(device_id, None)
+        applied = await live.set_listen_mode(device_id, None)
+        return {"device_id": device_id, "override": None, "applied_to": applied}, 200
 
     return bp

@@ -273,9 +273,10 @@ def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
     async def memory_release() -> Response:
         return jsonify(release_memory())  # in this thread: the collector must not race the event loop
 
-    from voicegrow.admin_api import make_data_blueprint
+    from voicegrow.admin_api import make_data_blueprint, make_listen_mode_blueprint
 
     app.register_blueprint(make_data_blueprint(services.persistence, timers=services.timers))
+    app.register_blueprint(make_listen_mode_blueprint(services.persistence, services.live))
     app.register_blueprint(make_ota_blueprint(services))
     app.register_blueprint(make_audio_blueprint(services))
     app.register_blueprint(make_web_blueprint(services, voice_server=voice_server))

@@ -76,9 +76,13 @@ def parse_listen_mode_devices(text: str) -> dict[str, ListenMode]:
 
 
 def resolve_listen_mode(*, setting: str, devices: str, protocol: str, device_id: str,
-                        requested: ListenMode | None = None) -> ListenMode:
-    """The mode of one session: the operator's per-device choice (``LISTEN_MODE_DEVICES``) first, then
-    what the device asked for in its hello, then ``LISTEN_MODE``, then the default of its kind."""
+                        requested: ListenMode | None = None, override: ListenMode | None = None) -> ListenMode:
+    """The mode of one session: the mode an operator set for the device through the admin API
+    (``override``, the latest and most deliberate choice) first, then the per-device setting
+    (``LISTEN_MODE_DEVICES``), then what the device asked for in its hello, then ``LISTEN_MODE``, then
+    the default of its kind."""
+    if override is not None:
+        return override
     chosen = parse_listen_mode_devices(devices).get(device_id)
     if chosen is not None:
         return chosen

@@ -86,5 +86,10 @@ CREATE TABLE IF NOT EXISTS timers (
 
 ALTER TABLE turns ADD COLUMN tool_calls_json TEXT NULL;
 
+-- 0003: a listening mode set for one device through the admin API (NULL: none; the settings decide).
+
+ALTER TABLE devices ADD COLUMN listen_mode VARCHAR(16) NULL;
+
 INSERT IGNORE INTO schema_version (version, name, applied_at) VALUES (1, 'initial', UNIX_TIMESTAMP());
 INSERT IGNORE INTO schema_version (version, name, applied_at) VALUES (2, 'tools', UNIX_TIMESTAMP());
+INSERT IGNORE INTO schema_version (version, name, applied_at) VALUES (3, 'listen_mode', UNIX_TIMESTAMP());

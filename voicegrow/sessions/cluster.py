@@ -186,6 +186,13 @@ class ClusterView(SessionView):
             message = json.loads(data)
         except ValueError:
             message = None
+        if (isinstance(message, dict) and message.get("op") == "listen_mode"
+                and isinstance(message.get("device_id"), str)
+                and message.get("mode") in (None, "wake", "always", "push_to_talk")):
+            applied = self.local.set_listen_mode(message["device_id"], message["mode"])
+            log.info("cluster: %s set the listening mode of %s to %s (%d sessions here)", message.get("from", "?"),
+                     message["device_id"], message["mode"] or "the settings'", len(applied))
+            return
         if not isinstance(message, dict) or message.get("op") != "close" or not isinstance(
                 message.get("session_id"), str):
             log.warning("cluster: ignored a control message: %.80r", data)
@@ -254,3 +261,21 @@ class ClusterView(SessionView):
         except ClusterUnavailable as exc:
             log.warning("cluster: cannot reach other replicas to close %s: %s", session_id, exc)
         return False
+
+    async def set_listen_mode(self, device_id: str, mode: str | None) -> list[dict[str, Any]]:
+        """This box's sessions of the device directly; the other replicas holding one (by their last
+        snapshot) are told over their channel, and their sessions are listed as they were seen."""
+        applied = [{**a, "replica": self.replica_id} for a in await self.box.set_listen_mode(device_id, mode)]
+        try:
+            members = await self.members()
+            message = json.dumps({"op": "listen_mode", "device_id": device_id, "mode": mode, "from": self.member_id})
+            for member in members:
+                if member.get("member") == self.member_id:
+                    continue
+                held = [s for s in member["sessions"] if isinstance(s, dict) and s.get("device_id") == device_id]
+                if held and await self._call(self._client.publish, self._channel(member["member"]), message):
+                    applied.extend({"session_id": s.get("session_id"), "listen_mode": mode or "",
+                                    "replica": member.get("replica", "")} for s in held)
+        except ClusterUnavailable as exc:
+            log.warning("cluster: cannot reach other replicas to set the listening mode of %s: %s", device_id, exc)
+        return applied

@@ -38,6 +38,9 @@ class SessionInfo:
     #: The device's own tools (a :class:`~voicegrow.streaming.device_mcp.DeviceMcpClient`), for
     #: devices that serve MCP (xiaozhi boards); a tool registry offers them to the LLM.
     device_tools: Any = None
+    #: Changes the listening mode of the running session (an operator's override, None: the
+    #: settings' mode again); returns the mode now in force. Set while the voice session runs.
+    set_listen_mode: Callable[[Any], Any] | None = None
     #: The barge-in policy the session resolved (``vad``, ``echo_safe``, ``wake_word``, ``off``).
     barge_in: str = ""
 

@@ -62,6 +62,20 @@ class LocalWorker:
         return True
 
 
+    def set_listen_mode(self, device_id: str, mode: str | None) -> list[dict[str, Any]]:
+        """Apply an operator's listening mode (None: the settings' again) to the device's running
+        sessions here; each one's id and the mode now in force."""
+        from voicegrow.listening import ListenMode
+
+        override = None if mode is None else ListenMode(mode)
+        applied = []
+        for info in self.services.registry:
+            if info.device_id == device_id and info.set_listen_mode is not None:
+                now = info.set_listen_mode(override)
+                applied.append({"session_id": info.session_id, "listen_mode": now.value, "worker": self.index})
+        return applied
+
+
 class SessionView:
     """Every live session this view reaches; the base class reaches this process only."""
 
@@ -83,3 +97,7 @@ class SessionView:
     async def close_session(self, session_id: str) -> bool:
         """Close a live session wherever it is held; False when no part of the view holds it."""
         return self.local.close_session(session_id)
+
+    async def set_listen_mode(self, device_id: str, mode: str | None) -> list[dict[str, Any]]:
+        """Apply a device's listening mode to its sessions wherever they are held (the sessions reached)."""
+        return self.local.set_listen_mode(device_id, mode)

@@ -341,6 +341,14 @@ class Persistence:
     async def get_session(self, session_id: str) -> dict[str, Any] | None:
         return await (await self._records_ready()).get_session(session_id)
 
+    async def listen_mode(self, device_id: str) -> str | None:
+        """The device's listening mode set through the admin API, or None (BackendUnavailable)."""
+        return await (await self._records_ready()).get_listen_mode(device_id)
+
+    async def set_listen_mode(self, device_id: str, mode: str | None) -> bool:
+        """Store (None: clear) the device's listening mode; False for a device never seen."""
+        return await (await self._records_ready()).set_listen_mode(device_id, mode)
+
     async def delete_device_data(self, device_id: str) -> dict[str, Any]:
         """Erase a device's turns, sessions, events, timers, device row, audio objects and history.
 

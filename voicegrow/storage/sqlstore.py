@@ -206,19 +206,32 @@ class SqlStore:
             out.append(row)
         return out
 
+    # -- device settings (the admin API writes them directly: an operator's change is answered as
+    # stored or refused, never left in a spool)
+    async def get_listen_mode(self, device_id: str) -> str | None:
+        """The listening mode set for the device through the admin API, or None."""
+        rows = await self._read("SELECT listen_mode FROM devices WHERE device_id = %s", (device_id,))
+        return _text(rows[0][0]) if rows else None
+
+    async def set_listen_mode(self, device_id: str, mode: str | None) -> bool:
+        """Set (or with None clear) the device's listening mode; False when the device is unknown."""
+        await self._write([("UPDATE devices SET listen_mode = %s WHERE device_id = %s", (mode, device_id))])
+        # MySQL counts changed rows, not matched ones: an unchanged value reads as 0 there.
+        return bool(await self._read("SELECT 1 FROM devices WHERE device_id = %s", (device_id,)))
+
     # -- reads
     async def list_devices(self, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
         """By device id; ``after`` is the last device id of the previous page."""
         where, params = ("WHERE d.device_id > %s", [after]) if after is not None else ("", [])
         rows = await self._read(
-            "SELECT d.device_id, d.first_seen_at, d.last_seen_at, d.info_json, "
+            "SELECT d.device_id, d.first_seen_at, d.last_seen_at, d.info_json, d.listen_mode, "
             "(SELECT COUNT(*) FROM turns t WHERE t.device_id = d.device_id), "
             "(SELECT MAX(t.started_at) FROM turns t WHERE t.device_id = d.device_id) "
             f"FROM devices d {where} ORDER BY d.device_id LIMIT %s", (*params, limit + 1))
         items = [{
             "device_id": _text(r[0]), "first_seen_at": _number(r[1]), "last_seen_at": _number(r[2]),
-            "info": json.loads(_text(r[3]) or "{}"), "turn_count": int(_number(r[4]) or 0),
-            "last_turn_at": _number(r[5]),
+            "info": json.loads(_text(r[3]) or "{}"), "listen_mode": _text(r[4]), "turn_count": int(_number(r[5]) or 0),
+            "last_turn_at": _number(r[6]),
         } for r in rows]
         return items[:limit], len(items) > limit
 

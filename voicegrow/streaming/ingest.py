@@ -1,17 +1,26 @@
-"""Frame-ingest lag: how late the server processes an audio frame after the device sent it.
+"""Microphone audio on its way in: one ingress every driver feeds, whatever its codec.
 
-Device and server clocks share no origin, so the lag is measured against the best case seen so far:
-for each frame, ``offset = processed_at - sent_at`` (``sent_at`` on the device's clock: the frame's
-timestamp, or for devices that send none, the audio position of a real-time stream); the lag is that
-offset minus the smallest offset of the session. A server keeping up reports lags near zero; one falling
-behind reports how far, which is what matters for barge-in and end-of-speech detection.
+A driver decodes its wire into PCM (native AUDIO frames, open-xiaoai ``record`` streams, xiaozhi Opus
+packets) and hands each frame to an :class:`AudioIngress` before the session core sees it. Here, once
+for every protocol: the frame metric, whole samples only, ``MAX_AUDIO_RATE`` (a device may not send
+faster than that many times real time, beyond a burst allowance for buffered starts), and the ingest
+lag. The driver only says how its own protocol refuses a device that sends too fast.
+
+Frame-ingest lag: device and server clocks share no origin, so the lag is measured against the best
+case seen so far: for each frame, ``offset = processed_at - sent_at`` (``sent_at`` on the device's clock:
+the frame's timestamp, or for devices that send none, the audio position of a real-time stream); the
+lag is that offset minus the smallest offset of the stream. A server keeping up reports lags near zero;
+one falling behind reports how far, which is what matters for barge-in and end-of-speech detection.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
-__all__ = ["IngestLagMeter"]
+__all__ = ["AudioIngress", "AudioTooFast", "IngestLagMeter"]
+
+_U32 = 1 << 32
 
 
 class IngestLagMeter:
@@ -24,3 +33,68 @@ class IngestLagMeter:
         if offset < self._best_offset:
             self._best_offset = offset
         return offset - self._best_offset
+
+
+class AudioTooFast(Exception):
+    """The device's audio arrives faster than ``MAX_AUDIO_RATE`` × real time (plus its burst)."""
+
+    def __init__(self, max_audio_rate: float) -> None:
+        super().__init__(f"audio arrives faster than {max_audio_rate:g}x real time (MAX_AUDIO_RATE)")
+        self.max_audio_rate = max_audio_rate
+
+
+class AudioIngress:
+    """One device's microphone stream: mono s16le at ``bytes_per_s``, metrics labelled ``protocol``.
+
+    :meth:`restart` begins a new stream (a recorder re-armed, a microphone reopened): the rate's clock
+    and the lag's best case start again, since the pause before it was the device's, not lag.
+    """
+
+    def __init__(self, metrics: Any, protocol: str, *, bytes_per_s: int, max_audio_rate: float,
+                 burst_s: float) -> None:
+        self._frames = metrics.audio_frames_received.labels(protocol)
+        self._rate_hits = metrics.limit_hits.labels("audio_rate")
+        self._lag = metrics.ingest_lag.labels(protocol)
+        self._bytes_per_s = bytes_per_s
+        self._max_audio_rate = max_audio_rate
+        self._burst_s = burst_s
+        self.restart()
+
+    def restart(self) -> None:
+        self._meter = IngestLagMeter()
+        self._audio_s = 0.0  # seconds of audio received in this stream
+        self._first_at: float | None = None  # when its first frame came (MAX_AUDIO_RATE's clock)
+        self._last_timestamp_ms: int | None = None
+        self._sent_at_s = 0.0  # the device's clock, unwrapped from its 32-bit milliseconds
+
+    @property
+    def audio_s(self) -> float:
+        """Seconds of audio received in this stream: where a real-time device's clock stands."""
+        return self._audio_s
+
+    def admit(self, pcm: bytes, now: float) -> bytes:
+        """Count one frame received at ``now`` and return its whole samples; raises :class:`AudioTooFast`
+        (counted as a limit hit) when the stream has outrun ``MAX_AUDIO_RATE``."""
+        self._frames.inc()
+        if len(pcm) % 2:
+            pcm = pcm[: len(pcm) // 2 * 2]
+        if self._first_at is None:
+            self._first_at = now
+        self._audio_s += len(pcm) / self._bytes_per_s
+        if self._audio_s > (now - self._first_at) * self._max_audio_rate + self._burst_s:
+            self._rate_hits.inc()
+            raise AudioTooFast(self._max_audio_rate)
+        return pcm
+
+    def observe_lag(self, processed_at: float, device_timestamp_ms: int | None = None) -> None:
+        """The frame admitted last was processed at ``processed_at``. A device that stamps its frames
+        (``device_timestamp_ms``, 32-bit, wrapping) is measured by its clock, another by the audio
+        position, as a real-time stream's clock."""
+        if device_timestamp_ms is None:
+            sent_at = self._audio_s
+        else:
+            if self._last_timestamp_ms is not None:
+                self._sent_at_s += ((device_timestamp_ms - self._last_timestamp_ms) % _U32) / 1000
+            self._last_timestamp_ms = device_timestamp_ms
+            sent_at = self._sent_at_s
+        self._lag.observe(self._meter.observe(processed_at, sent_at))

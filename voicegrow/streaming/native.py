@@ -8,6 +8,7 @@ socket and the :class:`~voicegrow.streaming.voice.VoiceSession`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -19,16 +20,55 @@ from voicegrow.device_auth import new_nonce
 from voicegrow.protocol import native as wire
 from voicegrow.protocol.errors import ErrorCode, ProtocolError
 from voicegrow.services import Services
-from voicegrow.streaming.ingest import IngestLagMeter
+from voicegrow.streaming.events import (
+    AnnouncementStarted,
+    ReplySentence,
+    ReplyStarted,
+    ReplyStopped,
+    ReplyText,
+    SpokenError,
+    TranscriptFinal,
+    TurnEnded,
+    TurnEvent,
+    TurnTimings,
+)
+from voicegrow.streaming.ingest import AudioIngress, AudioTooFast
 from voicegrow.listening import ListenMode, ListenModeError, parse_mode, resolve_listen_mode
 from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.sessions.registry import SessionInfo
-from voicegrow.streaming.voice import VoiceSession, begin_device_session
+from voicegrow.streaming.voice import VoiceSession, begin_device_session, listen_mode_override
 
-__all__ = ["NativeSession", "NativeLink"]
+__all__ = ["NativeSession", "NativeLink", "control_event"]
 
 log = logging.getLogger(__name__)
+
+
+def _stopped(event: ReplyStopped) -> dict[str, Any]:
+    if event.interrupted_by is None:
+        return {"reason": "done"}
+    return {"reason": "aborted", "cause": event.interrupted_by}
+
+
+#: Each turn event as a native CONTROL event: its name and its ``data`` (docs/protocol.md). The one
+#: place the session core's events meet the native vocabulary.
+_CONTROL: dict[type, tuple[str, Callable[[Any], dict[str, Any]]]] = {
+    TranscriptFinal: ("asr_final", lambda e: {"text": e.text, "lang": e.language, "dropped": e.dropped}),
+    AnnouncementStarted: ("announcement", lambda e: {"text": e.text, **e.data}),
+    ReplyText: ("llm_text", lambda e: {"text": e.text}),
+    SpokenError: ("error_spoken", lambda e: {"reason": e.reason, "text": e.text}),
+    ReplyStarted: ("tts_start", lambda e: {"sample_rate": e.sample_rate}),
+    ReplySentence: ("tts_sentence", lambda e: {"text": e.text}),
+    ReplyStopped: ("tts_stop", _stopped),
+    TurnEnded: ("turn_end", lambda e: {"outcome": e.outcome, "error": e.error}),
+    TurnTimings: ("turn_timings", lambda e: dict(e.timings_ms)),
+}
+
+
+def control_event(event: TurnEvent) -> tuple[str, dict[str, Any]]:
+    """The CONTROL event name and data that tell a native device of ``event``."""
+    name, data = _CONTROL[type(event)]
+    return name, data(event)
 
 
 class NativeLink:
@@ -47,7 +87,11 @@ class NativeLink:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
 
-    async def send_event(self, event: str, data: dict[str, Any], turn_id: int) -> None:
+    async def send_event(self, event: TurnEvent) -> None:
+        name, data = control_event(event)
+        await self._send_control(name, data, event.turn_id)
+
+    async def _send_control(self, event: str, data: dict[str, Any], turn_id: int) -> None:
         if self._conn.we_closed:  # the session said goodbye; a turn still unwinding has nothing to add
             return
         await self._outbox.put(self._conn.send(wire.Control(event=event, data=data, turn_id=turn_id,
@@ -66,7 +110,7 @@ class NativeLink:
         """The ``volume`` event (docs/protocol.md): the device sets its speaker to ``level`` percent."""
         if type(level) is not int or not 0 <= level <= 100:
             raise ValueError(f"volume {level!r} is not an integer from 0 to 100")
-        await self.send_event("volume", {"level": level}, 0)
+        await self._send_control("volume", {"level": level}, 0)
 
 
 #: Audio a device may send ahead of the MAX_AUDIO_RATE allowance (a buffered start after a reconnect).
@@ -91,7 +135,8 @@ class NativeSession:
         self.outbox = self.connection.outbox
         self.conn = wire.NativeConnection(wire.Role.SERVER, max_payload=services.settings.max_frame_bytes)
         self._requested_mode: ListenMode | None = None  # the hello's capabilities.listen_mode
-        self._listen_mode = ListenMode.ALWAYS
+        self._listen_mode = ListenMode.ALWAYS  # from the settings and the hello
+        self._listen_override: ListenMode | None = None  # set through the admin API
         self._declared: dict[str, Any] = {}
 
     async def run(self) -> None:
@@ -157,11 +202,12 @@ class NativeSession:
         self._listen_mode = resolve_listen_mode(
             setting=settings.listen_mode, devices=settings.listen_mode_devices, protocol="native",
             device_id=hello.device_id or info.session_id, requested=self._requested_mode)
+        self._listen_override = await listen_mode_override(self.services, hello.device_id)
         await self.outbox.put(self.conn.send(wire.HelloAck(
             session_id=info.session_id, audio_in=hello.audio_in, audio_out=hello.audio_out,
             server=f"voicegrow/{__version__}", nonce=nonce,
             capabilities={"max_payload": settings.max_frame_bytes, "auth": mode,
-                          "listen_mode": self._listen_mode.value})))
+                          "listen_mode": (self._listen_override or self._listen_mode).value})))
         if mode != "hmac":
             return
         answer = await self._next_frame()
@@ -202,17 +248,11 @@ class NativeSession:
         history = await begin_device_session(services, info)
         link = NativeLink(self.outbox, self.conn, output_rate=hello.audio_out.sample_rate)
         voice = VoiceSession(services, link, info, input_rate=hello.audio_in.sample_rate, history=history,
-                             listen_mode=self._listen_mode, **self._declared)
+                             listen_mode=self._listen_mode, listen_override=self._listen_override, **self._declared)
         await nursery.start(voice.run)
         log.info("native session established", extra={"remote": info.remote_addr})
-        frames_received = services.metrics.audio_frames_received.labels("native")
-        ingest_lag = services.metrics.ingest_lag.labels("native")
-        lag_meter = IngestLagMeter()
-        last_ts: int | None = None
-        sent_at_s = 0.0  # the device's clock, unwrapped from its 32-bit milliseconds
-        audio_bytes_per_s = hello.audio_in.bytes_per_second
-        audio_s = 0.0
-        first_audio_at: float | None = None
+        ingress = AudioIngress(services.metrics, "native", bytes_per_s=hello.audio_in.bytes_per_second,
+                               max_audio_rate=settings.max_audio_rate, burst_s=_AUDIO_BURST_S)
         while True:
             try:
                 frame = await self._next_frame()
@@ -222,20 +262,13 @@ class NativeSession:
             except ConnectionClosed:
                 return
             if isinstance(frame, wire.Audio):
-                frames_received.inc()
-                now = trio.current_time()
-                first_audio_at = now if first_audio_at is None else first_audio_at
-                audio_s += len(frame.pcm) / audio_bytes_per_s
-                if audio_s > (now - first_audio_at) * settings.max_audio_rate + _AUDIO_BURST_S:
-                    services.metrics.limit_hits.labels("audio_rate").inc()
-                    await self._fail(ProtocolError(ErrorCode.RATE_LIMITED, (
-                        f"audio arrives faster than {settings.max_audio_rate:g}x real time (MAX_AUDIO_RATE)")))
+                try:
+                    pcm = ingress.admit(frame.pcm, trio.current_time())
+                except AudioTooFast as exc:
+                    await self._fail(ProtocolError(ErrorCode.RATE_LIMITED, str(exc)))
                     return
-                await voice.feed_audio(frame.pcm)
-                if last_ts is not None:
-                    sent_at_s += ((frame.timestamp_ms - last_ts) & 0xFFFFFFFF) / 1000
-                last_ts = frame.timestamp_ms
-                ingest_lag.observe(lag_meter.observe(trio.current_time(), sent_at_s))
+                await voice.feed_audio(pcm)
+                ingress.observe_lag(trio.current_time(), frame.timestamp_ms)
             elif isinstance(frame, wire.Control):
                 try:
                     await self._on_control(frame, voice)

@@ -25,9 +25,21 @@ import trio
 from voicegrow.audio import StreamResampler
 from voicegrow.language import detect_language
 from voicegrow.llm import DEFAULT_SYSTEM_PROMPT, ConversationHistory, LlmError, apology
-from voicegrow.protocol.native import TIMING_KEYS
 from voicegrow.sentences import SentenceSplitter
 from voicegrow.services import Services
+from voicegrow.streaming.events import (
+    TIMING_ORDER,
+    AnnouncementStarted,
+    ReplySentence,
+    ReplyStarted,
+    ReplyStopped,
+    ReplyText,
+    SpokenError,
+    TranscriptFinal,
+    TurnEnded,
+    TurnEvent,
+    TurnTimings,
+)
 from voicegrow.streaming.pacer import AudioPacer
 from voicegrow.tools import ToolContext, ToolOutcome
 from voicegrow.tools.runner import converse
@@ -36,19 +48,15 @@ __all__ = ["Announcement", "DeviceLink", "HeldLink", "Utterance", "Turn", "TIMIN
 
 log = logging.getLogger(__name__)
 
-#: Timing marks in the order they happen (ms since speech start in the record and on the wire): one
-#: list with the keys the native protocol documents for ``turn_timings``.
-TIMING_ORDER = TIMING_KEYS
-
-
 class DeviceLink(Protocol):
-    """What a turn needs from the connection, whatever the wire protocol."""
+    """What a turn needs from the connection, whatever the wire protocol: each driver's link puts
+    the typed :mod:`~voicegrow.streaming.events` on its own wire, and reply audio too."""
 
     protocol: str
     output_rate: int
     chunk_ms: int
 
-    async def send_event(self, event: str, data: dict[str, Any], turn_id: int) -> None: ...
+    async def send_event(self, event: TurnEvent) -> None: ...
 
     async def send_audio(self, pcm: bytes, turn_id: int) -> None: ...
 
@@ -61,6 +69,26 @@ class Utterance:
     speech_start: float  # trio clock
     speech_end: float  # trio clock
     forced: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _SentenceAudio:
+    """A piece of a sentence's synthesized audio, at the link's rate (TTS stage → playback stage)."""
+
+    index: int  # the sentence's place in the reply
+    sentence: str
+    pcm: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _SentenceDone:
+    """A sentence's audio is complete (or its synthesis failed): what was sent of it is played out."""
+
+    index: int
+    sentence: str
+
+
+_ReplyAudio = _SentenceAudio | _SentenceDone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,20 +117,20 @@ class HeldLink:
         self.protocol = link.protocol
         self.output_rate = link.output_rate
         self.chunk_ms = link.chunk_ms
-        self._held: list[tuple[str, dict[str, Any], int]] = []
+        self._held: list[TurnEvent] = []
         self.released = trio.Event()
 
     async def release(self) -> None:
         """Send what was held, in order (events held meanwhile too), then let everything through."""
         while self._held:
-            await self._link.send_event(*self._held.pop(0))
+            await self._link.send_event(self._held.pop(0))
         self.released.set()
 
-    async def send_event(self, event: str, data: dict[str, Any], turn_id: int) -> None:
+    async def send_event(self, event: TurnEvent) -> None:
         if not self.released.is_set():
-            self._held.append((event, data, turn_id))
+            self._held.append(event)
             return
-        await self._link.send_event(event, data, turn_id)
+        await self._link.send_event(event)
 
     async def send_audio(self, pcm: bytes, turn_id: int) -> None:
         if not self.released.is_set():  # (no checkpoint once released: the first frame's stamp is its send)
@@ -168,7 +196,7 @@ class Turn:
         self.reply_audio = bytearray()
         self.outcome = "interrupted"  # until proven otherwise
         self.error: str | None = None
-        self.playing = False  # between tts_start and tts_stop
+        self.playing = False  # between ReplyStarted and ReplyStopped
         self.interrupted = False
         self.done = trio.Event()
 
@@ -204,8 +232,8 @@ class Turn:
         self.transcript = transcript.text.strip()
         language = transcript.language
         self.language = language if language in ("zh", "en") else detect_language(self.transcript)
-        await self.link.send_event("asr_final", {"text": self.transcript, "lang": self.language,
-                                                 "dropped": transcript.dropped}, self.turn_id)
+        await self.link.send_event(TranscriptFinal(self.turn_id, self.transcript, self.language,
+                                                   transcript.dropped))
         if not self.transcript:
             self.outcome = "empty"
             return
@@ -218,7 +246,7 @@ class Turn:
     async def _speak(self, produce: Callable[[trio.MemorySendChannel[str]], Awaitable[None]]) -> None:
         """Sentences from ``produce`` → TTS → paced audio, the three stages side by side."""
         sentences_tx, sentences_rx = trio.open_memory_channel[str](16)
-        audio_tx, audio_rx = trio.open_memory_channel[tuple[int, str, bytes | None]](256)
+        audio_tx, audio_rx = trio.open_memory_channel[_ReplyAudio](256)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(produce, sentences_tx)
             nursery.start_soon(self._tts_stage, sentences_rx, audio_tx)
@@ -229,7 +257,7 @@ class Turn:
     async def _announce(self, announcement: Announcement) -> None:
         self.language = announcement.language
         self.reply_text = announcement.text
-        await self.link.send_event("announcement", {"text": announcement.text, **announcement.data}, self.turn_id)
+        await self.link.send_event(AnnouncementStarted(self.turn_id, announcement.text, announcement.data))
 
         async def say(sentences: trio.MemorySendChannel[str]) -> None:
             splitter = self._splitter()
@@ -245,7 +273,7 @@ class Turn:
         configured = self.services.settings.asr_language
         self.language = configured if configured in ("zh", "en") else "zh"
         spoken = apology(self.language)
-        await self.link.send_event("error_spoken", {"reason": reason, "text": spoken}, self.turn_id)
+        await self.link.send_event(SpokenError(self.turn_id, reason, spoken))
 
         async def say(sentences: trio.MemorySendChannel[str]) -> None:
             async with sentences:
@@ -272,7 +300,7 @@ class Turn:
                         if "llm_first_token" not in self.marks:
                             self._mark("llm_first_token")
                         self.reply_text += delta
-                        await self.link.send_event("llm_text", {"text": delta}, self.turn_id)
+                        await self.link.send_event(ReplyText(self.turn_id, delta))
                         for sentence in splitter.feed(delta):
                             await self._emit_sentence(sentence, sentences)
                 for sentence in splitter.flush():
@@ -286,7 +314,7 @@ class Turn:
                 for sentence in splitter.flush():  # what was already said stays said
                     await self._emit_sentence(sentence, sentences)
                 spoken = apology(self.language)
-                await self.link.send_event("error_spoken", {"reason": exc.reason, "text": spoken}, self.turn_id)
+                await self.link.send_event(SpokenError(self.turn_id, exc.reason, spoken))
                 await self._emit_sentence(spoken, sentences)
 
     def _splitter(self) -> SentenceSplitter:
@@ -312,7 +340,7 @@ class Turn:
         await sentences.send(sentence)
 
     async def _tts_stage(self, sentences: trio.MemoryReceiveChannel[str],
-                         audio: trio.MemorySendChannel[tuple[int, str, bytes | None]]) -> None:
+                         audio: trio.MemorySendChannel[_ReplyAudio]) -> None:
         tts = self.services.tts
         out_rate = self.link.output_rate
         async with audio, sentences:
@@ -329,9 +357,9 @@ class Turn:
                                 self._mark("tts_first_audio")
                             if resampler is not None:
                                 chunk = _pcm_bytes(resampler.process(np.frombuffer(chunk, dtype="<i2")))
-                            await audio.send((index, sentence, chunk))
+                            await audio.send(_SentenceAudio(index, sentence, chunk))
                     if resampler is not None:
-                        await audio.send((index, sentence, _pcm_bytes(resampler.flush())))
+                        await audio.send(_SentenceAudio(index, sentence, _pcm_bytes(resampler.flush())))
                     self.services.metrics.tts_requests.labels("success").inc()
                 except trio.Cancelled:
                     raise
@@ -341,9 +369,9 @@ class Turn:
                         "timeout" if reason == "timeout" else "error").inc()
                     self.outcome, self.error = "failed", f"tts: {reason}: {exc}"
                     log.warning("TTS failed for turn %s on %r: %s", self.turn_id, sentence[:40], exc)
-                await audio.send((index, sentence, None))  # the sentence is complete
+                await audio.send(_SentenceDone(index, sentence))
 
-    async def _playback_stage(self, audio: trio.MemoryReceiveChannel[tuple[int, str, bytes | None]]) -> None:
+    async def _playback_stage(self, audio: trio.MemoryReceiveChannel[_ReplyAudio]) -> None:
         link = self.link
 
         async def send(chunk: bytes) -> None:
@@ -367,30 +395,30 @@ class Turn:
             # whole turn, and with it the session, alive until a full collection.
             pacer = None  # type: ignore[assignment]
 
-    async def _play(self, audio: trio.MemoryReceiveChannel[tuple[int, str, bytes | None]], link: DeviceLink,
+    async def _play(self, audio: trio.MemoryReceiveChannel[_ReplyAudio], link: DeviceLink,
                     pacer: AudioPacer) -> None:
         started = False
-        announced = -1  # index of the last sentence announced with tts_sentence
+        announced = -1  # index of the last sentence announced with ReplySentence
         async with audio:
-            async for index, sentence, chunk in audio:
+            async for item in audio:
                 if not started:
                     await self.confirmed.wait()  # a preemptive turn plays only once the user has finished
                     self.playing = started = True
-                    await link.send_event("tts_start", {"sample_rate": link.output_rate}, self.turn_id)
-                if index != announced:
-                    announced = index
-                    await link.send_event("tts_sentence", {"text": sentence}, self.turn_id)
-                if chunk is None:
+                    await link.send_event(ReplyStarted(self.turn_id, link.output_rate))
+                if item.index != announced:
+                    announced = item.index
+                    await link.send_event(ReplySentence(self.turn_id, item.sentence))
+                if isinstance(item, _SentenceDone):
                     await pacer.flush()
-                    self.played_sentences.append(sentence)
+                    self.played_sentences.append(item.sentence)
                     continue
-                await pacer.feed(chunk)
+                await pacer.feed(item.pcm)
         await pacer.flush()
         if pacer.last_sent_at is not None:
             self.marks["last_audio_sent"] = pacer.last_sent_at
         await pacer.wait_played()  # "stop" only once the last word has been heard
         if started:
-            await link.send_event("tts_stop", {"reason": "done"}, self.turn_id)
+            await link.send_event(ReplyStopped(self.turn_id))
         self.playing = False
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -437,8 +465,8 @@ class Turn:
             await self._store(timings, spoken)  # a local spool append: the device hears of it after
         with trio.move_on_after(2.0):
             try:
-                await self.link.send_event("turn_end", {"outcome": self.outcome, "error": self.error}, self.turn_id)
-                await self.link.send_event("turn_timings", timings, self.turn_id)
+                await self.link.send_event(TurnEnded(self.turn_id, self.outcome, self.error))
+                await self.link.send_event(TurnTimings(self.turn_id, timings))
             except Exception:  # the device may be gone; the record is already kept
                 pass
         if self.transcript:

@@ -20,7 +20,9 @@ from voicegrow.llm import ConversationHistory
 from voicegrow.services import Services
 from voicegrow.sessions.registry import SessionInfo
 from voicegrow.listening import ListenGate, ListenMode
+from voicegrow.storage.errors import BackendUnavailable
 from voicegrow.streaming.bargein import EchoGuard, resolve_mode
+from voicegrow.streaming.events import ReplyStopped
 from voicegrow.streaming.turn import Announcement, DeviceLink, HeldLink, Turn, Utterance
 from voicegrow.vad_classifiers import make_classifier
 from voicegrow.streaming.vad import (
@@ -97,7 +99,7 @@ class _Preemption:
 
 
 class _TypedTranscript:
-    """A typed utterance (the native ``text`` event) in the shape of an ASR result."""
+    """A typed utterance (text the device sent instead of speech) in the shape of an ASR result."""
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -119,7 +121,10 @@ class _EchoCheckedTranscript:
 class VoiceSession:
     def __init__(self, services: Services, link: DeviceLink, info: SessionInfo, *, input_rate: int,
                  history: ConversationHistory | None = None, listen_mode: ListenMode = ListenMode.ALWAYS,
+                 listen_override: ListenMode | None = None,
                  device_cancels_echo: bool = False, barge_in: str | None = None) -> None:
+        """``listen_mode``: the mode the settings and the hello give the device; ``listen_override``:
+        the one an operator set for it through the admin API, which wins (see :meth:`set_listen_mode`)."""
         s = services.settings
         self.services = services
         self.link = link
@@ -132,8 +137,10 @@ class VoiceSession:
                                 min_speech_ms=s.vad_min_speech_ms, max_utterance_s=s.vad_max_utterance_s,
                                 classifier=classifier, relative_db=s.vad_relative_db)
         self._user_level_dbfs: float | None = None  # how loud the user's turns were (VAD_RELATIVE_DB)
-        info.listen_mode = listen_mode.value
-        self.gate = ListenGate(listen_mode, follow_up_s=s.follow_up_s, wake_preroll_s=s.wake_preroll_ms / 1000)
+        self._base_listen_mode = listen_mode
+        mode = listen_override or listen_mode
+        info.listen_mode = mode.value
+        self.gate = ListenGate(mode, follow_up_s=s.follow_up_s, wake_preroll_s=s.wake_preroll_ms / 1000)
         self._resampler = StreamResampler(input_rate, VAD_RATE) if input_rate != VAD_RATE else None
         self._stream_pos_s = 0.0  # seconds of audio fed to the VAD
         self._nursery: trio.Nursery | None = None
@@ -161,12 +168,27 @@ class VoiceSession:
             # keeping them afterwards would tie this session (its last turn's audio and all) in a cycle
             # that only a full garbage collection, hours apart in this process, would free.
             self.info.announce, self.info.state_of = self.announce, self.state
+            self.info.set_listen_mode = self.set_listen_mode
             try:
                 if self.services.timers is not None:  # reminders held while the device was away
                     self.services.timers.device_online(self.info.device_id)
                 await trio.sleep_forever()
             finally:
-                self.info.announce = self.info.state_of = None
+                self.info.announce = self.info.state_of = self.info.set_listen_mode = None
+
+    def set_listen_mode(self, override: ListenMode | None) -> ListenMode:
+        """An operator changed the device's mode while it is connected (None: back to the mode the
+        settings and the hello gave it). A new gate: a wake window or follow-up of the old mode does not
+        carry over, and an utterance already open is judged by the new mode when it ends."""
+        mode = override or self._base_listen_mode
+        if mode is not self.gate.mode:
+            s = self.services.settings
+            self.gate = ListenGate(mode, follow_up_s=s.follow_up_s, wake_preroll_s=s.wake_preroll_ms / 1000)
+            if mode is not ListenMode.PUSH_TO_TALK:
+                self.vad.hold_until_flush = False  # a held push-to-talk utterance ends on silence again
+            log.info("listening mode of %s is now %s", self.info.device_id, mode.value)
+        self.info.listen_mode = mode.value
+        return mode
 
     def state(self) -> str:
         """For the console's live list: a reply playing, a turn before its audio, speech heard, idle, or
@@ -453,7 +475,7 @@ class VoiceSession:
         if self.echo.tap is not None:  # the device plays none of what it still had: no echo of it
             self.echo.tap.stopped(trio.current_time())
         if was_playing:
-            await self.link.send_event("tts_stop", {"reason": "aborted", "cause": reason}, turn.turn_id)
+            await self.link.send_event(ReplyStopped(turn.turn_id, interrupted_by=reason))
 
     async def _start_turn(self, utterance: Utterance, transcribe: Any, announcement: Announcement | None = None) -> None:
         """Start the utterance's turn; a turn still running is superseded (one turn at a time).
@@ -524,6 +546,34 @@ def _echo_guard(services: Services, policy: str, device_cancels_echo: bool) -> E
         except EchoUnavailable as exc:
             log.warning("no echo cancellation for this session (%s): barge-in relies on transcripts", exc)
     return EchoGuard(mode, kept_db=settings.barge_in_echo_kept_db, canceller=canceller)
+
+
+#: How long a session's start waits for the record store's answer about the device's listening mode.
+_LISTEN_OVERRIDE_WAIT_S = 1.0
+
+
+async def listen_mode_override(services: Services, device_id: str) -> ListenMode | None:
+    """The listening mode an operator set for the device through the admin API (stored with the device's
+    record), or None. A record store that cannot answer in time leaves the settings to decide: the
+    device is served, in the mode it would have without the override, and the log says so."""
+    if not device_id:
+        return None
+    stored: str | None = None
+    try:
+        with trio.move_on_after(_LISTEN_OVERRIDE_WAIT_S) as waited:
+            stored = await services.persistence.listen_mode(device_id)
+        if waited.cancelled_caught:
+            log.warning("listening mode of %s: the record store did not answer within %g s; using the settings",
+                        device_id, _LISTEN_OVERRIDE_WAIT_S)
+    except BackendUnavailable as exc:
+        log.warning("listening mode of %s: the record store cannot answer (%s); using the settings", device_id, exc)
+    if not stored:
+        return None
+    try:
+        return ListenMode(stored)
+    except ValueError:
+        log.warning("listening mode of %s: ignored a stored mode %r", device_id, stored)
+        return None
 
 
 async def begin_device_session(services: Services, info: SessionInfo) -> ConversationHistory:

@@ -30,12 +30,13 @@ from voicegrow.logsetup import device_id_var
 from voicegrow.protocol import xiaoai as wire
 from voicegrow.protocol.xiaoai import Request, Response, Stream, XiaoaiError
 from voicegrow.services import Services
-from voicegrow.streaming.ingest import IngestLagMeter
+from voicegrow.streaming.ingest import AudioIngress, AudioTooFast
 from voicegrow.listening import resolve_listen_mode
 from voicegrow.streaming.connection import DeviceConnection
+from voicegrow.streaming.events import TurnEvent
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.sessions.registry import SessionInfo
-from voicegrow.streaming.voice import VoiceSession, begin_device_session
+from voicegrow.streaming.voice import VoiceSession, begin_device_session, listen_mode_override
 
 __all__ = [
     "CLOSE_REFUSED",
@@ -293,8 +294,8 @@ class XiaoaiLink:
         """Arm the player on a fresh connection."""
         await self._restart_player(self._restarts, stop_first=False)
 
-    async def send_event(self, event: str, data: dict[str, Any], turn_id: int) -> None:
-        log.debug("turn %s: %s %s", turn_id, event, data)
+    async def send_event(self, event: TurnEvent) -> None:
+        log.debug("turn %s: %s", event.turn_id, event)
 
     async def send_audio(self, pcm: bytes, turn_id: int) -> None:
         await self._player_ready.wait()
@@ -360,9 +361,9 @@ class XiaoaiSession:
         self._silencing = False
         self._recording_armed_at = trio.current_time()
         self._last_record_at = -1.0
-        self._recorded_s = 0.0  # audio received since recording was (re)armed
-        self._first_record_at: float | None = None  # the first frame since then (MAX_AUDIO_RATE's clock)
-        self._lag_meter = IngestLagMeter()
+        #: The record stream since recording was (re)armed: MAX_AUDIO_RATE's clock and the ingest lag.
+        self._ingress = AudioIngress(services.metrics, "xiaoai", bytes_per_s=2 * RECORD_RATE,
+                                     max_audio_rate=settings.max_audio_rate, burst_s=AUDIO_BURST_S)
 
     async def run(self) -> None:
         self.info.protocol = "xiaoai"
@@ -414,7 +415,8 @@ class XiaoaiSession:
         mode = resolve_listen_mode(setting=services.settings.listen_mode, devices=services.settings.listen_mode_devices,
                                    protocol="xiaoai", device_id=info.device_id)
         self.voice = VoiceSession(services, self.link, info, input_rate=RECORD_RATE, history=history,
-                                  listen_mode=mode)
+                                  listen_mode=mode,
+                                  listen_override=await listen_mode_override(services, info.device_id))
         await nursery.start(self.voice.run)
         await self._start_recording()
         await self.link.start_player()
@@ -443,9 +445,7 @@ class XiaoaiSession:
     async def _start_recording(self) -> None:
         await self.call(wire.start_recording(sample_rate=RECORD_RATE))
         self._recording_armed_at = trio.current_time()
-        self._recorded_s = 0.0
-        self._first_record_at = None
-        self._lag_meter = IngestLagMeter()  # a new stream: its clock starts again
+        self._ingress.restart()  # a new stream: its clock starts again
 
     async def _watch_recorder(self) -> None:
         """The client's recorder stops silently when ``arecord`` is quiet for 500 ms; restart it."""
@@ -525,18 +525,14 @@ class XiaoaiSession:
         if self.voice is None:
             metrics.audio_frames_dropped.labels("xiaoai_before_session").inc()
             return
-        metrics.audio_frames_received.labels("xiaoai").inc()
-        pcm = stream.bytes[: len(stream.bytes) // 2 * 2]
-        self._recorded_s += len(pcm) / (2 * RECORD_RATE)
-        if self._first_record_at is None:
-            self._first_record_at = now
-        rate = self.services.settings.max_audio_rate
-        if self._recorded_s > (now - self._first_record_at) * rate + AUDIO_BURST_S:
-            metrics.limit_hits.labels("audio_rate").inc()
-            log.warning("closing an open-xiaoai speaker whose audio arrives faster than %gx real time", rate)
-            await self.connection.close(CLOSE_TOO_FAST, f"audio arrives faster than {rate:g}x real time (MAX_AUDIO_RATE)")
+        try:
+            pcm = self._ingress.admit(stream.bytes, now)
+        except AudioTooFast as exc:
+            log.warning("closing an open-xiaoai speaker whose audio arrives faster than %gx real time",
+                        exc.max_audio_rate)
+            await self.connection.close(CLOSE_TOO_FAST, str(exc))
             return
-        metrics.ingest_lag.labels("xiaoai").observe(self._lag_meter.observe(now, self._recorded_s))
+        self._ingress.observe_lag(now)
         await self.voice.feed_audio(pcm)
 
     async def _on_event(self, event: wire.Event) -> None:

@@ -19,7 +19,6 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import trio
@@ -34,11 +33,12 @@ from voicegrow.protocol.xiaozhi import XiaozhiError, XiaozhiErrorCode
 from voicegrow.services import Services
 from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.device_mcp import DeviceMcpClient, DeviceToolError
-from voicegrow.streaming.ingest import IngestLagMeter
+from voicegrow.streaming.events import ReplySentence, ReplyStarted, ReplyStopped, TranscriptFinal, TurnEvent
+from voicegrow.streaming.ingest import AudioIngress, AudioTooFast
 from voicegrow.listening import resolve_listen_mode
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.sessions.registry import SessionInfo
-from voicegrow.streaming.voice import VAD_RATE, VoiceSession, begin_device_session
+from voicegrow.streaming.voice import VAD_RATE, VoiceSession, begin_device_session, listen_mode_override
 
 __all__ = ["CLOSE_AUTH_FAILED", "CLOSE_AUTH_REQUIRED", "XiaozhiAccessPolicy", "XiaozhiLink", "XiaozhiSession"]
 
@@ -108,8 +108,8 @@ def device_ids(request: WebSocketRequest) -> tuple[str, str]:
 class XiaozhiLink:
     """The :class:`~voicegrow.streaming.turn.DeviceLink` of a xiaozhi board.
 
-    Turn events become the firmware's messages (``asr_final`` → ``stt``, ``tts_start`` → ``tts
-    start`` …); PCM becomes one Opus packet per 60 ms, framed for the board's protocol version. The
+    Turn events become the firmware's messages (:class:`TranscriptFinal` → ``stt``, :class:`ReplyStarted`
+    → ``tts start`` …); PCM becomes one Opus packet per 60 ms, framed for the board's protocol version. The
     board plays only between ``tts start`` and ``tts stop`` and queues 40 packets (2.4 s), so the
     pacer's lead (``TTS_LEAD_MS``) must stay well under that, and an interruption leaves at most the
     lead in its buffer.
@@ -131,25 +131,25 @@ class XiaozhiLink:
     async def _send(self, message: wire.ServerMessage) -> None:
         await self._outbox.put(wire.encode_text(message))
 
-    async def send_event(self, event: str, data: dict[str, Any], turn_id: int) -> None:
+    async def send_event(self, event: TurnEvent) -> None:
         sid = self.session_id
-        if event == "asr_final":
-            if data.get("text"):
-                await self._send(wire.Stt(text=str(data["text"]), session_id=sid))
+        if isinstance(event, TranscriptFinal):
+            if event.text:
+                await self._send(wire.Stt(text=event.text, session_id=sid))
                 await self._send(dataclasses.replace(_THINKING, session_id=sid))
-        elif event == "tts_start":
+        elif isinstance(event, ReplyStarted):
             self._sentence = None
             await self._send(dataclasses.replace(_SPEAKING, session_id=sid))
             await self._send(wire.Tts(state="start", session_id=sid))
-        elif event == "tts_sentence":
+        elif isinstance(event, ReplySentence):
             await self._end_sentence()
-            self._sentence = str(data.get("text", ""))
+            self._sentence = event.text
             await self._send(wire.Tts(state="sentence_start", text=self._sentence, session_id=sid))
-        elif event == "tts_stop":
+        elif isinstance(event, ReplyStopped):
             await self._end_sentence()
             await self._send(wire.Tts(state="stop", session_id=sid))
-        else:
-            log.debug("turn %s: %s %s", turn_id, event, data)
+        else:  # the firmware has no message for the reply's text, the timings or the turn's end
+            log.debug("turn %s: %s", event.turn_id, event)
 
     async def _end_sentence(self) -> None:
         if self._sentence is not None:
@@ -211,9 +211,8 @@ class XiaozhiSession:
         self.mode: str = "auto"
         self._decoder = OpusDecoder(VAD_RATE)
         self._errors_answered = 0
-        self._lag_meter = IngestLagMeter()
-        self._audio_s = 0.0
-        self._first_audio_at: float | None = None
+        self._ingress = AudioIngress(services.metrics, "xiaozhi", bytes_per_s=2 * VAD_RATE,
+                                     max_audio_rate=settings.max_audio_rate, burst_s=_AUDIO_BURST_S)
 
     async def run(self) -> None:
         self.info.protocol = "xiaozhi"
@@ -302,7 +301,8 @@ class XiaozhiSession:
         mode = resolve_listen_mode(setting=services.settings.listen_mode, devices=services.settings.listen_mode_devices,
                                    protocol="xiaozhi", device_id=info.device_id)
         self.voice = VoiceSession(services, self.link, info, input_rate=VAD_RATE, history=history,
-                                  listen_mode=mode)
+                                  listen_mode=mode,
+                                  listen_override=await listen_mode_override(services, info.device_id))
         await nursery.start(self.voice.run)
         if self.mcp is not None:
             nursery.start_soon(self._list_device_tools, self.mcp)
@@ -356,7 +356,7 @@ class XiaozhiSession:
             voice.open_listening()  # the board opens its microphone after its wake word or button
             # The microphone (re)opens: a new stream, whose clock starts now (the board sent nothing
             # while it was speaking, and that pause is not lag).
-            self._lag_meter, self._audio_s, self._first_audio_at = IngestLagMeter(), 0.0, None
+            self._ingress.restart()
             log.debug("listening (%s)", self.mode)
         elif listen.state == "stop":
             await voice.end_of_speech()
@@ -378,16 +378,12 @@ class XiaozhiSession:
             await self._bad_input("bad_opus", str(exc))
             return
         now = trio.current_time()
-        metrics.audio_frames_received.labels("xiaozhi").inc()
-        self._first_audio_at = now if self._first_audio_at is None else self._first_audio_at
-        self._audio_s += len(pcm) / (2 * VAD_RATE)
-        settings = self.services.settings
-        if self._audio_s > (now - self._first_audio_at) * settings.max_audio_rate + _AUDIO_BURST_S:
-            metrics.limit_hits.labels("audio_rate").inc()
-            await self._fail(CLOSE_TIMEOUT, "rate_limited",
-                             f"audio arrives faster than {settings.max_audio_rate:g}x real time (MAX_AUDIO_RATE)")
+        try:
+            pcm = self._ingress.admit(pcm, now)
+        except AudioTooFast as exc:
+            await self._fail(CLOSE_TIMEOUT, "rate_limited", str(exc))
             return
-        metrics.ingest_lag.labels("xiaozhi").observe(self._lag_meter.observe(now, self._audio_s))
+        self._ingress.observe_lag(now)
         await self.voice.feed_audio(pcm)
 
     # -- errors and closing ---------------------------------------------------------------------------

@@ -69,7 +69,14 @@ class ControlServer:
             return {"status": self.local.status()}
         if op == "close" and isinstance(request.get("session_id"), str):
             return {"closed": self.local.close_session(request["session_id"])}
+        if (op == "listen_mode" and isinstance(request.get("device_id"), str)
+                and request.get("mode") in _LISTEN_MODES):
+            return {"applied": self.local.set_listen_mode(request["device_id"], request["mode"])}
         return {"error": f"unknown request {str(op)[:40]!r}"}
+
+
+#: What a ``listen_mode`` request may carry (None: back to the settings' mode).
+_LISTEN_MODES = (None, "wake", "always", "push_to_talk")
 
 
 class _Started:
@@ -158,3 +165,12 @@ class Box(SessionView):
             return True
         replies = await self._ask_peers({"op": "close", "session_id": session_id})
         return any(reply and reply.get("closed") is True for reply in replies.values())
+
+    async def set_listen_mode(self, device_id: str, mode: str | None) -> list[dict[str, Any]]:
+        """The device's sessions on every worker that answered get the mode."""
+        applied = self.local.set_listen_mode(device_id, mode)
+        replies = await self._ask_peers({"op": "listen_mode", "device_id": device_id, "mode": mode})
+        for reply in replies.values():
+            if reply and isinstance(reply.get("applied"), list):
+                applied.extend(a for a in reply["applied"] if isinstance(a, dict))
+        return applied
