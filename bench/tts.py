@@ -9,8 +9,10 @@ length), and the round-trip character error rate: the audio transcribed back wit
 normalised (``七点半`` and ``7:30`` are the same). Memory: the process's resident set after each voice
 has spoken (all voices stay loaded, as in the server), before Whisper is loaded.
 
-A Markdown table goes to stdout, progress to stderr, ``--json`` keeps every figure with the machine it
-came from. Exit status 1 when a language's mean round-trip CER is above 0.15 (the issue's bound).
+``--held-out`` also has the Chinese voices speak eight sentences that no change was chosen on (reported,
+not judged: a fix that only fits the household set shows there). A Markdown table goes to stdout,
+progress to stderr, ``--json`` keeps every figure with the machine it came from. Exit status 1 when a
+language's mean household round-trip CER is above 0.15 (the issue's bound).
 """
 
 from __future__ import annotations
@@ -80,6 +82,19 @@ HOUSEHOLD_EN = [
 
 SETS = {"zh": HOUSEHOLD_ZH, "en": HOUSEHOLD_EN}
 
+#: Chinese sentences of the same kind that no change was chosen on (``--held-out``): a fix chosen on the
+#: household set that only fits those 20 sentences shows here as no gain or a loss.
+HELD_OUT_ZH = [
+    "我已经把空调调到二十六度了。",
+    "外面正在下大雨，出门记得穿雨衣。",
+    "妈妈说晚上吃饺子。",
+    "请把窗户关上，风太大了。",
+    "这本书讲的是一只小猫的冒险。",
+    "明天早上九点有一个会议。",
+    "今天的作业写完了吗？",
+    "小狗在院子里跑来跑去。",
+]
+
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench tts", description=__doc__.split("\n\n")[0])
@@ -91,6 +106,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0, help="only the first N sentences of each set")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for Kokoro and Whisper")
     parser.add_argument("--save-audio", type=Path, default=None, help="keep every sentence as a WAV here")
+    parser.add_argument("--held-out", action="store_true",
+                        help="also measure the Chinese voices on the held-out sentences (not in the exit status)")
     return parser.parse_args(argv)
 
 
@@ -182,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     sets = {lang: (sentences[: args.limit] if args.limit > 0 else sentences) for lang, sentences in SETS.items()}
     measured = []
     for label, lang, engine in _voices(args):
-        print(f"{label}: {len(sets[lang])} sentences", file=sys.stderr)
-        load_s, rows = _measure_voice(engine, lang, sets[lang])
-        measured.append({"voice": label, "lang": lang, "load_s": load_s,
-                         "rss_mb_after": sample_process(os.getpid()).rss_bytes / 2**20, "sentences": rows})
+        runs = [("household", sets[lang])]
+        if args.held_out and lang == "zh":
+            runs.append(("held-out", HELD_OUT_ZH[: args.limit] if args.limit > 0 else HELD_OUT_ZH))
+        for set_name, sentences in runs:
+            print(f"{label}: {len(sentences)} {set_name} sentences", file=sys.stderr)
+            load_s, rows = _measure_voice(engine, lang, sentences)
+            measured.append({"voice": label, "lang": lang, "set": set_name, "load_s": load_s,
+                             "rss_mb_after": sample_process(os.getpid()).rss_bytes / 2**20, "sentences": rows})
 
     transcribe = _transcriber(args.threads)
     summaries = []
@@ -200,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_wav(args.save_audio / f"{voice['voice'].replace(' ', '_')}-{i:02d}.wav", row["pcm"], row["rate"])
             del row["pcm"]
         rows = voice["sentences"]
-        summary = {"voice": voice["voice"], "lang": voice["lang"], "sentences": len(rows),
+        summary = {"voice": voice["voice"], "lang": voice["lang"], "set": voice["set"], "sentences": len(rows),
                    "load_s": voice["load_s"], "rss_mb_after": voice["rss_mb_after"],
                    "first_audio_s_mean": _mean([r["first_audio_s"] for r in rows]),
                    "first_audio_s_max": max((r["first_audio_s"] or 0.0) for r in rows),
@@ -216,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {voice['voice']}: {row['cer']:.3f}  {row['text']!r} -> {row['heard']!r}")
     if args.json is not None:
         settings = {"zh_voices": args.zh_voices, "threads": args.threads, "limit": args.limit,
+                    "held_out": args.held_out,
                     "rate": args.rate if args.rate is not None else "TTS_SPEAKING_RATE default",
                     "whisper": "base int8 fast engine", "target_cer": TARGET_CER}
         write_json(args.json, report("tts", settings, {"summary": summaries, "voices": measured}))
-    return 0 if all(s["target_met"] for s in summaries) else 1
+    return 0 if all(s["target_met"] for s in summaries if s["set"] == "household") else 1
 
 
 def render_markdown(summaries: list[dict[str, Any]]) -> str:
@@ -227,7 +249,8 @@ def render_markdown(summaries: list[dict[str, Any]]) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     return markdown_table(
-        ["voice", "lang", "sentences", "first audio mean (s)", "first audio max (s)", "RTF", "RSS after (MB)",
+        ["voice", "lang", "set", "sentences", "first audio mean (s)", "first audio max (s)", "RTF", "RSS after (MB)",
          "round-trip CER"],
-        [[s["voice"], s["lang"], s["sentences"], cell(s["first_audio_s_mean"], 3), cell(s["first_audio_s_max"], 3),
+        [[s["voice"], s["lang"], s.get("set", "household"), s["sentences"], cell(s["first_audio_s_mean"], 3),
+          cell(s["first_audio_s_max"], 3),
           cell(s["rtf_mean"], 3), cell(s["rss_mb_after"], 0), cell(s["cer_mean"], 3)] for s in summaries])

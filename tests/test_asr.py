@@ -466,6 +466,86 @@ async def test_build_asr_service_maps_settings_and_loads_nothing_until_used(
     assert calls["model"][3] >= 1  # threads split from the cores when ASR_CPU_THREADS=0
 
 
+class ScriptedCT2(FakeCT2):
+    """Answers each ``generate`` with the next (ids, score) of a script: a decoding that fails, then one
+    that passes."""
+
+    def __init__(self, script: list[tuple[list[int], float]], **kwargs: Any) -> None:
+        super().__init__(script[0][0], **kwargs)
+        self.script = list(script)
+
+    def generate(self, encoded: Any, prompts: list[list[int]], **kwargs: Any) -> list[FakeResult]:
+        self.generate_calls.append({"prompt": prompts[0], **kwargs})
+        ids, score = self.script[min(len(self.generate_calls), len(self.script)) - 1]
+        return [FakeResult([ids], [score], self.no_speech)]
+
+
+def test_temperature_fallback_decodes_again_only_when_the_result_is_unlikely(hf_tokenizer: Any) -> None:
+    ids = lambda text: hf_tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    unlikely, good = (ids(" turn the mile into the little"), -1.6), (ids(" Turn the volume down a little."), -0.3)
+    ct2 = ScriptedCT2([unlikely, good])
+    engine = FastEngine(FakeWhisper(hf_tokenizer, ct2), "en", 5, temperatures=asr.FALLBACK_TEMPERATURES)
+    assert engine.transcribe(noise(2.0)).text == "Turn the volume down a little."
+    first, second = ct2.generate_calls
+    assert first["beam_size"] == 5 and "sampling_temperature" not in first
+    assert (second["beam_size"], second["sampling_temperature"], second["num_hypotheses"]) == (
+        1, 0.2, asr.FALLBACK_BEST_OF)
+
+    ct2 = ScriptedCT2([good])  # a likely first result: one decode, as without fallback
+    assert FastEngine(FakeWhisper(hf_tokenizer, ct2), "en", 1, temperatures=asr.FALLBACK_TEMPERATURES
+                      ).transcribe(noise(2.0)).text == "Turn the volume down a little."
+    assert len(ct2.generate_calls) == 1
+
+    ct2 = ScriptedCT2([(ids(" worst"), -3.0), (ids(" best of them"), -1.4), (ids(" middle"), -2.6)])
+    text = FastEngine(FakeWhisper(hf_tokenizer, ct2), "en", 1, temperatures=asr.FALLBACK_TEMPERATURES,
+                      no_speech_threshold=None).transcribe(noise(2.0)).text
+    assert text == "best of them" and len(ct2.generate_calls) == len(asr.FALLBACK_TEMPERATURES)  # the likeliest
+
+    ct2 = ScriptedCT2([unlikely, good])  # without fallback (the default) the first result stands
+    assert FastEngine(FakeWhisper(hf_tokenizer, ct2), "en", 1).transcribe(noise(2.0)).text == "turn the mile into the little"
+    assert len(ct2.generate_calls) == 1
+
+
+def test_the_prompt_given_back_as_the_transcript_is_dropped(hf_tokenizer: Any) -> None:
+    t = FastEngine(fake_model(hf_tokenizer, asr.ZH_PROMPT), "zh", 1).transcribe(noise(2.0))
+    assert (t.text, t.dropped) == ("", "hallucination")
+
+
+def test_asr_prompt_zh_reaches_both_engines_and_empty_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    made: list[tuple[str, dict]] = []
+
+    class Recording:
+        def __init__(self, kind: str) -> None:
+            self.kind = kind
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            made.append((self.kind, kwargs.get("prompts")))
+            return types.SimpleNamespace(name=self.kind)
+
+    monkeypatch.setattr(asr, "StockEngine", Recording("stock"))
+    monkeypatch.setattr(asr, "FastEngine", Recording("fast"))
+    monkeypatch.setattr(asr, "resolve_model", lambda *a, **k: None)
+    monkeypatch.setattr(asr, "get_model", lambda *a, **k: None)
+    base = {"ASR_MODEL_SIZE": "base"}
+    for value, expected in (("", {}), ("以下是普通话。", {"zh": "以下是普通话。"})):
+        service = asr.build_asr_service(load_settings({**base, "ASR_PROMPT_ZH": value}, env_file=None))
+        service._factory()  # type: ignore[misc]
+        assert made[-2:] == [("stock", expected), ("fast", expected)]
+    default = load_settings(base, env_file=None)
+    assert default.asr_prompt_zh == asr.ZH_PROMPT  # unchanged unless set
+
+
+def test_the_prompt_per_language_is_a_setting_of_the_engine(hf_tokenizer: Any) -> None:
+    model = fake_model(hf_tokenizer, " 今天天气怎么样")
+    FastEngine(model, "zh", 1, prompts={}).transcribe(noise(2.0))
+    FastEngine(model, "en", 1, prompts={"en": "A person asks a smart speaker."}).transcribe(noise(2.0))
+    no_prompt, english = (call["prompt"] for call in model.model.generate_calls)
+    assert special(hf_tokenizer, "<|startofprev|>") not in no_prompt
+    assert english[0] == special(hf_tokenizer, "<|startofprev|>")
+
+
 # -- the real model ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

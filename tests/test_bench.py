@@ -329,3 +329,40 @@ def test_tts_round_trip_reads_whisper_times_and_numbers_as_spoken() -> None:
     assert round_trip_cer("现在是上午7:30。", "现在是上午七点半", "zh") == 0
     assert round_trip_cer("音量已经调到50%。", "音量已经调到百分之五十", "zh") == 0
     assert round_trip_cer("好的。", "不好", "zh") > 0
+
+
+def test_tts_held_out_sentences_are_not_household_ones() -> None:
+    from bench.tts import HELD_OUT_ZH, HOUSEHOLD_ZH, _parse
+
+    assert len(HELD_OUT_ZH) >= 8 and not set(HELD_OUT_ZH) & set(HOUSEHOLD_ZH)
+    assert _parse(["--held-out"]).held_out and not _parse([]).held_out
+
+
+def test_room_compares_decoding_settings_side_by_side() -> None:
+    import types
+
+    from bench import room
+
+    settings = types.SimpleNamespace(asr_beam_size=1, asr_language="auto")
+    with pytest.raises(SystemExit, match="unknown lever 'loud'"):
+        room.asr_variants("beam5+loud", settings, types.SimpleNamespace(model=None))
+    server = types.SimpleNamespace(model=None)
+    variants = room.asr_variants("server,beam5+fallback+noprompt,stock+langgiven", settings, server)
+    assert [v.name for v in variants] == ["server", "beam5+fallback+noprompt", "stock+langgiven"]
+    assert variants[0].engine is server
+    fast = variants[1].engine
+    assert (fast.beam_size, fast.prompts, len(fast.temperatures) > 1) == (5, {}, True)
+    assert variants[2].engine.name == "stock" and variants[2].language_given
+
+    def row(asr: str, answered: bool, cpu: float) -> dict[str, Any]:
+        return {"noise": "white", "snr_db": 10.0, "engine": "webrtc_floor", "asr": asr, "ended": True,
+                "answered": answered, "cer": 0.1 if answered else 0.5, "endpoint_delay_s": -0.1,
+                "asr_delta_s": 0.0, "asr_s": cpu * 2, "asr_cpu_s": cpu, "dropped": None, "heard_lang": "en",
+                "lang": "en"}
+
+    summary = room.summarize([row("server", True, 0.2), row("server", False, 0.2), row("beam5", True, 0.3),
+                              row("beam5", True, 0.3)])
+    by = {s["asr"]: s for s in summary}
+    assert (by["server"]["answered"], by["beam5"]["answered"]) == (0.5, 1.0)
+    assert (by["server"]["asr_cpu_s_mean"], by["beam5"]["asr_s_p50"]) == (0.2, 0.6)
+    assert "| beam5 | 100% |" in room.render({"summary": summary, "television": [], "cpu_per_stream": {}})

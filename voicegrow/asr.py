@@ -115,6 +115,13 @@ SILENCE_RMS = 20.0
 
 ZH_PROMPT = "以下是普通话的句子。"
 
+#: Temperature fallback (``transcribe()``'s defaults): a greedy or beam result this unlikely or this
+#: repetitive is decoded again by sampling at each further temperature, and the best result is kept.
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+FALLBACK_LOG_PROB = -1.0
+FALLBACK_COMPRESSION_RATIO = 2.4
+FALLBACK_BEST_OF = 5
+
 ENGINE_NAMES = ("fast", "stock")
 
 
@@ -290,12 +297,20 @@ def repeated_span(text: str, *, max_unit: int = 64) -> tuple[str, int] | None:
 
 
 def drop_reason(text: str, *, no_speech_prob: float | None = None,
-                avg_logprob: float | None = None) -> str | None:
-    """Why this output must not be treated as speech ("empty", "no_speech", ...), or None to keep it."""
-    if not _normalize_for_match(text):
+                avg_logprob: float | None = None, no_speech_threshold: float | None = NO_SPEECH_PROB,
+                prompt: str | None = None) -> str | None:
+    """Why this output must not be treated as speech ("empty", "no_speech", ...), or None to keep it.
+
+    ``no_speech_threshold`` None: never judge by Whisper's no-speech probability. ``prompt``: the
+    initial prompt the decoder was given; that prompt given back whole is a hallucination too (in fan
+    or white noise at 10 dB, ``base`` answered 一加一等于几 with the Chinese prompt)."""
+    normalized = _normalize_for_match(text)
+    if not normalized:
         return "empty"
-    if (no_speech_prob is not None and avg_logprob is not None
-            and no_speech_prob > NO_SPEECH_PROB and avg_logprob < LOW_AVG_LOGPROB):
+    if prompt and normalized == _normalize_for_match(prompt):
+        return "hallucination"
+    if (no_speech_threshold is not None and no_speech_prob is not None and avg_logprob is not None
+            and no_speech_prob > no_speech_threshold and avg_logprob < LOW_AVG_LOGPROB):
         return "no_speech"
     if is_hallucination(text):
         return "hallucination"
@@ -332,12 +347,14 @@ def _as_float_audio(pcm: np.ndarray | bytes) -> np.ndarray:
 
 
 def _finish(text: str, language: str, duration_s: float, started: float, engine: str,
-            no_speech_prob: float | None, avg_logprob: float | None) -> Transcript:
+            no_speech_prob: float | None, avg_logprob: float | None, *,
+            no_speech_threshold: float | None = NO_SPEECH_PROB, prompt: str | None = None) -> Transcript:
     """The common end of both engines: simplified Chinese, then the guards."""
     text = text.strip()
     if language == "zh":
         text = _t2s(text)
-    reason = drop_reason(text, no_speech_prob=no_speech_prob, avg_logprob=avg_logprob)
+    reason = drop_reason(text, no_speech_prob=no_speech_prob, avg_logprob=avg_logprob,
+                         no_speech_threshold=no_speech_threshold, prompt=prompt)
     if reason is not None:
         log.debug("ASR output dropped (%s): %r", reason, text)
         text = ""
@@ -380,12 +397,14 @@ class StockEngine(_ScreenedEngine):
     name = "stock"
 
     def __init__(self, model: WhisperModel, language: str = "zh", beam_size: int = 1, *,
-                 silence_rms: float = SILENCE_RMS, resolved: ResolvedModel | None = None) -> None:
+                 silence_rms: float = SILENCE_RMS, resolved: ResolvedModel | None = None,
+                 prompts: dict[str, str] | None = None) -> None:
         self.model = model
         self.language = _check_language(language)
         self.beam_size = beam_size
         self.silence_rms = silence_rms
         self.resolved = resolved
+        self.prompts = {"zh": ZH_PROMPT} if prompts is None else dict(prompts)  # initial_prompt per language
 
     def _transcribe(self, pcm16k: np.ndarray, lang: str, duration_s: float, started: float) -> Transcript:
         audio = _as_float_audio(pcm16k)
@@ -395,7 +414,7 @@ class StockEngine(_ScreenedEngine):
             beam_size=self.beam_size,
             vad_filter=False,
             condition_on_previous_text=False,
-            initial_prompt=ZH_PROMPT if lang == "zh" else None,
+            initial_prompt=self.prompts.get(lang) or None,
         )
         segments = list(segments)
         text = "".join(s.text for s in segments)
@@ -403,7 +422,8 @@ class StockEngine(_ScreenedEngine):
         # transcribe() already skips segments that are silence by Whisper's own test; what remains
         # is judged on its mean log probability like the fast engine's single segment.
         avg_logprob = min((s.avg_logprob for s in segments), default=None)
-        return _finish(text, info.language, duration_s, started, self.name, no_speech, avg_logprob)
+        return _finish(text, info.language, duration_s, started, self.name, no_speech, avg_logprob,
+                       prompt=self.prompts.get(lang))
 
 
 class FastEngine(_ScreenedEngine):
@@ -413,6 +433,12 @@ class FastEngine(_ScreenedEngine):
     Chinese initial prompt), ``<|startoftranscript|>``, language, ``<|transcribe|>``,
     ``<|notimestamps|>``. ``candidate_languages`` limits what ``auto`` may detect (for example
     ``("zh", "en")``, so that accented Mandarin is not transcribed as Japanese).
+
+    Decoding levers (the defaults are what the server runs; ``python -m bench room --asr`` measures
+    the others in noise): ``temperatures`` beyond the first decode again by sampling when a result is
+    unlikely or repetitive (``FALLBACK_*``, as ``transcribe()`` does); ``prompts`` is the previous-text
+    prompt per language (``initial_prompt``); ``no_speech_threshold`` None keeps output Whisper
+    itself would call silence.
     """
 
     name = "fast"
@@ -420,15 +446,20 @@ class FastEngine(_ScreenedEngine):
     def __init__(self, model: WhisperModel, language: str = "zh", beam_size: int = 1, *,
                  window: WindowPolicy = WindowPolicy(), silence_rms: float = SILENCE_RMS,
                  candidate_languages: Sequence[str] | None = None,
-                 stock: StockEngine | None = None, resolved: ResolvedModel | None = None) -> None:
+                 stock: StockEngine | None = None, resolved: ResolvedModel | None = None,
+                 temperatures: Sequence[float] = (0.0,), prompts: dict[str, str] | None = None,
+                 no_speech_threshold: float | None = NO_SPEECH_PROB) -> None:
         self.model = model
         self.language = _check_language(language)
         self.beam_size = beam_size
         self.window = window
+        self.temperatures = tuple(temperatures) or (0.0,)
+        self.prompts = {"zh": ZH_PROMPT} if prompts is None else dict(prompts)
+        self.no_speech_threshold = no_speech_threshold
         self.silence_rms = silence_rms
         self.candidate_languages = tuple(candidate_languages) if candidate_languages else None
         self.stock = stock or StockEngine(model, language, beam_size, silence_rms=silence_rms,
-                                          resolved=resolved)
+                                          resolved=resolved, prompts=prompts)
         self.resolved = resolved
         self._tokenizers: dict[str, Any] = {}
         self._prompts: dict[str, list[int]] = {}
@@ -453,20 +484,39 @@ class FastEngine(_ScreenedEngine):
         # CTranslate2 counts the prompt in max_length (as faster-whisper's max_new_tokens does).
         max_length = min(MAX_DECODER_TOKENS,
                          len(prompt) + MIN_NEW_TOKENS + math.ceil(duration_s * TOKENS_PER_SECOND))
-        result = self.model.model.generate(
-            encoded, [prompt],
-            beam_size=self.beam_size,
-            max_length=max_length,
-            return_scores=True,
-            return_no_speech_prob=True,
-            suppress_blank=True,
-            suppress_tokens=list(self._suppressed(lang)),
-        )[0]
-        tokens = result.sequences_ids[0]
-        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1) if tokens else None
-        text = self._tokenizer(lang).decode(tokens)
-        return _finish(text, lang, duration_s, started, self.name, float(result.no_speech_prob),
-                       avg_logprob)
+        tried: list[tuple[float, str, float]] = []  # (avg_logprob, text, no_speech_prob) of each decode
+        for temperature in self.temperatures:
+            sampling = ({"beam_size": 1, "num_hypotheses": FALLBACK_BEST_OF, "sampling_topk": 0,
+                         "sampling_temperature": temperature} if temperature > 0 else {"beam_size": self.beam_size})
+            result = self.model.model.generate(
+                encoded, [prompt],
+                max_length=max_length,
+                return_scores=True,
+                return_no_speech_prob=True,
+                suppress_blank=True,
+                suppress_tokens=list(self._suppressed(lang)),
+                **sampling,
+            )[0]
+            tokens = result.sequences_ids[0]
+            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1) if tokens else float("-inf")
+            tried.append((avg_logprob, self._tokenizer(lang).decode(tokens), float(result.no_speech_prob)))
+            if len(self.temperatures) == 1 or not self._needs_fallback(*tried[-1]):
+                break
+        else:
+            tried.sort(key=lambda t: t[0])  # nothing passed: the likeliest, as transcribe() keeps
+        avg_logprob, text, no_speech = tried[-1]
+        return _finish(text, lang, duration_s, started, self.name, no_speech,
+                       None if avg_logprob == float("-inf") else avg_logprob,
+                       no_speech_threshold=self.no_speech_threshold, prompt=self.prompts.get(lang))
+
+    def _needs_fallback(self, avg_logprob: float, text: str, no_speech_prob: float) -> bool:
+        """``transcribe()``'s test: unlikely or repetitive, unless Whisper calls it silence."""
+        from faster_whisper.transcribe import get_compression_ratio
+
+        if (self.no_speech_threshold is not None and no_speech_prob > self.no_speech_threshold
+                and avg_logprob < FALLBACK_LOG_PROB):
+            return False  # silence: another temperature would only invent words
+        return avg_logprob < FALLBACK_LOG_PROB or get_compression_ratio(text.strip()) > FALLBACK_COMPRESSION_RATIO
 
     def _language_for(self, encoded: Any, lang: str) -> str:
         if not self.model.model.is_multilingual:
@@ -497,8 +547,8 @@ class FastEngine(_ScreenedEngine):
         if prompt is None:
             tokenizer = self._tokenizer(lang)
             prompt = []
-            if lang == "zh":
-                prompt = [tokenizer.sot_prev, *tokenizer.encode(" " + ZH_PROMPT)]
+            if self.prompts.get(lang):
+                prompt = [tokenizer.sot_prev, *tokenizer.encode(" " + self.prompts[lang])]
             prompt += [*tokenizer.sot_sequence, tokenizer.no_timestamps]
             self._prompts[lang] = prompt
         return prompt
@@ -795,13 +845,14 @@ def build_asr_service(settings: Settings, metrics: Metrics | None = None, *,
                                  allow_download=allow_download)
         model = get_model(resolved, settings.asr_device, settings.asr_compute_type, threads,
                           num_workers=workers)
-        stock = StockEngine(model, settings.asr_language, settings.asr_beam_size, resolved=resolved)
+        prompts = {"zh": settings.asr_prompt_zh} if settings.asr_prompt_zh.strip() else {}
+        stock = StockEngine(model, settings.asr_language, settings.asr_beam_size, resolved=resolved, prompts=prompts)
         if engine_kind == "stock":
             return stock
         # "auto" picks between the two languages the server can answer and speak in (accented
         # Mandarin is then never transcribed as Japanese or Cantonese).
         return FastEngine(model, settings.asr_language, settings.asr_beam_size, stock=stock,
-                          resolved=resolved, candidate_languages=AUTO_LANGUAGES)
+                          resolved=resolved, candidate_languages=AUTO_LANGUAGES, prompts=prompts)
 
     return AsrService(factory, workers=workers, timeout_s=settings.asr_timeout, metrics=metrics)
 

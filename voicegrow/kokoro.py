@@ -150,7 +150,7 @@ def _chinese_ipa(segment: str) -> str:
         finals = lazy_pinyin(word, style=Style.FINALS_TONE3, neutral_tone_with_five=True)
         if len(syllables) == len(finals) == len(word):
             following = words[index + 1][0][:1] if index + 1 < len(words) else ""
-            syllables, finals = fix_readings(word, following, syllables, finals)
+            syllables, finals = _fix_readings(word, following, syllables, finals)
             finals = sandhi.modified_tone(word, pos, finals)
             syllables = [_TONE.sub(final[-1], syllable) if _TONE.search(final) and _TONE.search(syllable)
                          else syllable for syllable, final in zip(syllables, finals)]
@@ -162,20 +162,19 @@ def _chinese_ipa(segment: str) -> str:
 #: 调 is tiáo (adjust) before what a speaker adjusts to: 调到, 调高, 调小一点, 调一下. pypinyin, given
 #: jieba's words, reads it diào (transfer) there: 音量已经调到 came back as 音量已净到 (bench tts).
 _TIAO_BEFORE = frozenset("到高低大小亮暗成回好整快慢一")
-#: 得 after a verb inside a word is the neutral particle (看得见, 长得), not dé (to get) as pypinyin says.
-_DE_NEUTRAL_AFTER = 1
 
 
-def fix_readings(word: str, following: str, syllables: list[str],
+def _fix_readings(word: str, following: str, syllables: list[str],
                  finals: list[str]) -> tuple[list[str], list[str]]:
     """Household polyphones that pypinyin reads wrongly in jieba's words; ``following`` is the next
-    word's first character (调 alone before 到 is still tiáo)."""
+    word's first character (调 alone before 到 is still tiáo). 得 after a verb inside a word is the
+    neutral particle (看得见, 长得), not dé (to get), which pypinyin gives it."""
     syllables, finals = list(syllables), list(finals)
     for i, char in enumerate(word):
         after = word[i + 1] if i + 1 < len(word) else following
         if char == "调" and syllables[i] == "diao4" and after in _TIAO_BEFORE:
             syllables[i], finals[i] = "tiao2", "iao2"
-        elif char == "得" and i >= _DE_NEUTRAL_AFTER and syllables[i] == "de2":
+        elif char == "得" and i > 0 and syllables[i] == "de2":
             syllables[i], finals[i] = "de5", "e5"
     return syllables, finals
 
