@@ -342,6 +342,9 @@ class Room:
         self._in_samples = 0  # input samples of the current contiguous playback
         self.echo_energy = 0.0  # sum of squares of the echo added, for level checks
         self.talker_onsets: list[int] = []
+        #: Playback handed in but not yet played: ``[start sample, samples]``, placed in the room as the
+        #: microphone reaches it, so that :meth:`stop_playback` can still take it back.
+        self._scheduled: list[list] = []
 
     @property
     def position(self) -> int:
@@ -393,9 +396,39 @@ class Room:
         self._out = start + x.size
         if x.size == 0:
             return
-        echo = np.convolve(x, self._rir).astype(np.float32) * self._gain
-        self.echo_energy += float(np.sum(np.square(echo[: x.size], dtype=np.float64)))
-        self._add(echo, start + self._delay)
+        self._scheduled.append([start, x])
+
+    def stop_playback(self, at_sample: int) -> None:
+        """The device stops playing at microphone sample ``at_sample`` and drops what it buffered
+        (an interrupted reply): playback scheduled from there on is never heard."""
+        kept = []
+        for item in self._scheduled:
+            start, x = item
+            if start >= at_sample:
+                continue
+            if start + x.size > at_sample:
+                item[1] = x[: at_sample - start]
+            kept.append(item)
+        self._scheduled = kept
+        self._cursor = None  # what plays next is a new stream
+
+    def _play_due(self, until: int) -> None:
+        """Put the playback that starts before microphone sample ``until`` into the room (its echo,
+        reverb included, lands ``delay_ms`` later; the convolution is linear, so playing a chunk in
+        pieces sounds the same as whole)."""
+        due = []
+        for item in self._scheduled:
+            start, x = item
+            if start >= until:
+                due.append(item)
+                continue
+            piece, rest = x[: until - start], x[until - start:]
+            echo = np.convolve(piece, self._rir).astype(np.float32) * self._gain
+            self.echo_energy += float(np.sum(np.square(echo[: piece.size], dtype=np.float64)))
+            self._add(echo, start + self._delay)
+            if rest.size:
+                due.append([start + piece.size, rest])
+        self._scheduled = due
 
     def add_talker(self, clip: np.ndarray | bytes, at_sample: int, *, dbfs: float | None = None,
                    gain_db: float = 0.0, reverb: bool = True) -> None:
@@ -419,6 +452,8 @@ class Room:
 
     def capture(self, n: int) -> bytes:
         """The next ``n`` microphone samples (echo + talkers + noise) as s16le PCM."""
+        if self._scheduled:
+            self._play_due(self._base + n)
         have = min(n, self._buffer.size)
         out = np.zeros(n, dtype=np.float32)
         out[:have] = self._buffer[:have]

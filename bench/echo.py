@@ -8,7 +8,9 @@ server's own microphone front end on what the microphone hears: the session's
 reference, placed where the device plays it) and :class:`~voicegrow.streaming.vad.VadSegmenter`
 with the server's settings, and the barge-in rule of ``VoiceSession`` (``BARGE_IN_MIN_MS`` of
 speech that passes the guard). Then ``--trials`` replies with a user talking over them at the echo's
-level: success is a barge-in within 800 ms of the user's speech onset.
+level: success is a barge-in within 800 ms of the user's speech onset. ``--jitter-ms J`` starts each
+reply's playout at the device a seeded 0…J ms after the server's reference (network and scheduling
+latency of its first chunk, which differs from one reply to the next on a real network).
 
 This replays the front end and the decision offline, faster than real time and deterministically
 (seeded), so that all eight combinations run in one go on a busy machine; sockets, pacing and
@@ -76,35 +78,45 @@ class _Session:
 
 
 def _run(policy: str, gain: float, settings: Any, reply: np.ndarray, users: list[tuple[dict, np.ndarray]],
-         replies: int, trials: int, seed: int) -> dict[str, Any]:
+         replies: int, trials: int, seed: int, jitter_ms: float = 0.0) -> dict[str, Any]:
     path = EchoPath(delay_ms=250, gain_db=gain, rt60_s=0.25, noise="fan", noise_dbfs=-55, seed=seed)
     room = Room(path)
     session = _Session(policy, settings)
     pcm24 = resample(float32_to_pcm(reply), RATE, 24000).astype("<i2").tobytes()
     echo_dbfs = 20 * np.log10(active_rms(reply)) + gain
+    jitter = np.random.default_rng(seed + 2)
+    while room.position < RATE:  # a second of the room before the first reply (the server's clock sets)
+        session.feed(room.capture(FRAME), playing=False)
 
     def play_reply(user: np.ndarray | None) -> tuple[bool, int | None]:
         """One reply from the next frame on; returns (stopped, stop latency in samples from user onset)."""
         start = room.position + FRAME
         step = 2400 * 2  # 100 ms chunks, as the pacer sends them
+        late = round(jitter.uniform(0.0, jitter_ms) * RATE / 1000) if jitter_ms > 0 else 0
+        start_heard = start + late
         for i, offset in enumerate(range(0, len(pcm24), step)):
             at = start + i * 1600
-            room.play(pcm24[offset: offset + step], 24000, at)
+            room.play(pcm24[offset: offset + step], 24000, at + late)
             if session.guard.tap is not None:  # the server's reference, at the same playout time
                 session.guard.tap.played(pcm24[offset: offset + step], 24000, at / RATE)
         onset = None
         if user is not None:
-            at = start + RATE  # a second into the reply
+            at = start_heard + RATE  # a second into the reply
             room.add_talker(user, at, dbfs=echo_dbfs, reverb=False)
             frames = user[: user.size // 160 * 160].reshape(-1, 160)
             energy = np.mean(frames.astype(np.float64) ** 2, axis=1)
             onset = at + int(np.argmax(energy >= energy.max() * 1e-3)) * 160
-        end = start + reply.size
+        end = start_heard + reply.size
         before = len(session.barge_ins)
         while room.position < end + RATE:
             session.feed(room.capture(FRAME), playing=room.position < end + 8000)
             if len(session.barge_ins) > before:
-                break  # the reply is stopped; the device stops playing (the rest is not heard)
+                # The reply is stopped: the device drops what it buffered, the server takes back
+                # the reference of what will not play (VoiceSession._interrupt).
+                room.stop_playback(room.position)
+                if session.guard.tap is not None:
+                    session.guard.tap.stopped(room.position / RATE)
+                break
         stopped = len(session.barge_ins) > before
         while room.position < end + 2 * RATE:  # the room settles before the next reply
             session.feed(room.capture(FRAME), playing=False)
@@ -122,7 +134,7 @@ def _run(policy: str, gain: float, settings: Any, reply: np.ndarray, users: list
             latencies.append(latency / RATE)
     ok = [x for x in latencies if 0 <= x <= 0.8]
     audio_s = session.position / RATE
-    return {"policy": policy, "gain_db": gain, "self_interruptions": self_interruptions, "replies": replies,
+    return {"policy": policy, "gain_db": gain, "jitter_ms": jitter_ms, "self_interruptions": self_interruptions, "replies": replies,
             "barge_in_ok": len(ok), "trials": trials,
             "latency_p50_ms": round(1000 * float(np.median(ok)), 0) if ok else None,
             "latency_max_ms": round(1000 * max(ok), 0) if ok else None,
@@ -136,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--gains", default=",".join(str(g) for g in GAINS))
     parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument("--jitter-ms", type=float, default=0.0,
+                        help="each reply reaches the device a seeded 0..J ms after the server's reference")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     from bench.asr import default_clips_dir
@@ -150,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for gain in (float(g) for g in args.gains.split(",")):
         for policy in ("auto", "vad"):
-            row = _run(policy, gain, settings, reply, users, args.replies, args.trials, args.seed)
+            row = _run(policy, gain, settings, reply, users, args.replies, args.trials, args.seed, args.jitter_ms)
             row["policy"] = "echo_safe (auto)" if policy == "auto" else "vad"
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
+    print(f"playout jitter per reply: 0-{args.jitter_ms:g} ms")
     print("| echo gain | policy | self-interruptions / replies | barge-in ≤ 800 ms / trials | latency p50 / max ms "
           "| echo handling CPU ms per s |")
     print("|---:|---|---:|---:|---:|---:|")

@@ -4,7 +4,8 @@ The microphone streams 20 ms AUDIO frames in real time, paced against the trio c
 what the :class:`~bench.acoustics.Room` hears: the echo of the reply the device is playing, the
 room's noise, and the user when :meth:`NativeRoomSpeaker.talk` mixes a clip in. Reply audio plays
 as a device's jitter buffer would: each frame from when it arrives or when the previous one ends,
-whichever is later; ``tts_stop`` with reason ``aborted`` flushes it (the device stops playing).
+whichever is later; ``tts_stop`` with reason ``aborted`` flushes it (the device stops playing, and
+the room hears nothing more of it).
 
 Everything the tests and ``python -m bench echo`` read is in microphone samples
 (:attr:`NativeRoomSpeaker.events` carries the position each server event arrived at), so latencies
@@ -99,7 +100,8 @@ class NativeRoomSpeaker:
             elif isinstance(frame, wire.Control):
                 self.events.append(SpeakerEvent(self.mic_samples_sent, frame.event, frame.turn_id, dict(frame.data)))
                 if frame.event == "tts_stop" and frame.data.get("reason") == "aborted":
-                    self._playing_until = now  # the device drops what it buffered (echo already placed stays)
+                    self._playing_until = now  # the device drops what it buffered: it is never heard
+                    self.room.stop_playback(round((now - self._t0) * MIC_RATE))
             elif isinstance(frame, wire.Close):
                 return
             self._notify()

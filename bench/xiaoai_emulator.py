@@ -559,6 +559,10 @@ class SpeakerEmulator:
         self._notify()
 
     def _stop_player(self) -> None:
+        if self.room is not None and self._play_send is not None:
+            # ``stop_play`` kills aplay with what it buffered: the room hears nothing more of it.
+            rate = self.record_config.sample_rate if self.record_config else 16000
+            self.room.stop_playback(round((trio.current_time() - self._record_t0) * rate))
         if self._play_send is not None:
             self._play_send.close()
         if self._play_receive is not None:

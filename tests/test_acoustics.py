@@ -157,6 +157,20 @@ def test_room_chunked_playback_at_24k_equals_one_piece() -> None:
     np.testing.assert_allclose(a, b, atol=2 / 32768)
 
 
+def test_a_stopped_device_plays_nothing_more_of_what_it_buffered() -> None:
+    path = EchoPath(delay_ms=250, gain_db=-6, rt60_s=0.0, noise=None, seed=1)
+    room = Room(path)
+    room.play(_played(1.0, RATE, -20), RATE, at_sample=0)
+    before = pcm_to_float32(room.capture(RATE // 2))  # half a second captured: the echo has begun
+    room.stop_playback(RATE // 2)  # the device stops there and drops the rest
+    after = pcm_to_float32(room.capture(RATE))
+    delay = int(0.25 * RATE)
+    assert rms(before[delay:]) > 0
+    heard = after[: delay]  # the echo of what played before the stop still arrives ...
+    assert _db(rms(heard)) == pytest.approx(-26, abs=1.0)
+    assert rms(after[delay + 1:]) == 0.0  # ... and nothing of what was dropped
+
+
 def test_room_is_deterministic_with_a_seed_and_differs_without() -> None:
     def run(seed: int) -> bytes:
         room = Room(EchoPath(seed=seed))

@@ -118,3 +118,36 @@ def test_echo_transcript_rejection() -> None:
     assert not guard.is_echo_transcript("Please stop.", reply, "en")
     plain = EchoGuard(resolve_mode("vad", device_cancels_echo=False), kept_db=-10)
     assert not plain.is_echo_transcript("What is one plus one?", reply, "en")
+
+
+def test_the_canceller_proves_itself_on_each_playout_of_its_own(audio_fixtures) -> None:
+    """A reply that reaches the device 60 ms sooner after its reference than the last one (its first
+    chunk was less late): AEC3 keeps most of that echo for seconds, so the previous reply's
+    cancellation is no proof; the proof comes from this playout's echo."""
+    reply = _reply(audio_fixtures, seconds=4.0)
+    room = Room(EchoPath(delay_ms=250, gain_db=-6, rt60_s=0.25, noise="fan", noise_dbfs=-55, seed=13))
+    guard = EchoGuard(resolve_mode("auto", device_cancels_echo=False), kept_db=-10, canceller=EchoCanceller())
+    pcm24 = resample(float32_to_pcm(reply), RATE, 24000).astype("<i2").tobytes()
+
+    def feed_until(position: int) -> None:
+        while room.position < position:
+            guard.front_end(room.capture(1440), (room.position + 1440) / RATE, (room.position + 1440) / RATE)
+
+    feed_until(RATE)
+    starts = []
+    for late in (60 * 16, 0):  # samples the device starts after the reference
+        start = room.position + 1440
+        starts.append(start)
+        for i, offset in enumerate(range(0, len(pcm24), 4800)):
+            room.play(pcm24[offset: offset + 4800], 24000, start + late + i * 1600)
+            guard.tap.played(pcm24[offset: offset + 4800], 24000, (start + i * 1600) / RATE)
+        feed_until(start + reply.size + RATE)
+    first, second = starts
+    # The first reply converged: its echo late in the reply proves the canceller.
+    assert guard.canceller.proven_db((first + 3 * RATE) / RATE)[0] <= -20
+    # The second one's echo (from ~250 ms in) passes largely uncancelled ...
+    kept = guard.canceller._kept(second + RATE // 4, second + RATE, audible_only=True)[0]
+    assert kept is not None and kept > -10, kept
+    # ... and the canceller is not proven at the echo's onset, although the previous reply's tail,
+    # well cancelled, lies in the span before it: that echo does not pass for a user.
+    assert not guard.canceller_proven((second + RATE // 4 + 800) / RATE)

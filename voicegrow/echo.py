@@ -40,6 +40,11 @@ ECHO_TAIL_S = 0.8
 CONTIGUOUS_S = 0.02
 #: Per-frame energies kept for the decision (the longest utterance span asked about).
 _HISTORY_S = 20.0
+#: The longest echo path expected (device buffer plus air, 100–400 ms, and a margin): this long after a
+#: playout stream starts, its echo has reached the microphone if the microphone hears the device at all.
+ECHO_PATH_MAX_S = 0.5
+#: A playout stream's echo must have been loud this long before the canceller's measure of it counts.
+_PROOF_LOUD_S = 0.3
 
 
 class EchoUnavailable(RuntimeError):
@@ -86,8 +91,12 @@ class EchoCanceller:
         self._play_rate = 0
         self._cursor: float | None = None  # where a contiguous playback continues (seconds)
         self._out_pos = 0  # where the next resampled reference sample goes (samples)
-        self._history: collections.deque[tuple[int, float, float, bool]] = collections.deque(
-            maxlen=int(_HISTORY_S * 100))  # (frame position, raw energy, clean energy, playback audible)
+        #: Each playout stream's ``[start, end)`` (mic samples, in order): each start of playback after
+        #: a gap is a new stream, and the device may start it with another latency than the last one.
+        self._streams: collections.deque[list[int]] = collections.deque(maxlen=64)
+        # (frame position, raw energy, clean energy, the audible playout stream or None)
+        self._history: collections.deque[tuple[int, float, float, list[int] | None]] = collections.deque(
+            maxlen=int(_HISTORY_S * 100))
 
     @property
     def position_s(self) -> float:
@@ -111,11 +120,15 @@ class EchoCanceller:
             self._resampler = StreamResampler(rate, RATE) if rate != RATE else None
             self._out_pos = round(at_s * RATE)
             self._cursor = at_s
+            if not self._streams or self._out_pos > self._streams[-1][0]:
+                self._streams.append([self._out_pos, self._out_pos])
         self._cursor += samples.size / rate
         if self._resampler is not None:
             samples = self._resampler.process(samples)
         start, self._out_pos = self._out_pos, self._out_pos + samples.size
         self._last_reference_end = max(self._last_reference_end, self._out_pos)
+        if self._streams:
+            self._streams[-1][1] = max(self._streams[-1][1], self._out_pos)
         if start < self._processed:
             samples = samples[self._processed - start:]
             start = self._processed
@@ -127,6 +140,21 @@ class EchoCanceller:
             self._reference = np.concatenate((self._reference, np.zeros(end - self._reference.size, dtype=np.int16)))
         mixed = self._reference[offset:end].astype(np.int32) + samples
         self._reference[offset:end] = np.clip(mixed, -32768, 32767)
+
+    def stop(self, at_s: float) -> None:
+        """The device stops playing at microphone-stream position ``at_s`` (an interrupted reply: it
+        drops what it buffered). The reference placed from there on is taken back: the microphone
+        will never hear it, and a far end that plays loud over a microphone without its echo makes
+        AEC3's suppressor treat the user, who is talking just then, as echo (it cut syllables out of
+        every barge-in on open-xiaoai, whose player is killed with its buffer)."""
+        at = max(round(at_s * RATE), self._processed)
+        keep = at - self._processed
+        if keep < self._reference.size:
+            self._reference = self._reference[:keep]
+        self._last_reference_end = min(self._last_reference_end, at)
+        for stream in self._streams:
+            stream[1] = min(stream[1], at)
+        self._cursor = None  # what plays next is a new stream
 
     def far_end_recent(self, tail_s: float = ECHO_TAIL_S) -> bool:
         """Playback can still be heard at the microphone position just processed (or the room rings)."""
@@ -157,7 +185,7 @@ class EchoCanceller:
             self._apm.process_stream(frame)
             clean_bytes = bytes(frame.data)
             clean = np.frombuffer(clean_bytes, dtype="<i2").astype(np.float64)
-            self._history.append((self._processed, float(raw @ raw), float(clean @ clean), self.far_end_recent()))
+            self._history.append((self._processed, float(raw @ raw), float(clean @ clean), self._audible_stream()))
             self._processed += FRAME
             out += clean_bytes
         del self._pending[:whole]
@@ -173,32 +201,51 @@ class EchoCanceller:
         return self._kept(since_s * RATE, math.inf, audible_only=False)[0]
 
     def proven_db(self, before_s: float, span_s: float = 1.5) -> tuple[float | None, float]:
-        """What cancellation kept of the audible echo in the ``span_s`` before ``before_s``:
-        ``(kept dB or None, seconds of audible playback in the span)``.
+        """What cancellation kept of the echo of the *current* playout stream in the ``span_s`` before
+        ``before_s``: ``(kept dB or None, seconds of that stream's audible playback in the span)``.
 
-        The canceller proves itself on the echo heard just before someone speaks: a canceller that
-        has not converged (a session's first second of playback, a device whose playout drifted)
-        keeps most of the echo, and then its measure of the speech means nothing.
+        The canceller proves itself on the echo heard just before someone speaks, and on this
+        playout's echo only: each start of playback (a reply, a restart after an underrun) reaches
+        the device with its own latency (network, the device's buffer, a busy server), and WebRTC's
+        AEC3 tracks a longer echo path at once but one shorter by even a few milliseconds only
+        seconds later (``python -m bench echo --jitter-ms``): the previous reply's perfect
+        cancellation says nothing about this one's. A canceller that has not converged keeps most
+        of the echo, and then its measure of the speech means nothing. ``None`` while this stream's
+        echo has not been loud for :data:`_PROOF_LOUD_S` yet.
         """
-        kept, audible_s = self._kept((before_s - span_s) * RATE, before_s * RATE, audible_only=True)
-        if kept is None:
-            return None, audible_s
-        if self._loud_s((before_s - span_s) * RATE, before_s * RATE) < 0.3:
-            # Nothing above the room's noise while the reply played: this microphone does not hear
-            # the device (a clean or echo-cancelled one), so there is nothing to cancel.
-            return (-math.inf if audible_s >= 0.5 else None), audible_s
-        return kept, audible_s
+        start, end = (before_s - span_s) * RATE, before_s * RATE
+        frames = [f for f in self._history if start <= f[0] < end and f[3] is not None]
+        if not frames:
+            return None, 0.0
+        floor = self._noise_floor()
+        if sum(1 for f in frames if f[1] >= 10.0 * floor) * FRAME / RATE < _PROOF_LOUD_S:
+            # Nothing above the room's noise while playback could be heard: this microphone does not
+            # hear the device (a clean or echo-cancelled one), so there is nothing to cancel. That
+            # needs playback whose echo would have arrived by then (the first moments of a stream
+            # are quiet at every microphone, and so is the room after it).
+            settled = sum(1 for f in frames if f[3][0] + ECHO_PATH_MAX_S * RATE <= f[0] < f[3][1]) * FRAME / RATE
+            return (-math.inf if settled >= 0.5 else None), len(frames) * FRAME / RATE
+        current = frames[-1][3]
+        mine = [f for f in frames if f[3] is current]
+        if sum(1 for f in mine if f[1] >= 10.0 * floor) * FRAME / RATE < _PROOF_LOUD_S:
+            return None, len(mine) * FRAME / RATE
+        raw = sum(f[1] for f in mine)
+        clean = sum(f[2] for f in mine)
+        return 10.0 * math.log10(max(clean, 1e-9) / raw), len(mine) * FRAME / RATE
 
-    def _loud_s(self, start: float, end: float) -> float:
-        """Seconds in the span whose microphone energy is 10 dB over the noise floor (the quietest
-        tenth of recent frames): where echo (or anything) was heard at all."""
-        if not self._history:
-            return 0.0
+    def _audible_stream(self) -> list[int] | None:
+        """The playout stream audible at the frame just processed, or None if none is."""
+        if not self.far_end_recent():
+            return None
+        for stream in reversed(self._streams):
+            if stream[0] <= self._processed:
+                return stream
+        return None
+
+    def _noise_floor(self) -> float:
+        """The room's noise: the quietest tenth of recent frames' energies."""
         energies = sorted(r for _, r, _, _ in self._history)
-        floor = max(energies[len(energies) // 10], 1.0)
-        frames = sum(1 for position, r, _, _ in self._history
-                     if start <= position < end and r >= 10.0 * floor)
-        return frames * FRAME / RATE
+        return max(energies[len(energies) // 10], 1.0) if energies else 1.0
 
     def _kept(self, start: float, end: float, *, audible_only: bool) -> tuple[float | None, float]:
         raw = clean = 0.0
@@ -206,7 +253,7 @@ class EchoCanceller:
         for position, r, c, audible in reversed(self._history):
             if position + FRAME <= start:
                 break
-            if position >= end or (audible_only and not audible):
+            if position >= end or (audible_only and audible is None):
                 continue
             raw += r
             clean += c

@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 #: An utterance heard during a reply whose transcript is within this character error rate of some
 #: stretch of the reply's text is the reply's own echo.
 ECHO_TRANSCRIPT_MAX_CER = 0.35
-#: The canceller counts as converged when it removed at least this much of the echo just heard.
-PROVEN_DB = -12.0
+#: The canceller counts as converged when it removed at least this much of the echo just heard (a
+#: converged AEC3 removes 40–50 dB; one re-locking after a change of the echo path 1–20 dB).
+PROVEN_DB = -25.0
 #: Shorter transcripts (normalised characters) match some stretch of almost any reply by chance.
 _ECHO_TRANSCRIPT_MIN_CHARS = 4
 
@@ -145,6 +146,12 @@ class PlayoutTap:
         if position is not None:
             self._canceller.play(pcm, rate, position)
 
+    def stopped(self, at: float) -> None:
+        """The device was told at ``at`` (trio clock) to stop playing and drop what it buffered."""
+        position = self._clock.position_s(at)
+        if position is not None:
+            self._canceller.stop(position)
+
 
 class EchoGuard:
     """The echo side of one session: the front end before the VAD and the barge-in tests.
@@ -178,8 +185,10 @@ class EchoGuard:
         return self.canceller is not None and self.canceller.far_end_recent()
 
     def canceller_proven(self, onset_s: float) -> bool:
-        """The canceller removed at least :data:`PROVEN_DB` of the echo heard just before ``onset_s``
-        (over at least half a second of playback): its measure of the speech can be trusted."""
+        """The canceller removed at least :data:`PROVEN_DB` of the echo of the playout heard just
+        before ``onset_s`` (over at least half a second of it): its measure of the speech can be
+        trusted. Each playout (a reply, a restart after an underrun) proves it anew
+        (:meth:`voicegrow.echo.EchoCanceller.proven_db`)."""
         if self.canceller is None:
             return False
         kept, audible_s = self.canceller.proven_db(onset_s)

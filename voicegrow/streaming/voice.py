@@ -472,6 +472,8 @@ class VoiceSession:
         was_playing = turn.playing
         scope.cancel()
         await self.link.interrupt(turn.turn_id)
+        if self.echo.tap is not None:  # the device plays none of what it still had: no echo of it
+            self.echo.tap.stopped(trio.current_time())
         if was_playing:
             await self.link.send_event(ReplyStopped(turn.turn_id, interrupted_by=reason))
 
