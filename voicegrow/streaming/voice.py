@@ -16,7 +16,7 @@ import numpy as np
 import trio
 
 from voicegrow.audio import StreamResampler
-from voicegrow.llm import ConversationHistory
+from voicegrow.pipeline.llm import ConversationHistory
 from voicegrow.services import Services
 from voicegrow.sessions.registry import SessionInfo
 from voicegrow.listening import ListenGate, ListenMode
@@ -24,8 +24,8 @@ from voicegrow.storage.errors import BackendUnavailable
 from voicegrow.streaming.bargein import EchoGuard, resolve_mode
 from voicegrow.streaming.events import ReplyStopped
 from voicegrow.streaming.turn import Announcement, DeviceLink, HeldLink, Turn, Utterance
-from voicegrow.vad_classifiers import make_classifier
-from voicegrow.streaming.vad import (
+from voicegrow.pipeline.vad_classifiers import make_classifier
+from voicegrow.pipeline.vad import (
     SpeechPaused,
     SpeechResumed,
     SpeechStarted,
