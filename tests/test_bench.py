@@ -338,6 +338,21 @@ def test_tts_held_out_sentences_are_not_household_ones() -> None:
     assert _parse(["--held-out"]).held_out and not _parse([]).held_out
 
 
+def test_tts_vowel_onset_sentences_each_have_a_vowel_initial_syllable_inside_a_word(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.tts import HELD_OUT_ZH, HOUSEHOLD_ZH, VOWEL_ONSETS_ZH, _parse
+    from voicegrow import kokoro
+    from voicegrow.textnorm import normalize
+
+    assert len(VOWEL_ONSETS_ZH) >= 10 and not set(VOWEL_ONSETS_ZH) & (set(HOUSEHOLD_ZH) | set(HELD_OUT_ZH))
+    assert _parse(["--vowel-onsets"]).vowel_onsets and not _parse([]).vowel_onsets
+    phonemize = kokoro.MandarinPhonemizer()
+    with_break = [phonemize(normalize(text, "zh")) for text in VOWEL_ONSETS_ZH]
+    monkeypatch.setattr(kokoro, "_VOWEL_ONSET_BREAK", "")
+    without = [phonemize(normalize(text, "zh")) for text in VOWEL_ONSETS_ZH]
+    assert all(a != b for a, b in zip(with_break, without, strict=True))  # every sentence exercises the rule
+
+
 def test_room_compares_decoding_settings_side_by_side() -> None:
     import types
 

@@ -277,8 +277,24 @@ def test_mandarin_phonemes_have_tone_sandhi_and_read_english_words() -> None:
     mixed = phonemize("我喜欢N B A和iPhone。")
     assert "ˈɛn bˈi ˈA" in mixed and "ˈI fˈOn" in mixed  # letters spelled, words from the lexicon
     assert not any(char.isascii() and char.isdigit() for char in phonemize("七点半"))
-    assert "ʔa" in phonemize("晚安") and "ʔɚ" not in phonemize("星期二，十二")  # glottal onset, but not 二
+    assert phonemize("晚安") == "wa↓n a→n" and "ʂɨ↗ɚ↘" in phonemize("星期二，十二")  # a break, but not before 二
     assert "“" in phonemize("周杰伦的《晴天》") and "”" in phonemize("周杰伦的《晴天》")  # a title stands apart
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("西安", "ɕi→ a→n"),  # xi'an, not "xian"
+    ("天安门", "tʰjɛ→n a→nmə↗n"),  # inside a three-syllable word too
+    ("恩爱", "ə→n ai↘"),
+    ("企鹅", "ʨʰi↓ ɤ↗"),
+    ("海鸥", "xai↓ ou→"),
+    ("安全", "a→nʨʰɥɛ↗n"),  # a word's first syllable needs none
+    ("女儿", "ny↓ɚ↗"),  # nor 二's er: 十二 had come back as 十号 with a glottal stop there
+])
+def test_mandarin_vowel_initial_syllable_inside_a_word_gets_a_syllable_break(text: str, expected: str) -> None:
+    from voicegrow.kokoro import MandarinPhonemizer
+
+    phonemes = MandarinPhonemizer()(text)
+    assert phonemes == expected and "ʔ" not in phonemes, phonemes
 
 
 @pytest.mark.parametrize(("text", "expected", "not_expected"), [
