@@ -291,7 +291,7 @@ def test_mandarin_phonemes_have_tone_sandhi_and_read_english_words() -> None:
     ("女儿", "ny↓ɚ↗"),  # nor 二's er: 十二 had come back as 十号 with a glottal stop there
 ])
 def test_mandarin_vowel_initial_syllable_inside_a_word_gets_a_syllable_break(text: str, expected: str) -> None:
-    from voicegrow.kokoro import MandarinPhonemizer
+    from voicegrow.pipeline.kokoro import MandarinPhonemizer
 
     phonemes = MandarinPhonemizer()(text)
     assert phonemes == expected and "ʔ" not in phonemes, phonemes
