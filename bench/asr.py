@@ -81,8 +81,8 @@ def cer(ref: str, hyp: str, lang: str) -> float:
 
 def load_model(model: str, compute_type: str, threads: int) -> tuple[Any, Any]:
     """The resolved model and the loaded ``WhisperModel`` (never downloads)."""
-    from voicegrow.asr import get_model
-    from voicegrow.asr_models import resolve_model
+    from voicegrow.pipeline.asr import get_model
+    from voicegrow.pipeline.asr_models import resolve_model
 
     resolved = resolve_model(model)
     if resolved.note:
@@ -123,7 +123,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from voicegrow.asr import FastEngine, StockEngine
+    from voicegrow.pipeline.asr import FastEngine, StockEngine
 
     args = _parse(argv)
     clips_dir = args.clips or default_clips_dir()
@@ -178,7 +178,7 @@ def vars_of(obj: Any) -> dict[str, Any]:
 
 
 def window_settings() -> dict[str, Any]:
-    from voicegrow import asr
+    from voicegrow.pipeline import asr
 
     return {"floor_frames": asr.WINDOW_FLOOR_FRAMES, "padding_frames": asr.WINDOW_PADDING_FRAMES,
             "round_frames": asr.WINDOW_ROUND_FRAMES, "max_fast_s": asr.MAX_FAST_SECONDS}

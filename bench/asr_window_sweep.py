@@ -1,6 +1,6 @@
 """Sweep of the fast engine's mel window: how small can it be, and how much silence must follow speech?
 
-``python -m bench.asr_window_sweep [--clips DIR] [--json OUT]`` runs :class:`voicegrow.asr.FastEngine`
+``python -m bench.asr_window_sweep [--clips DIR] [--json OUT]`` runs :class:`voicegrow.pipeline.asr.FastEngine`
 over the fixture clips with
 
 - A. a fixed window floor (no padding): 0 (window = utterance), 400 ... 3000 frames;
@@ -10,7 +10,7 @@ over the fixture clips with
 
 Rows report mean latency, mean CER and dropped outputs per language. Every clip runs every
 configuration back to back, in a rotating order, so machine noise spreads evenly. The figures it
-printed are quoted next to the constants in ``voicegrow/asr.py``.
+printed are quoted next to the constants in ``voicegrow/pipeline/asr.py``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def joined_clips(clips: list[Clip]) -> list[Clip]:
 
 
 def _run_grid(clips: list[Clip], configs: dict[str, Any], model: Any, stock: Any, bar: Any) -> list[dict]:
-    from voicegrow.asr import FastEngine
+    from voicegrow.pipeline.asr import FastEngine
 
     engines = {name: FastEngine(model, "auto", 1, window=policy, stock=stock) for name, policy in configs.items()}
     names = list(engines)
@@ -93,7 +93,7 @@ def _table(title: str, rows: list[dict], names: list[str]) -> tuple[str, list[di
 def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from voicegrow.asr import StockEngine, WindowPolicy
+    from voicegrow.pipeline.asr import StockEngine, WindowPolicy
 
     parser = argparse.ArgumentParser(prog="python -m bench.asr_window_sweep")
     parser.add_argument("--clips", type=Path, default=None)
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _warm_up(model: Any, clip: Clip) -> None:
     """First calls allocate buffers and read tables; keep that out of the first configuration's figures."""
-    from voicegrow.asr import FastEngine, StockEngine
+    from voicegrow.pipeline.asr import FastEngine, StockEngine
 
     FastEngine(model, "auto").transcribe(clip.pcm, clip.lang)
     StockEngine(model, "auto").transcribe(clip.pcm, clip.lang)

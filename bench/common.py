@@ -162,7 +162,7 @@ def locate_speech(pcm: bytes, settings: Any, *, chunk_bytes: int, max_silence_s:
     silence a whole number of VAD frames long) cuts exactly where the server's does. That gives a
     device-side end of speech without sharing a clock with the server. None if no utterance ended.
     """
-    from voicegrow.streaming.vad import SpeechPaused, SpeechResumed, UtteranceEnded, VadSegmenter
+    from voicegrow.pipeline.vad import SpeechPaused, SpeechResumed, UtteranceEnded, VadSegmenter
 
     vad = VadSegmenter(sample_rate=SAMPLE_RATE, frame_ms=settings.vad_frame_ms,
                        aggressiveness=settings.vad_aggressiveness, preroll_ms=settings.vad_preroll_ms,

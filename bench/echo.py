@@ -5,7 +5,7 @@ For each echo gain (−20, −12, −6, −3 dB; 250 ms, reverb, fan noise) and 
 ``--replies`` fixture-speech replies of ≥ 4 s into a :class:`bench.acoustics.Room` and runs the
 server's own microphone front end on what the microphone hears: the session's
 :class:`~voicegrow.streaming.bargein.EchoGuard` (WebRTC echo cancellation with the reply as the
-reference, placed where the device plays it) and :class:`~voicegrow.streaming.vad.VadSegmenter`
+reference, placed where the device plays it) and :class:`~voicegrow.pipeline.vad.VadSegmenter`
 with the server's settings, and the barge-in rule of ``VoiceSession`` (``BARGE_IN_MIN_MS`` of
 speech that passes the guard). Then ``--trials`` replies with a user talking over them at the echo's
 level: success is a barge-in within 800 ms of the user's speech onset. ``--jitter-ms J`` starts each
@@ -32,7 +32,7 @@ import numpy as np
 from bench.acoustics import EchoPath, Room, active_rms, load_fixture_clips
 from voicegrow.audio import float32_to_pcm, resample
 from voicegrow.streaming.bargein import EchoGuard, resolve_mode
-from voicegrow.streaming.vad import SpeechStarted, UtteranceEnded, VadSegmenter
+from voicegrow.pipeline.vad import SpeechStarted, UtteranceEnded, VadSegmenter
 
 RATE = 16000
 FRAME = 1440  # open-xiaoai's 90 ms microphone frames

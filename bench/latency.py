@@ -309,8 +309,8 @@ class Components:
 
     async def _llm_once(self, heard: str) -> tuple[float | None, float | None, str]:
         """Time to first token and to the first sentence (the splitter the turn uses), and that sentence."""
-        from voicegrow.llm import DEFAULT_SYSTEM_PROMPT, ConversationHistory
-        from voicegrow.sentences import SentenceSplitter
+        from voicegrow.pipeline.llm import DEFAULT_SYSTEM_PROMPT, ConversationHistory
+        from voicegrow.pipeline.sentences import SentenceSplitter
 
         messages = ConversationHistory(max_turns=0, max_chars=0).messages(
             self.settings.llm_system_prompt or DEFAULT_SYSTEM_PROMPT, heard[: self.settings.max_llm_input_chars])
@@ -349,9 +349,9 @@ async def _components_for(server: ServerUnderTest, settings: Any, repeat: int) -
         services = server.handle.services
         yield Components(services.asr, services.llm, services.tts, settings, repeat)
         return
-    from voicegrow.asr import build_asr_service
-    from voicegrow.llm import build_llm
-    from voicegrow.tts import build_tts
+    from voicegrow.pipeline.asr import build_asr_service
+    from voicegrow.pipeline.llm import build_llm
+    from voicegrow.pipeline.tts import build_tts
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as http:
         asr = build_asr_service(settings)

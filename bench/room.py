@@ -86,8 +86,8 @@ def _pcm(x: np.ndarray) -> bytes:
 
 def _segmenter(engine: str, settings: Any) -> Any:
     """``engine``: a ``VAD_ENGINE`` value, optionally ``@`` a ``VAD_RELATIVE_DB`` (default: the setting's)."""
-    from voicegrow.streaming.vad import VadSegmenter
-    from voicegrow.vad_classifiers import make_classifier
+    from voicegrow.pipeline.vad import VadSegmenter
+    from voicegrow.pipeline.vad_classifiers import make_classifier
 
     name, _, relative = engine.removesuffix("+ns").partition("@")
     classifier = make_classifier(name, sample_rate=SAMPLE_RATE, frame_ms=settings.vad_frame_ms,
@@ -117,7 +117,7 @@ def suppress_noise(pcm: bytes) -> bytes:
 
 def segment(engine: str, settings: Any, pcm: bytes, chunk: int = 2880) -> tuple[list[tuple[Any, float]], float]:
     """Every utterance the server's segmenter ends, with the position it was ended at; CPU seconds."""
-    from voicegrow.streaming.vad import UtteranceEnded
+    from voicegrow.pipeline.vad import UtteranceEnded
 
     started = time.process_time()
     if engine.endswith("+ns"):
@@ -196,7 +196,7 @@ class AsrVariant:
 
 def asr_variants(spec: str, settings: Any, server_engine: Any) -> list[AsrVariant]:
     """``--asr``: ``server`` is the engine the settings build; any other name is ``+``-joined levers."""
-    from voicegrow.asr import (AUTO_LANGUAGES, FALLBACK_TEMPERATURES, FULL_WINDOW_FRAMES, NO_SPEECH_PROB,
+    from voicegrow.pipeline.asr import (AUTO_LANGUAGES, FALLBACK_TEMPERATURES, FULL_WINDOW_FRAMES, NO_SPEECH_PROB,
                                FastEngine, StockEngine, WindowPolicy)
 
     out = []
@@ -259,7 +259,7 @@ def _the_answer(ended: list[tuple[Any, float]], start_s: float, clean_end_s: flo
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from voicegrow.asr import build_asr_service
+    from voicegrow.pipeline.asr import build_asr_service
     from voicegrow.settings import load_settings
 
     settings = load_settings({"ASR_MODEL_SIZE": "base", "ASR_LANGUAGE": "auto", "ASR_WORKERS": "1"}, env_file=None)

@@ -136,9 +136,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _voices(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
     """(label, language, engine) for every voice to measure."""
-    from voicegrow.kokoro import KokoroTts
+    from voicegrow.pipeline.kokoro import KokoroTts
     from voicegrow.settings import Settings
-    from voicegrow.tts import PiperTts
+    from voicegrow.pipeline.tts import PiperTts
 
     rate = args.rate if args.rate is not None else Settings().tts_speaking_rate
     voices: list[tuple[str, str, Any]] = []
@@ -177,8 +177,8 @@ def _measure_voice(engine: Any, lang: str, sentences: list[str]) -> tuple[float,
 
 
 def _transcriber(threads: int) -> Any:
-    from voicegrow.asr import FastEngine, get_model
-    from voicegrow.asr_models import resolve_model
+    from voicegrow.pipeline.asr import FastEngine, get_model
+    from voicegrow.pipeline.asr_models import resolve_model
 
     model = get_model(resolve_model("base"), "cpu", "int8", threads, num_workers=1)
     engines = {lang: FastEngine(model, lang) for lang in SETS}
@@ -204,7 +204,7 @@ def round_trip_cer(reference: str, heard: str, lang: str) -> float:
     its own spoken form, and the closer one counts: a number heard right is never an error.
     """
     from voicegrow.textmetrics import char_error_rate
-    from voicegrow.textnorm import normalize
+    from voicegrow.pipeline.textnorm import normalize
 
     spoken = normalize(reference, lang).replace("幺", "一")
     heard = _HEARD_TIME.sub(r"\1:\2", heard)

@@ -10,7 +10,7 @@ from quart_trio import QuartTrio
 
 from tests.service_fixtures import StorageTarget, free_port, running
 from tests.test_storage_behaviour import PCM_IN, PCM_OUT, delivered, make_turn
-from voicegrow.admin_api import make_data_blueprint, parse_since
+from voicegrow.http.admin_api import make_data_blueprint, parse_since
 from voicegrow.storage import Persistence
 from voicegrow.audio import wav_bytes
 

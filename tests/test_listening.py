@@ -146,7 +146,7 @@ async def _turns_started(tmp_path: Path, mode: ListenMode, pcm: bytes, wake_at_s
                                                             **settings),
                                      metrics=Metrics(), timers=None)
     session = VoiceSession(services, _Link(), SessionInfo("s1", "127.0.0.1:1", device_id="living-room"),
-                           input_rate=16000, listen_mode=mode)
+                           listen_mode=mode)
     started: list = []
 
     async def start_turn(utterance, transcribe, announcement=None) -> None:

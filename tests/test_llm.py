@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.fake_ai import FakeAi, FakeAiConfig, canned_reply, run_fake_ai
-from voicegrow.llm import (
+from voicegrow.pipeline.llm import (
     DEFAULT_SYSTEM_PROMPT,
     ChatStreamDecoder,
     ConversationHistory,

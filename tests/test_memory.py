@@ -16,7 +16,7 @@ import trio
 
 from tests.conftest import make_settings
 from voicegrow.app import running_server
-from voicegrow.asr import AsrError
+from voicegrow.pipeline.asr import AsrError
 from voicegrow.memprofile import MemoryTracer
 
 

@@ -199,8 +199,8 @@ def _free_port() -> int:
 
 def _whisper_transcript(wav: Path, lang: str) -> str:
     """The reply audio transcribed back with the project's Whisper (``base``, the fast engine)."""
-    from voicegrow.asr import FastEngine, get_model
-    from voicegrow.asr_models import resolve_model
+    from voicegrow.pipeline.asr import FastEngine, get_model
+    from voicegrow.pipeline.asr_models import resolve_model
     from voicegrow.audio import resample
 
     samples, rate = read_wav(wav)
@@ -210,7 +210,7 @@ def _whisper_transcript(wav: Path, lang: str) -> str:
 
 def test_embedded_default_answers_spoken_chinese_and_english_offline(tmp_path, audio_fixtures, manifest) -> None:
     """``voicegrow serve`` with nothing configured, and ``voicegrow talk`` against it, in both languages."""
-    from voicegrow.textnorm import normalize
+    from voicegrow.pipeline.textnorm import normalize
 
     ws_port, http_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items()

@@ -21,10 +21,10 @@ import trio
 from bench.fake_ai import FakeAiConfig, run_fake_ai
 from tests.conftest import make_settings
 from voicegrow.app import running_server
-from voicegrow.asr import AsrError, Transcript
+from voicegrow.pipeline.asr import AsrError, Transcript
 from voicegrow.audio import read_wav
 from voicegrow.client import open_native_client, stream_wav_and_collect
-from voicegrow.remote_asr import RemoteAsr
+from voicegrow.pipeline.remote_asr import RemoteAsr
 from voicegrow.textmetrics import char_error_rate
 
 ADMIN = "admin-token-for-remote-asr-tests"

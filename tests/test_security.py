@@ -347,7 +347,7 @@ async def test_speaker_token_guesses_are_throttled(tmp_path, protocol: str) -> N
 # -- 4. security headers ------------------------------------------------------------------------------
 
 async def test_security_headers_on_every_response(tmp_path) -> None:
-    from voicegrow.http_api import create_app
+    from voicegrow.http.api import create_app
 
     async with running_server(make_settings(tmp_path)) as server:
         async with client_from(server, "127.0.0.1") as http:
@@ -375,7 +375,7 @@ async def test_security_headers_on_every_response(tmp_path) -> None:
 
 
 def test_html_csp_allows_the_speaker_port_of_this_host_only() -> None:
-    from voicegrow.http_api import html_csp
+    from voicegrow.http.api import html_csp
 
     assert "connect-src 'self' ws://speaker.local:4399 wss://speaker.local:4399;" in html_csp("speaker.local:8000", 4399)
     assert "ws://[::1]:4399" in html_csp("[::1]:8000", 4399)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from voicegrow.sentences import MarkdownStripper, SentenceSplitter
+from voicegrow.pipeline.sentences import MarkdownStripper, SentenceSplitter
 
 
 def split(text: str, step: int | None = None, **options: object) -> list[str]:

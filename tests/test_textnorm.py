@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from voicegrow.textnorm import normalize, normalize_en, normalize_zh
+from voicegrow.pipeline.textnorm import normalize, normalize_en, normalize_zh
 
 ZH_CASES = [
     # times

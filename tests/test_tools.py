@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from bench.fake_ai import FakeAiConfig, run_fake_ai
-from voicegrow.llm import ChatStreamDecoder, LlmClient, LlmError, OfflineResponder, ToolCall, ToolCallAssembler, ToolCalls
+from voicegrow.pipeline.llm import ChatStreamDecoder, LlmClient, LlmError, OfflineResponder, ToolCall, ToolCallAssembler, ToolCalls
 from voicegrow.protocol import xiaoai as proto
 from voicegrow.protocol.xiaoai import Response
 from voicegrow.settings import ConfigError, load_settings

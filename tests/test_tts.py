@@ -11,7 +11,7 @@ import pytest
 
 from bench.fake_ai import FakeAi, FakeAiConfig, run_fake_ai, tone, wav_header
 from voicegrow.settings import load_settings
-from voicegrow.tts import PcmStreamDecoder, PiperTts, RemoteTts, TtsError, build_tts
+from voicegrow.pipeline.tts import PcmStreamDecoder, PiperTts, RemoteTts, TtsError, build_tts
 
 PCM = bytes(range(256)) * 3  # 768 bytes: 384 samples
 
@@ -212,7 +212,7 @@ class FakeVoice:
 
 
 async def test_embedded_routes_each_sentence_by_its_own_language() -> None:
-    from voicegrow.tts import EmbeddedTts
+    from voicegrow.pipeline.tts import EmbeddedTts
 
     zh, en = FakeVoice("zh", 24000), FakeVoice("en", 22050)
     engine = EmbeddedTts(zh, en)  # type: ignore[arg-type]
@@ -232,8 +232,8 @@ async def test_embedded_routes_each_sentence_by_its_own_language() -> None:
 
 
 def test_embedded_asks_for_whole_sentence_cutting_in_chinese() -> None:
-    from voicegrow.sentences import SentenceSplitter
-    from voicegrow.tts import EmbeddedTts
+    from voicegrow.pipeline.sentences import SentenceSplitter
+    from voicegrow.pipeline.tts import EmbeddedTts
 
     engine = EmbeddedTts(FakeVoice("zh", 24000), FakeVoice("en", 22050))  # type: ignore[arg-type]
     zh = SentenceSplitter(**engine.splitter_options("zh"))  # type: ignore[arg-type]
@@ -244,8 +244,8 @@ def test_embedded_asks_for_whole_sentence_cutting_in_chinese() -> None:
 
 
 def test_build_tts_embedded_default_is_bilingual() -> None:
-    from voicegrow.kokoro import KokoroTts
-    from voicegrow.tts import EmbeddedTts
+    from voicegrow.pipeline.kokoro import KokoroTts
+    from voicegrow.pipeline.tts import EmbeddedTts
 
     engine = build_tts(load_settings({"TTS_OFFLINE_VOICE_ZH": "jm_kumo", "TTS_WORKERS": "2"}, env_file=None))
     assert isinstance(engine, EmbeddedTts)
@@ -269,7 +269,7 @@ async def test_remote_gets_normalised_text_only_when_asked(http: httpx.AsyncClie
 
 
 def test_mandarin_phonemes_have_tone_sandhi_and_read_english_words() -> None:
-    from voicegrow.kokoro import MandarinPhonemizer
+    from voicegrow.pipeline.kokoro import MandarinPhonemizer
 
     phonemize = MandarinPhonemizer()
     assert phonemize("你好。").startswith("ni↗xau↓")  # third tone before third tone: ni2 hao3
@@ -291,7 +291,7 @@ def test_mandarin_phonemes_have_tone_sandhi_and_read_english_words() -> None:
     ("女儿", "ny↓ɚ↗"),  # nor 二's er: 十二 had come back as 十号 with a glottal stop there
 ])
 def test_mandarin_vowel_initial_syllable_inside_a_word_gets_a_syllable_break(text: str, expected: str) -> None:
-    from voicegrow.kokoro import MandarinPhonemizer
+    from voicegrow.pipeline.kokoro import MandarinPhonemizer
 
     phonemes = MandarinPhonemizer()(text)
     assert phonemes == expected and "ʔ" not in phonemes, phonemes
@@ -308,7 +308,7 @@ def test_mandarin_vowel_initial_syllable_inside_a_word_gets_a_syllable_break(tex
 ])
 def test_mandarin_polyphones_read_as_a_household_means_them(text: str, expected: str,
                                                             not_expected: str | None) -> None:
-    from voicegrow.kokoro import MandarinPhonemizer
+    from voicegrow.pipeline.kokoro import MandarinPhonemizer
 
     phonemes = MandarinPhonemizer()(text)
     assert expected in phonemes, phonemes
@@ -316,7 +316,7 @@ def test_mandarin_polyphones_read_as_a_household_means_them(text: str, expected:
 
 
 def test_long_phoneme_strings_are_cut_after_punctuation() -> None:
-    from voicegrow.kokoro import split_phonemes
+    from voicegrow.pipeline.kokoro import split_phonemes
 
     text = ", ".join(["ni↗xau↓ ʨi→ntʰjɛ→n"] * 60)
     pieces = split_phonemes(text, limit=100)
@@ -328,8 +328,8 @@ def test_long_phoneme_strings_are_cut_after_punctuation() -> None:
 def test_kokoro_model_is_joined_once_and_checked(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
-    from voicegrow import asr_models
-    from voicegrow.asr_models import ModelCorrupt, ensure_joined_file
+    from voicegrow.pipeline import asr_models
+    from voicegrow.pipeline.asr_models import ModelCorrupt, ensure_joined_file
 
     pieces = []
     for i, data in enumerate((b"abc" * 1000, b"defg" * 999)):
@@ -355,7 +355,7 @@ def test_kokoro_model_is_joined_once_and_checked(tmp_path, monkeypatch: pytest.M
 
 
 def test_kokoro_rejects_an_unknown_voice() -> None:
-    from voicegrow.kokoro import KokoroTts
+    from voicegrow.pipeline.kokoro import KokoroTts
 
     with pytest.raises(ValueError, match="jf_nezumi"):
         KokoroTts("zf_xiaobei")
@@ -365,7 +365,7 @@ def test_kokoro_rejects_an_unknown_voice() -> None:
 
 @pytest.mark.slow
 async def test_kokoro_speaks_a_short_chinese_sentence() -> None:
-    from voicegrow.kokoro import KOKORO_MODEL, KokoroTts, ensure_kokoro_model
+    from voicegrow.pipeline.kokoro import KOKORO_MODEL, KokoroTts, ensure_kokoro_model
 
     assert ensure_kokoro_model().stat().st_size == KOKORO_MODEL.size
     engine = KokoroTts()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from voicegrow.audio import float32_to_pcm, read_wav, rms_dbfs, silence
-from voicegrow.streaming.vad import (
+from voicegrow.pipeline.vad import (
     DROP_TOO_SHORT,
     SpeechPaused,
     SpeechResumed,

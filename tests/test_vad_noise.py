@@ -1,4 +1,4 @@
-"""Endpointing in a noisy room: the frame classifiers of VAD_ENGINE (voicegrow/vad_classifiers.py).
+"""Endpointing in a noisy room: the frame classifiers of VAD_ENGINE (voicegrow/pipeline/vad_classifiers.py).
 
 DESIGN §6: over a fan 10 dB under the user, webrtcvad alone never heard the end of the question.
 These tests put a fixture question into the seeded room noise of bench/acoustics.py and check where
@@ -14,8 +14,8 @@ import pytest
 
 from bench.acoustics import db_to_gain, noise, scale_to_dbfs
 from voicegrow.audio import read_wav
-from voicegrow.streaming.vad import UtteranceEnded, VadSegmenter
-from voicegrow.vad_classifiers import NoiseFloor, SileroClassifier, frame_dbfs, make_classifier
+from voicegrow.pipeline.vad import UtteranceEnded, VadSegmenter
+from voicegrow.pipeline.vad_classifiers import NoiseFloor, SileroClassifier, frame_dbfs, make_classifier
 
 RATE = 16000
 LEAD_S, TAIL_S = 8.0, 5.0

@@ -17,7 +17,7 @@ from tests.conftest import make_settings
 from voicegrow.app import running_server
 from voicegrow.client import HandshakeFailed, open_native_client
 from voicegrow.protocol.errors import ErrorCode
-from voicegrow.web.routes import STATIC_DIR, bearer_from_subprotocols
+from voicegrow.http.web.routes import STATIC_DIR, bearer_from_subprotocols
 
 TOKEN = "op-secret/with+odd=chars"
 NATIVE = "voicegrow.native.v1"
@@ -86,7 +86,7 @@ def test_english_and_chinese_texts_have_the_same_keys() -> None:
 
 
 def test_page_policy_lets_audio_come_from_the_object_store_only_when_configured() -> None:
-    from voicegrow.http_api import html_csp
+    from voicegrow.http.api import html_csp
 
     assert "media-src 'self' blob:;" in html_csp("h:8000", 4399)
     assert "media-src 'self' blob: https://s3.example:9000;" in html_csp("h:8000", 4399, ("https://s3.example:9000",))

@@ -36,7 +36,7 @@ from voicegrow.protocol.wyoming import WyomingDecoder, WyomingProtocolError, enc
 from voicegrow.settings import ConfigError, load_settings
 from voicegrow.streaming import wyoming as wyoming_server
 from voicegrow.textmetrics import char_error_rate
-from voicegrow.tts import PiperTts, RemoteTts
+from voicegrow.pipeline.tts import PiperTts, RemoteTts
 
 
 # -- the sans-IO codec against the package's own reader and writer ---------------------------------------

@@ -11,7 +11,7 @@ from bench.xiaozhi_emulator import DEFAULT_DEVICE_ID, run_xiaozhi_emulator
 from tests.conftest import make_settings
 from voicegrow.app import running_server
 from voicegrow.settings import ConfigError, load_settings
-from voicegrow.xiaozhi_ota import ota_answer, public_ws_url
+from voicegrow.http.xiaozhi_ota import ota_answer, public_ws_url
 
 #: What ``Board::GetSystemInfoJson`` sends (abridged) and the headers ``Ota::SetupHttp`` sets.
 SYSTEM_INFO = {"version": 2, "flash_size": 16777216, "mac_address": DEFAULT_DEVICE_ID, "uuid": "c-1",

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from voicegrow import __version__
-from voicegrow.http_api import run_http_server
+from voicegrow.http.api import run_http_server
 from voicegrow.services import Services, open_services
 from voicegrow.settings import Settings
 from voicegrow.streaming.server import VoiceServer

@@ -34,9 +34,9 @@ class Services:
     metrics: Metrics
     registry: SessionRegistry
     http: httpx.AsyncClient
-    asr: Any  # voicegrow.asr.AsrService
-    llm: Any  # voicegrow.llm.LlmClient | OfflineResponder
-    tts: Any  # voicegrow.tts.TtsEngine
+    asr: Any  # voicegrow.pipeline.asr.AsrService
+    llm: Any  # voicegrow.pipeline.llm.LlmClient | OfflineResponder
+    tts: Any  # voicegrow.pipeline.tts.TtsEngine
     persistence: Any  # voicegrow.storage.persistence.Persistence
     device_credentials: Any = None  # voicegrow.device_auth.DeviceCredentials when DEVICE_AUTH is on
     memory_tracer: Any = None  # voicegrow.memprofile.MemoryTracer when MEMORY_TRACE_FRAMES is set
@@ -128,9 +128,9 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
     process is one of WORKERS (its own spool; embedded live state shared through SQLite).
     """
     from voicegrow.admin_auth import AdminAuth
-    from voicegrow.llm import build_llm
+    from voicegrow.pipeline.llm import build_llm
     from voicegrow.storage.persistence import Persistence
-    from voicegrow.tts import build_tts
+    from voicegrow.pipeline.tts import build_tts
 
     metrics = metrics or Metrics()
     credentials = None
@@ -185,12 +185,12 @@ async def open_services(settings: Settings, *, metrics: Metrics | None = None,
 def build_asr(settings: Settings, http: httpx.AsyncClient, metrics: Metrics) -> Any:
     """The local model's service, or with ``ASR_BASE_URL`` the remote one (the local model its fallback,
     loaded only if ``ASR_REMOTE_FALLBACK=local`` and then used)."""
-    from voicegrow.asr import build_asr_service
+    from voicegrow.pipeline.asr import build_asr_service
 
     local = build_asr_service(settings, metrics=metrics)
     if not settings.asr_base_url:
         return local
-    from voicegrow.remote_asr import RemoteAsr
+    from voicegrow.pipeline.remote_asr import RemoteAsr
 
     return RemoteAsr.from_settings(settings, http, metrics, fallback=local)
 

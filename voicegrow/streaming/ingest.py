@@ -3,8 +3,9 @@
 A driver decodes its wire into PCM (native AUDIO frames, open-xiaoai ``record`` streams, xiaozhi Opus
 packets) and hands each frame to an :class:`AudioIngress` before the session core sees it. Here, once
 for every protocol: the frame metric, whole samples only, ``MAX_AUDIO_RATE`` (a device may not send
-faster than that many times real time, beyond a burst allowance for buffered starts), and the ingest
-lag. The driver only says how its own protocol refuses a device that sends too fast.
+faster than that many times real time, beyond a burst allowance for buffered starts), resampling to the
+session core's rate, and the ingest lag. The driver only says how its own protocol refuses a device that
+sends too fast.
 
 Frame-ingest lag: device and server clocks share no origin, so the lag is measured against the best
 case seen so far: for each frame, ``offset = processed_at - sent_at`` (``sent_at`` on the device's clock:
@@ -17,6 +18,10 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+import numpy as np
+
+from voicegrow.audio import StreamResampler
 
 __all__ = ["AudioIngress", "AudioTooFast", "IngestLagMeter"]
 
@@ -46,18 +51,25 @@ class AudioTooFast(Exception):
 class AudioIngress:
     """One device's microphone stream: mono s16le at ``bytes_per_s``, metrics labelled ``protocol``.
 
+    With ``sample_rate`` (the device's) and ``core_rate`` (the session core's) both given and different,
+    :meth:`admit` returns the audio resampled to ``core_rate``; the rate limit and the lag still count the
+    device's own audio.
+
     :meth:`restart` begins a new stream (a recorder re-armed, a microphone reopened): the rate's clock
-    and the lag's best case start again, since the pause before it was the device's, not lag.
+    and the lag's best case start again, since the pause before it was the device's, not lag. The
+    resampler's state carries on, as the VAD it feeds does.
     """
 
     def __init__(self, metrics: Any, protocol: str, *, bytes_per_s: int, max_audio_rate: float,
-                 burst_s: float) -> None:
+                 burst_s: float, sample_rate: int | None = None, core_rate: int | None = None) -> None:
         self._frames = metrics.audio_frames_received.labels(protocol)
         self._rate_hits = metrics.limit_hits.labels("audio_rate")
         self._lag = metrics.ingest_lag.labels(protocol)
         self._bytes_per_s = bytes_per_s
         self._max_audio_rate = max_audio_rate
         self._burst_s = burst_s
+        self._resampler = (StreamResampler(sample_rate, core_rate)
+                           if sample_rate is not None and core_rate is not None and sample_rate != core_rate else None)
         self.restart()
 
     def restart(self) -> None:
@@ -73,8 +85,8 @@ class AudioIngress:
         return self._audio_s
 
     def admit(self, pcm: bytes, now: float) -> bytes:
-        """Count one frame received at ``now`` and return its whole samples; raises :class:`AudioTooFast`
-        (counted as a limit hit) when the stream has outrun ``MAX_AUDIO_RATE``."""
+        """Count one frame received at ``now`` and return its whole samples at the core's rate; raises
+        :class:`AudioTooFast` (counted as a limit hit) when the stream has outrun ``MAX_AUDIO_RATE``."""
         self._frames.inc()
         if len(pcm) % 2:
             pcm = pcm[: len(pcm) // 2 * 2]
@@ -84,6 +96,9 @@ class AudioIngress:
         if self._audio_s > (now - self._first_at) * self._max_audio_rate + self._burst_s:
             self._rate_hits.inc()
             raise AudioTooFast(self._max_audio_rate)
+        if self._resampler is not None:
+            samples = self._resampler.process(np.frombuffer(pcm, dtype="<i2"))
+            pcm = np.asarray(samples, dtype="<i2").tobytes()
         return pcm
 
     def observe_lag(self, processed_at: float, device_timestamp_ms: int | None = None) -> None:

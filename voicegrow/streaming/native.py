@@ -37,7 +37,7 @@ from voicegrow.listening import ListenMode, ListenModeError, parse_mode, resolve
 from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.sessions.registry import SessionInfo
-from voicegrow.streaming.voice import VoiceSession, begin_device_session, listen_mode_override
+from voicegrow.streaming.voice import VAD_RATE, VoiceSession, begin_device_session, listen_mode_override
 
 __all__ = ["NativeSession", "NativeLink", "control_event"]
 
@@ -247,12 +247,13 @@ class NativeSession:
         device_id_var.set(info.device_id)
         history = await begin_device_session(services, info)
         link = NativeLink(self.outbox, self.conn, output_rate=hello.audio_out.sample_rate)
-        voice = VoiceSession(services, link, info, input_rate=hello.audio_in.sample_rate, history=history,
+        voice = VoiceSession(services, link, info, history=history,
                              listen_mode=self._listen_mode, listen_override=self._listen_override, **self._declared)
         await nursery.start(voice.run)
         log.info("native session established", extra={"remote": info.remote_addr})
         ingress = AudioIngress(services.metrics, "native", bytes_per_s=hello.audio_in.bytes_per_second,
-                               max_audio_rate=settings.max_audio_rate, burst_s=_AUDIO_BURST_S)
+                               max_audio_rate=settings.max_audio_rate, burst_s=_AUDIO_BURST_S,
+                               sample_rate=hello.audio_in.sample_rate, core_rate=VAD_RATE)
         while True:
             try:
                 frame = await self._next_frame()

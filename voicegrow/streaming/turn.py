@@ -24,8 +24,8 @@ import trio
 
 from voicegrow.audio import StreamResampler
 from voicegrow.language import detect_language
-from voicegrow.llm import DEFAULT_SYSTEM_PROMPT, ConversationHistory, LlmError, apology
-from voicegrow.sentences import SentenceSplitter
+from voicegrow.pipeline.llm import DEFAULT_SYSTEM_PROMPT, ConversationHistory, LlmError, apology
+from voicegrow.pipeline.sentences import SentenceSplitter
 from voicegrow.services import Services
 from voicegrow.streaming.events import (
     TIMING_ORDER,

@@ -12,11 +12,9 @@ import dataclasses
 import logging
 from typing import Any
 
-import numpy as np
 import trio
 
-from voicegrow.audio import StreamResampler
-from voicegrow.llm import ConversationHistory
+from voicegrow.pipeline.llm import ConversationHistory
 from voicegrow.services import Services
 from voicegrow.sessions.registry import SessionInfo
 from voicegrow.listening import ListenGate, ListenMode
@@ -24,8 +22,8 @@ from voicegrow.storage.errors import BackendUnavailable
 from voicegrow.streaming.bargein import EchoGuard, resolve_mode
 from voicegrow.streaming.events import ReplyStopped
 from voicegrow.streaming.turn import Announcement, DeviceLink, HeldLink, Turn, Utterance
-from voicegrow.vad_classifiers import make_classifier
-from voicegrow.streaming.vad import (
+from voicegrow.pipeline.vad_classifiers import make_classifier
+from voicegrow.pipeline.vad import (
     SpeechPaused,
     SpeechResumed,
     SpeechStarted,
@@ -119,7 +117,7 @@ class _EchoCheckedTranscript:
 
 
 class VoiceSession:
-    def __init__(self, services: Services, link: DeviceLink, info: SessionInfo, *, input_rate: int,
+    def __init__(self, services: Services, link: DeviceLink, info: SessionInfo, *,
                  history: ConversationHistory | None = None, listen_mode: ListenMode = ListenMode.ALWAYS,
                  listen_override: ListenMode | None = None,
                  device_cancels_echo: bool = False, barge_in: str | None = None) -> None:
@@ -141,7 +139,6 @@ class VoiceSession:
         mode = listen_override or listen_mode
         info.listen_mode = mode.value
         self.gate = ListenGate(mode, follow_up_s=s.follow_up_s, wake_preroll_s=s.wake_preroll_ms / 1000)
-        self._resampler = StreamResampler(input_rate, VAD_RATE) if input_rate != VAD_RATE else None
         self._stream_pos_s = 0.0  # seconds of audio fed to the VAD
         self._nursery: trio.Nursery | None = None
         self._turn: Turn | None = None
@@ -203,11 +200,9 @@ class VoiceSession:
     # -- input from the driver --------------------------------------------------------------------
 
     async def feed_audio(self, pcm: bytes) -> None:
-        """Microphone PCM s16le mono at ``input_rate``; runs the VAD and acts on what it sees."""
+        """Microphone PCM s16le mono at ``VAD_RATE`` (the driver's :class:`AudioIngress` resampled it);
+        runs the VAD and acts on what it sees."""
         now = trio.current_time()
-        if self._resampler is not None:
-            samples = self._resampler.process(np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2"))
-            pcm = np.asarray(samples, dtype="<i2").tobytes()
         self._stream_pos_s += len(pcm) / 2 / VAD_RATE
         pcm = self.echo.front_end(pcm, now, self._stream_pos_s)
         for event in self.vad.feed(pcm):

@@ -8,7 +8,7 @@ text arrives, ended by ``synthesize-stopped``. The events are the ``wyoming`` pa
 the framing is :mod:`voicegrow.protocol.wyoming` (the package's reader and writer are asyncio-only).
 
 Every connection is its own trio task, so several clients are served at once (Wyoming's reference
-servers take one request at a time). Recognition goes through the same :class:`~voicegrow.asr.AsrService`
+servers take one request at a time). Recognition goes through the same :class:`~voicegrow.pipeline.asr.AsrService`
 as the speakers (one model, the same worker threads, first come first served) and speech through the
 same TTS engine. Bad input is answered with an ``error`` event; broken framing also closes that
 connection; nothing a client sends reaches the listener or another connection.
@@ -32,12 +32,12 @@ from wyoming.ping import Ping, Pong
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
 from voicegrow import __version__
-from voicegrow.asr import AsrError
+from voicegrow.pipeline.asr import AsrError
 from voicegrow.audio import StreamResampler, to_mono_int16
 from voicegrow.language import detect_language
 from voicegrow.protocol.wyoming import WyomingDecoder, WyomingProtocolError, encode_event
-from voicegrow.sentences import SentenceSplitter
-from voicegrow.tts import TtsError
+from voicegrow.pipeline.sentences import SentenceSplitter
+from voicegrow.pipeline.tts import TtsError
 
 __all__ = ["WyomingServer", "describe_info"]
 

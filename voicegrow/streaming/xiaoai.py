@@ -36,7 +36,7 @@ from voicegrow.streaming.connection import DeviceConnection
 from voicegrow.streaming.events import TurnEvent
 from voicegrow.streaming.outbox import Outbox
 from voicegrow.sessions.registry import SessionInfo
-from voicegrow.streaming.voice import VoiceSession, begin_device_session, listen_mode_override
+from voicegrow.streaming.voice import VAD_RATE, VoiceSession, begin_device_session, listen_mode_override
 
 __all__ = [
     "CLOSE_REFUSED",
@@ -363,7 +363,8 @@ class XiaoaiSession:
         self._last_record_at = -1.0
         #: The record stream since recording was (re)armed: MAX_AUDIO_RATE's clock and the ingest lag.
         self._ingress = AudioIngress(services.metrics, "xiaoai", bytes_per_s=2 * RECORD_RATE,
-                                     max_audio_rate=settings.max_audio_rate, burst_s=AUDIO_BURST_S)
+                                     max_audio_rate=settings.max_audio_rate, burst_s=AUDIO_BURST_S,
+                                     sample_rate=RECORD_RATE, core_rate=VAD_RATE)
 
     async def run(self) -> None:
         self.info.protocol = "xiaoai"
@@ -414,7 +415,7 @@ class XiaoaiSession:
         self.link = XiaoaiLink(self.outbox, self.call, nursery, model=identity.model)
         mode = resolve_listen_mode(setting=services.settings.listen_mode, devices=services.settings.listen_mode_devices,
                                    protocol="xiaoai", device_id=info.device_id)
-        self.voice = VoiceSession(services, self.link, info, input_rate=RECORD_RATE, history=history,
+        self.voice = VoiceSession(services, self.link, info, history=history,
                                   listen_mode=mode,
                                   listen_override=await listen_mode_override(services, info.device_id))
         await nursery.start(self.voice.run)

@@ -212,7 +212,8 @@ class XiaozhiSession:
         self._decoder = OpusDecoder(VAD_RATE)
         self._errors_answered = 0
         self._ingress = AudioIngress(services.metrics, "xiaozhi", bytes_per_s=2 * VAD_RATE,
-                                     max_audio_rate=settings.max_audio_rate, burst_s=_AUDIO_BURST_S)
+                                     max_audio_rate=settings.max_audio_rate, burst_s=_AUDIO_BURST_S,
+                                     sample_rate=VAD_RATE, core_rate=VAD_RATE)
 
     async def run(self) -> None:
         self.info.protocol = "xiaozhi"
@@ -300,7 +301,7 @@ class XiaozhiSession:
         history = await begin_device_session(services, info)
         mode = resolve_listen_mode(setting=services.settings.listen_mode, devices=services.settings.listen_mode_devices,
                                    protocol="xiaozhi", device_id=info.device_id)
-        self.voice = VoiceSession(services, self.link, info, input_rate=VAD_RATE, history=history,
+        self.voice = VoiceSession(services, self.link, info, history=history,
                                   listen_mode=mode,
                                   listen_override=await listen_mode_override(services, info.device_id))
         await nursery.start(self.voice.run)

@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import jsonschema
 import trio
 
-from voicegrow.llm import ToolCall
+from voicegrow.pipeline.llm import ToolCall
 
 __all__ = ["ToolContext", "ToolError", "ToolOutcome", "ToolProvider", "ToolRegistry", "ToolSpec"]
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from voicegrow.llm import LanguageModel, LlmError, ToolCalls, apology
+from voicegrow.pipeline.llm import LanguageModel, LlmError, ToolCalls, apology
 from voicegrow.tools.registry import ToolContext, ToolOutcome, ToolRegistry
 
 __all__ = ["converse", "done_phrase"]

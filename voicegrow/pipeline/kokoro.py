@@ -10,7 +10,7 @@ ni2 hao3, 一个 yi2 ge4): without it every third tone is read as written.
 
 English words inside Chinese are read from misaki's English lexicon (the voice knows English
 phonemes too) and spelled letter by letter when the lexicon does not know them; text is normalised
-first (:mod:`voicegrow.textnorm`), so digits and symbols never reach the phonemizer.
+first (:mod:`voicegrow.pipeline.textnorm`), so digits and symbols never reach the phonemizer.
 
 The model is whole-sentence: nothing comes out until a sentence (or a 500-phoneme piece of it) is
 done, so the sentence splitter is told to cut short first sentences and not at commas.
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import trio
 
-from voicegrow.asr_models import ModelUnavailable, default_cache_root, ensure_joined_file, package_dir
-from voicegrow.textnorm import normalize_zh
+from voicegrow.pipeline.asr_models import ModelUnavailable, default_cache_root, ensure_joined_file, package_dir
+from voicegrow.pipeline.textnorm import normalize_zh
 
 __all__ = [
     "DEFAULT_VOICE",

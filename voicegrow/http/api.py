@@ -22,7 +22,7 @@ from voicegrow.forwarded import ClientAddress, TrustedProxies, header_map
 from voicegrow.memprofile import memory_report, release_memory
 from voicegrow.metrics import CONTENT_TYPE_LATEST
 from voicegrow.services import Services
-from voicegrow.web import is_public_path, make_web_blueprint
+from voicegrow.http.web import is_public_path, make_web_blueprint
 
 __all__ = ["create_app", "run_http_server"]
 
@@ -138,14 +138,14 @@ def overall_status(accepting: bool, components: dict[str, dict[str, Any]]) -> st
 def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
     """The application; ``voice_server`` (the speaker port's server) also serves the talk page's socket."""
     settings = services.settings
-    app = QuartTrio("voicegrow", static_folder=None)  # the pages serve their own files (voicegrow.web)
+    app = QuartTrio("voicegrow", static_folder=None)  # the pages serve their own files (voicegrow.http.web)
     app.config["MAX_CONTENT_LENGTH"] = settings.http_max_body_bytes
     app.config["PROPAGATE_EXCEPTIONS"] = False
     # Werkzeug answers '//' in a path with an HTML redirect; here it reaches the route (and its JSON 400).
     app.url_map.merge_slashes = False
     cors_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
-    from voicegrow.audio_api import AUDIO_PATHS, TRANSCRIPTION_PATH, make_audio_blueprint
-    from voicegrow.xiaozhi_ota import OTA_PATHS, make_ota_blueprint
+    from voicegrow.http.audio_api import AUDIO_PATHS, TRANSCRIPTION_PATH, make_audio_blueprint
+    from voicegrow.http.xiaozhi_ota import OTA_PATHS, make_ota_blueprint
 
     # The audio API checks its own credentials (API_KEYS or the admin rule) and words its errors as OpenAI.
     public_paths = (_PUBLIC_PATHS | OTA_PATHS | AUDIO_PATHS
@@ -161,7 +161,7 @@ def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
         if not await _body_over(limit):
             return None
         if request.path in body_limits:
-            from voicegrow.audio_api import ApiError
+            from voicegrow.http.audio_api import ApiError
 
             response = ApiError(413, f"request body over {limit} bytes (AUDIO_MAX_UPLOAD_BYTES)",
                                 param="file", code="file_too_large").response()
@@ -273,7 +273,7 @@ def create_app(services: Services, *, voice_server: Any = None) -> QuartTrio:
     async def memory_release() -> Response:
         return jsonify(release_memory())  # in this thread: the collector must not race the event loop
 
-    from voicegrow.admin_api import make_data_blueprint, make_listen_mode_blueprint
+    from voicegrow.http.admin_api import make_data_blueprint, make_listen_mode_blueprint
 
     app.register_blueprint(make_data_blueprint(services.persistence, timers=services.timers))
     app.register_blueprint(make_listen_mode_blueprint(services.persistence, services.live))

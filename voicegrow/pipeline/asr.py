@@ -33,7 +33,7 @@ import numpy as np
 import trio
 
 from voicegrow.audio import as_int16
-from voicegrow.asr_models import ResolvedModel, resolve_model
+from voicegrow.pipeline.asr_models import ResolvedModel, resolve_model
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel

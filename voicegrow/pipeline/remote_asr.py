@@ -1,7 +1,7 @@
 """Speech recognition by another server: any OpenAI-compatible ``/v1/audio/transcriptions`` (``ASR_BASE_URL``).
 
 An edge replica then carries no Whisper model: utterances go as WAV over HTTP to a pool (another
-VoiceGrow, speaches, vLLM, whisper.cpp's server). :class:`RemoteAsr` has :class:`~voicegrow.asr.AsrService`'s
+VoiceGrow, speaches, vLLM, whisper.cpp's server). :class:`RemoteAsr` has :class:`~voicegrow.pipeline.asr.AsrService`'s
 interface, so the session (its turns and its speculative transcription alike) does not know which it has.
 
 Each attempt is bounded by ``ASR_REMOTE_TIMEOUT_S``, a failed one (unreachable, timeout, 5xx) is retried
@@ -22,7 +22,7 @@ import numpy as np
 import trio
 
 from voicegrow.aiauth import service_url
-from voicegrow.asr import (LIVE, SAMPLE_RATE, SILENCE_RMS, AsrError, AsrTimeout, Transcript, audio_rms,
+from voicegrow.pipeline.asr import (LIVE, SAMPLE_RATE, SILENCE_RMS, AsrError, AsrTimeout, Transcript, audio_rms,
                            drop_reason)
 from voicegrow.audio import as_int16, wav_bytes
 from voicegrow.language import detect_language

@@ -6,9 +6,9 @@ the device's rate is the caller's job (``voicegrow.audio``). Stopping the iterat
 cancels the turn) closes the HTTP response or stops asking the local voice for more.
 
 With no ``TTS_BASE_URL`` the embedded default is bilingual (:class:`EmbeddedTts`): each sentence goes
-to the offline Mandarin voice (Kokoro, :mod:`voicegrow.kokoro`) or the English one (piper) by its own
+to the offline Mandarin voice (Kokoro, :mod:`voicegrow.pipeline.kokoro`) or the English one (piper) by its own
 language, so "好的。This is Love Story." is spoken by both. Sentences are normalised first
-(:mod:`voicegrow.textnorm`: "7:30" is spoken 七点半 / seven thirty); the remote service gets normalised
+(:mod:`voicegrow.pipeline.textnorm`: "7:30" is spoken 七点半 / seven thirty); the remote service gets normalised
 text only with ``TTS_NORMALIZE_REMOTE`` (a good service reads numbers in context better than rules).
 """
 
@@ -29,7 +29,7 @@ import trio
 from voicegrow.aiauth import AiService, AiServiceError
 from voicegrow.audio import StreamResampler
 from voicegrow.language import detect_language, is_cjk
-from voicegrow.textnorm import normalize, normalize_en
+from voicegrow.pipeline.textnorm import normalize, normalize_en
 
 if TYPE_CHECKING:
     from voicegrow.settings import Settings
@@ -284,7 +284,7 @@ class PiperTts:
 
 # -- the embedded default: both voices ----------------------------------------------------------------
 
-#: How a whole-sentence voice wants its text cut (:class:`voicegrow.sentences.SentenceSplitter`): a short
+#: How a whole-sentence voice wants its text cut (:class:`voicegrow.pipeline.sentences.SentenceSplitter`): a short
 #: first sentence ("好的。") on its own, so the first audio comes soon; no comma cuts (a clause spoken
 #: alone lost its intonation and raised the round-trip CER from 0.044 to 0.111); run-ons cut at a late
 #: comma before they take seconds to synthesize.
@@ -365,7 +365,7 @@ def build_tts(settings: Settings, http_client: httpx.AsyncClient | None = None) 
                          settings.tts_model, settings.tts_voice_zh, settings.tts_voice_en,
                          settings.tts_speaking_rate, settings.tts_pitch, settings.tts_timeout,
                          http_client=http_client, normalize_text=settings.tts_normalize_remote)
-    from voicegrow.kokoro import KokoroTts, kokoro_installed
+    from voicegrow.pipeline.kokoro import KokoroTts, kokoro_installed
 
     limiter = trio.CapacityLimiter(settings.tts_workers)
     piper = PiperTts(speaking_rate=settings.tts_speaking_rate, limiter=limiter)

@@ -3,7 +3,7 @@
 Other software (and other VoiceGrow replicas, ``ASR_BASE_URL``) uses this server's speech recognition
 and voices through the API that speaches, vLLM, LocalAI and whisper.cpp's server also speak, so the
 unmodified ``openai`` client works against it. It is the speakers' own machinery: the one Whisper model
-and its worker threads (:class:`~voicegrow.asr.AsrService`, at batch priority, so a speaker's turn is
+and its worker threads (:class:`~voicegrow.pipeline.asr.AsrService`, at batch priority, so a speaker's turn is
 always served first) and the server's TTS engine.
 
 Who may call it: with ``API_KEYS`` set, a bearer token that is one of those keys, or the admin
@@ -30,11 +30,11 @@ from quart import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from voicegrow.admin_auth import Refusal
-from voicegrow.asr import BATCH, AsrError, AsrTimeout, Transcript
+from voicegrow.pipeline.asr import BATCH, AsrError, AsrTimeout, Transcript
 from voicegrow.auth_throttle import address_key
-from voicegrow.http_api import admin_check, request_client
+from voicegrow.http.api import admin_check, request_client
 from voicegrow.language import detect_language
-from voicegrow.sentences import SentenceSplitter
+from voicegrow.pipeline.sentences import SentenceSplitter
 from voicegrow.services import Services
 
 __all__ = ["AUDIO_PATHS", "ApiError", "TRANSCRIPTION_PATH", "decode_audio", "format_transcript",
@@ -148,7 +148,7 @@ def format_transcript(transcript: Transcript, response_format: str, duration_s: 
 
 def wav_stream_header(sample_rate: int) -> bytes:
     """A 16-bit mono WAV header for a stream of unknown length (sizes 0xFFFFFFFF, as streaming TTS
-    servers write it; players and :class:`~voicegrow.tts.PcmStreamDecoder` read it)."""
+    servers write it; players and :class:`~voicegrow.pipeline.tts.PcmStreamDecoder` read it)."""
     unknown = 0xFFFFFFFF
     return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt " +
             struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16) +
@@ -315,7 +315,7 @@ async def _speech_response(services: Services, text: str, response_format: str, 
     """Synthesize sentence by sentence and stream; an engine failure before the first audio is a 502,
     after it the stream ends early (the status is already sent)."""
     from voicegrow.audio import StreamResampler
-    from voicegrow.tts import TtsError
+    from voicegrow.pipeline.tts import TtsError
 
     tts = services.tts
     lang = detect_language(text, default="zh" if services.settings.asr_language == "zh" else "en")

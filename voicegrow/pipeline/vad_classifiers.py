@@ -1,4 +1,4 @@
-"""Frame classifiers for the segmenter (:mod:`voicegrow.streaming.vad`): is this frame speech?
+"""Frame classifiers for the segmenter (:mod:`voicegrow.pipeline.vad`): is this frame speech?
 
 A pipeline stage (DESIGN §9): it imports nothing of sessions, storage or HTTP.
 

@@ -46,7 +46,7 @@ from typing import Union
 
 import webrtcvad
 
-from voicegrow.vad_classifiers import frame_dbfs
+from voicegrow.pipeline.vad_classifiers import frame_dbfs
 
 __all__ = [
     "VadConfigError",
@@ -175,7 +175,7 @@ class VadSegmenter:
             raise VadConfigError(f"max_utterance_s must hold at least two frames, got {max_utterance_s}")
         self.sample_rate = sample_rate
         self.frame_ms = frame_ms
-        #: Frame → voiced? webrtcvad unless the caller brings another (voicegrow/vad_classifiers.py).
+        #: Frame → voiced? webrtcvad unless the caller brings another (voicegrow/pipeline/vad_classifiers.py).
         self.classifier = self._classify = classifier or functools.partial(webrtcvad.Vad(aggressiveness).is_speech,
                                                                            sample_rate=sample_rate)
         self._frame_samples = sample_rate * frame_ms // 1000
