@@ -142,3 +142,14 @@ def test_a_device_at_the_cores_rate_passes_through_unchanged() -> None:
                            sample_rate=RATE, core_rate=RATE)
     pcm = np.arange(-800, 800, dtype="<i2").tobytes()
     assert ingress.admit(pcm, 0.0) == pcm
+
+
+def test_interleaved_channels_are_averaged_to_one_microphone_and_counted_as_device_seconds() -> None:
+    metrics = Metrics()
+    ingress = AudioIngress(metrics, "native", bytes_per_s=4 * RATE, max_audio_rate=1.0, burst_s=1.0, channels=2)
+    left = np.arange(-800, 800, dtype="<i2")
+    right = np.full(1600, 1000, dtype="<i2")
+    frame = np.stack([left, right], axis=1).astype("<i2").tobytes()
+    out = np.frombuffer(ingress.admit(frame + b"\x01\x02\x03", 0.0), dtype="<i2")  # a torn sample frame
+    assert np.array_equal(out, ((left.astype(np.int32) + right) / 2).round().astype(np.int16))
+    assert ingress.audio_s == pytest.approx(0.1)  # 1600 stereo samples at 16 kHz

@@ -261,3 +261,48 @@ def test_embedded_default_answers_spoken_chinese_and_english_offline(tmp_path, a
         cer = char_error_rate(normalize(answer["reply"], lang), normalize(heard, lang), lang)
         print(f"{lang}: reply {answer['reply']!r}, heard {heard!r}, round-trip CER {cer:.3f}")
         assert cer <= 0.15, (lang, answer["reply"], heard, cer)
+
+
+async def test_a_stereo_device_is_heard_as_one_microphone_and_answered_in_stereo(tmp_path, audio_fixtures,
+                                                                                 manifest) -> None:
+    """The native HELLO allows 2 interleaved channels each way: the core hears their mean, and the mono
+    reply goes out on both channels at the rate asked for."""
+    entry = next(e for e in manifest if e["lang"] == "en")
+    mono = np.frombuffer(_clip(audio_fixtures, entry), dtype="<i2")
+    # Left the clip, right the clip at half level: only a downmix (not "take the left channel" nor
+    # "read the interleaved bytes as mono") hears it at 3/4 level and at the right speed.
+    stereo = np.stack([mono, mono // 2], axis=1).astype("<i2").tobytes()
+    frame_bytes = 4 * 16000 * 20 // 1000
+    silence = bytes(frame_bytes)
+    transcript, reply_frames, stopped = "", [], trio.Event()
+    async with _server_with_fake_ai(tmp_path) as (server, _ai):
+        async with open_native_client(server.ws_url, device_id="stereo",
+                                      audio_in=wire.AudioFormat(16000, channels=2),
+                                      audio_out=wire.AudioFormat(24000, channels=2)) as client:
+            assert client.audio_in.channels == 2 and client.audio_out.channels == 2
+
+            async def microphone() -> None:
+                frames = [stereo[i:i + frame_bytes] for i in range(0, len(stereo), frame_bytes)]
+                for chunk in [*frames, *[silence] * 500]:
+                    if stopped.is_set():
+                        return
+                    await client.send_audio(chunk)
+                    await trio.sleep(0.01)  # twice real time
+
+            with trio.fail_after(90):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(microphone)
+                    async for frame in client:
+                        if isinstance(frame, wire.Audio):
+                            reply_frames.append(frame.pcm)
+                        elif isinstance(frame, wire.Control) and frame.event == "asr_final":
+                            transcript = frame.data["text"]
+                        elif isinstance(frame, wire.Control) and frame.event == "tts_stop":
+                            stopped.set()
+                            break
+    assert char_error_rate(entry["text"], transcript, "en") <= 0.15, transcript
+    reply = np.frombuffer(b"".join(reply_frames), dtype="<i2")
+    assert all(len(pcm) % 4 == 0 for pcm in reply_frames)
+    left, right = reply[0::2], reply[1::2]
+    assert len(left) / 24000 > 0.5 and np.any(left != 0)
+    assert np.array_equal(left, right)

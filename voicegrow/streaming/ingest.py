@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from voicegrow.audio import StreamResampler
+from voicegrow.audio import StreamResampler, to_mono_int16
 
 __all__ = ["AudioIngress", "AudioTooFast", "IngestLagMeter"]
 
@@ -49,7 +49,9 @@ class AudioTooFast(Exception):
 
 
 class AudioIngress:
-    """One device's microphone stream: mono s16le at ``bytes_per_s``, metrics labelled ``protocol``.
+    """One device's microphone stream: s16le at ``bytes_per_s``, metrics labelled ``protocol``.
+
+``channels`` > 1 (interleaved, as the native HELLO allows) is averaged to mono before anything else.
 
     With ``sample_rate`` (the device's) and ``core_rate`` (the session core's) both given and different,
     :meth:`admit` returns the audio resampled to ``core_rate``; the rate limit and the lag still count the
@@ -61,13 +63,16 @@ class AudioIngress:
     """
 
     def __init__(self, metrics: Any, protocol: str, *, bytes_per_s: int, max_audio_rate: float,
-                 burst_s: float, sample_rate: int | None = None, core_rate: int | None = None) -> None:
+                 burst_s: float, sample_rate: int | None = None, core_rate: int | None = None,
+                 channels: int = 1) -> None:
         self._frames = metrics.audio_frames_received.labels(protocol)
         self._rate_hits = metrics.limit_hits.labels("audio_rate")
         self._lag = metrics.ingest_lag.labels(protocol)
         self._bytes_per_s = bytes_per_s
         self._max_audio_rate = max_audio_rate
         self._burst_s = burst_s
+        self._sample_bytes = 2 * channels  # one s16le sample of every channel
+        self._channels = channels
         self._resampler = (StreamResampler(sample_rate, core_rate)
                            if sample_rate is not None and core_rate is not None and sample_rate != core_rate else None)
         self.restart()
@@ -88,14 +93,16 @@ class AudioIngress:
         """Count one frame received at ``now`` and return its whole samples at the core's rate; raises
         :class:`AudioTooFast` (counted as a limit hit) when the stream has outrun ``MAX_AUDIO_RATE``."""
         self._frames.inc()
-        if len(pcm) % 2:
-            pcm = pcm[: len(pcm) // 2 * 2]
+        if len(pcm) % self._sample_bytes:
+            pcm = pcm[: len(pcm) // self._sample_bytes * self._sample_bytes]
         if self._first_at is None:
             self._first_at = now
         self._audio_s += len(pcm) / self._bytes_per_s
         if self._audio_s > (now - self._first_at) * self._max_audio_rate + self._burst_s:
             self._rate_hits.inc()
             raise AudioTooFast(self._max_audio_rate)
+        if self._channels > 1:  # the core hears one microphone: interleaved channels averaged
+            pcm = to_mono_int16(pcm, 2, self._channels).astype("<i2").tobytes()
         if self._resampler is not None:
             samples = self._resampler.process(np.frombuffer(pcm, dtype="<i2"))
             pcm = np.asarray(samples, dtype="<i2").tobytes()

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import trio
 from trio_websocket import ConnectionClosed
 
@@ -77,10 +78,11 @@ class NativeLink:
     protocol = "native"
     chunk_ms = 40
 
-    def __init__(self, outbox: Outbox, conn: wire.NativeConnection, output_rate: int) -> None:
+    def __init__(self, outbox: Outbox, conn: wire.NativeConnection, output_rate: int, output_channels: int = 1) -> None:
         self._outbox = outbox
         self._conn = conn
         self.output_rate = output_rate
+        self._output_channels = output_channels  # the reply is mono; a stereo device gets it on both
         self._seq = 0
 
     def _next_seq(self) -> int:
@@ -100,6 +102,8 @@ class NativeLink:
     async def send_audio(self, pcm: bytes, turn_id: int) -> None:
         if self._conn.we_closed:
             return
+        if self._output_channels > 1:
+            pcm = np.repeat(np.frombuffer(pcm, dtype="<i2"), self._output_channels).astype("<i2").tobytes()
         frame = wire.Audio(pcm=pcm, turn_id=turn_id, seq=self._next_seq(), timestamp_ms=wire.wire_ms(trio.current_time()))
         await self._outbox.put_audio(self._conn.send(frame), turn_id)
 
@@ -246,14 +250,16 @@ class NativeSession:
 
         device_id_var.set(info.device_id)
         history = await begin_device_session(services, info)
-        link = NativeLink(self.outbox, self.conn, output_rate=hello.audio_out.sample_rate)
+        link = NativeLink(self.outbox, self.conn, output_rate=hello.audio_out.sample_rate,
+                          output_channels=hello.audio_out.channels)
         voice = VoiceSession(services, link, info, history=history,
                              listen_mode=self._listen_mode, listen_override=self._listen_override, **self._declared)
         await nursery.start(voice.run)
         log.info("native session established", extra={"remote": info.remote_addr})
         ingress = AudioIngress(services.metrics, "native", bytes_per_s=hello.audio_in.bytes_per_second,
                                max_audio_rate=settings.max_audio_rate, burst_s=_AUDIO_BURST_S,
-                               sample_rate=hello.audio_in.sample_rate, core_rate=VAD_RATE)
+                               sample_rate=hello.audio_in.sample_rate, core_rate=VAD_RATE,
+                               channels=hello.audio_in.channels)
         while True:
             try:
                 frame = await self._next_frame()
