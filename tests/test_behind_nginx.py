@@ -65,6 +65,10 @@ async def sessions(http_url: str) -> list[dict[str, Any]]:
 
 @contextlib.asynccontextmanager
 async def replicas(tmp_path: Path, count: int, **settings: Any) -> AsyncIterator[list[Any]]:
+    """Replicas on embedded defaults. Protocol detection waits as long as in production (1.5 s, not the
+    test default's 0.3 s): tens of native clients through nginx on a loaded machine can take longer than
+    0.3 s to send their hello, and one taken for a silent open-xiaoai speaker is answered in JSON text."""
+    settings.setdefault("protocol_detect_ms", 1500)
     async with contextlib.AsyncExitStack() as stack:
         handles = [await stack.enter_async_context(running_server(make_settings(tmp_path / f"r{i}", **settings)))
                    for i in range(count)]
