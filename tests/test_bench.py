@@ -296,7 +296,11 @@ def test_soak_command_short_run(tmp_path: Path, audio_fixtures: Path) -> None:
     rss = report["rss"]
     assert rss["samples"] == len(after_warmup) and rss["bound_mb_per_min"] == 0.2
     assert rss == {**rss_slope(samples, report["warmup_s"]), "bound_mb_per_min": 0.2, "ok": rss["ok"]}
-    assert rss["ok"] == (rss["slope_mb_per_min"] <= 0.2) and ("rss_slope" in report["failures"]) == (not rss["ok"])
+    if rss["slope_mb_per_min"] is None:  # fewer than two samples after the warm-up on a starved machine
+        assert rss["ok"] is None and "rss_slope" not in report["failures"]
+    else:
+        assert rss["ok"] == (rss["slope_mb_per_min"] <= 0.2)
+        assert ("rss_slope" in report["failures"]) == (not rss["ok"])
     for key in ("fds", "threads"):
         verdict = report["verdicts"][key]
         assert verdict["samples"] == len(after_warmup)
