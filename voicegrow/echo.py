@@ -47,6 +47,11 @@ ECHO_PATH_MAX_S = 0.5
 _PROOF_LOUD_S = 0.3
 
 
+def _loud_s(frames: list[tuple[int, float, float, list[int] | None]], floor: float) -> float:
+    """Seconds of ``frames`` whose microphone energy is 10 dB over the room's noise ``floor``."""
+    return sum(1 for frame in frames if frame[1] >= 10.0 * floor) * FRAME / RATE
+
+
 class EchoUnavailable(RuntimeError):
     """The echo canceller's library is not installed or would not start."""
 
@@ -218,7 +223,7 @@ class EchoCanceller:
         if not frames:
             return None, 0.0
         floor = self._noise_floor()
-        if sum(1 for f in frames if f[1] >= 10.0 * floor) * FRAME / RATE < _PROOF_LOUD_S:
+        if _loud_s(frames, floor) < _PROOF_LOUD_S:
             # Nothing above the room's noise while playback could be heard: this microphone does not
             # hear the device (a clean or echo-cancelled one), so there is nothing to cancel. That
             # needs playback whose echo would have arrived by then (the first moments of a stream
@@ -227,7 +232,7 @@ class EchoCanceller:
             return (-math.inf if settled >= 0.5 else None), len(frames) * FRAME / RATE
         current = frames[-1][3]
         mine = [f for f in frames if f[3] is current]
-        if sum(1 for f in mine if f[1] >= 10.0 * floor) * FRAME / RATE < _PROOF_LOUD_S:
+        if _loud_s(mine, floor) < _PROOF_LOUD_S:
             return None, len(mine) * FRAME / RATE
         raw = sum(f[1] for f in mine)
         clean = sum(f[2] for f in mine)
